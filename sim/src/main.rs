@@ -1,0 +1,2 @@
+//! `dispatch-sim`: the deterministic simulator (filled by the simulator issue).
+fn main() {}

@@ -1,0 +1,1 @@
+//! Loading the Arvados cluster configuration (placeholder being written).

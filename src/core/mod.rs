@@ -1,0 +1,14 @@
+//! The pure core: every scheduling and worker-pool decision, and nothing else.
+//!
+//! No async, no clock, no I/O, no threads, no environment, no global RNG. `now` and the seed come
+//! in as arguments; commands go out as values. The same code runs under the production shell
+//! (`crate::runtime`) and the simulator (`dispatch-sim`). `clippy.toml` forbids the clock and the
+//! OS random source here, and `cargo build --no-default-features` proves the core builds alone.
+
+pub mod config;
+pub mod rng;
+pub mod time;
+pub mod types;
+
+pub use config::Config;
+pub use time::Timestamp;

@@ -1,0 +1,2 @@
+//! The `arvados-dispatch-cloud` command.
+fn main() {}
