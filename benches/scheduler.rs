@@ -1,0 +1,2 @@
+//! Scheduler benchmark (being written).
+fn main() {}
