@@ -12,3 +12,9 @@ pub mod types;
 
 pub use config::Config;
 pub use time::Timestamp;
+pub mod command;
+pub mod metrics;
+pub mod ops;
+pub mod pool;
+pub mod queue;
+pub mod select;

@@ -1,0 +1,1415 @@
+//! The worker pool: every VM, its probes, its runners, and the cloud-side limits.
+//!
+//! This is Go's `worker.Pool` (reference-workers.md §1–4) as a synchronous state machine. The
+//! goroutines and timers of the original become commands and deadlines: probes are paced at
+//! `MaxProbesPerSecond`, cloud calls (create, destroy, list, set tags) share one
+//! `MaxCloudOpsPerSecond` limiter, creates are bounded by `MaxConcurrentInstanceCreateOps`, and
+//! the quota, capacity and rate-limit memories expire at fixed times that `next_timeout` reports.
+//!
+//! Invariants (checked by `check_invariants`): `runner_index` maps exactly the UUIDs in the
+//! workers' `running` and `starting` maps, each to the worker that holds it; a worker in
+//! `shutdown` has no runner in `starting`; a worker with a probe in progress has that probe's
+//! operation in flight.
+
+pub mod remote;
+pub mod worker;
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::command::{
+    CapacityScope, CloudError, CloudErrorKind, CommandKind, ExecError, ExecOutput, ExecPurpose,
+    ExecStdin, OpId,
+};
+use super::config::Config;
+use super::metrics::{BootOutcome, PoolMetrics};
+use super::ops::{Ops, Pending};
+use super::rng::Rng;
+use super::select::{TypeId, TypeTable};
+use super::time::Timestamp;
+use super::types::{Container, IdleBehavior, InstanceInfo, InstanceType, InstanceView, WorkerState};
+use remote::RunnerSpec;
+use worker::{Probe, ProbeStep, Runner, Worker};
+
+/// How long a quota error with no instances, and a capacity error, are remembered.
+pub const QUOTA_ERROR_TTL: Duration = Duration::from_secs(60);
+/// Capacity error memory.
+pub const CAPACITY_ERROR_TTL: Duration = Duration::from_secs(60);
+/// Create holdoff after hitting MaxConcurrentInstanceCreateOps.
+pub const CREATE_CONCURRENCY_HOLDOFF: Duration = Duration::from_secs(5);
+/// Most queued cloud calls; beyond it, re-requests (tags, destroy retries) wait for a later sync.
+pub const CLOUD_QUEUE_MAX: usize = 100_000;
+
+/// Why an admin operation failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    /// `SetIdleBehavior` on an unknown ID.
+    #[error("requested instance does not exist")]
+    NoSuchInstance,
+    /// `KillInstance` on an unknown ID.
+    #[error("instance not found")]
+    InstanceNotFound,
+    /// `KillContainer` on a UUID with no runner.
+    #[error("container not found")]
+    ContainerNotFound,
+}
+
+/// A cloud call waiting for the rate limiter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum CloudReq {
+    Create(String),
+    Destroy(String),
+    List,
+    SetTags(String),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct Creating {
+    type_id: TypeId,
+    started: Timestamp,
+}
+
+/// The pool.
+#[derive(Debug)]
+pub struct Pool {
+    cfg: Arc<Config>,
+    types: TypeTable,
+    runner: RunnerSpec,
+    instance_set_id: String,
+    workers: BTreeMap<String, Worker>,
+    creating: BTreeMap<String, Creating>,
+    runner_index: BTreeMap<String, String>,
+    exited: BTreeMap<String, Timestamp>,
+    stamp: u64,
+    loaded: bool,
+    quota_until_fewer: usize,
+    quota_until: Option<Timestamp>,
+    capacity: BTreeMap<String, Timestamp>,
+    create_throttle: Option<Timestamp>,
+    list_throttle: Option<Timestamp>,
+    cloud_queue: VecDeque<CloudReq>,
+    cloud_next_at: Timestamp,
+    list_busy: bool,
+    next_sync_at: Timestamp,
+    next_probe_tick: Timestamp,
+    probe_round_at: Option<Timestamp>,
+    probe_queue: VecDeque<String>,
+    probe_next_launch: Timestamp,
+    kill_timers: BTreeSet<(Timestamp, String)>,
+    changed: bool,
+    /// Counters and summaries.
+    pub metrics: PoolMetrics,
+}
+
+fn nonzero(d: Duration, fallback: Duration) -> Duration {
+    if d.is_zero() { fallback } else { d }
+}
+
+fn per_second(rate: f64, fallback: f64) -> Duration {
+    let r = if rate > 0.0 { rate } else { fallback };
+    Duration::from_secs_f64(1.0 / r)
+}
+
+impl Pool {
+    /// An empty pool. The first sync runs at `now`.
+    pub fn new(
+        cfg: Arc<Config>,
+        types: TypeTable,
+        runner: RunnerSpec,
+        instance_set_id: &str,
+        now: Timestamp,
+    ) -> Pool {
+        Pool {
+            cfg,
+            types,
+            runner,
+            instance_set_id: instance_set_id.to_string(),
+            workers: BTreeMap::new(),
+            creating: BTreeMap::new(),
+            runner_index: BTreeMap::new(),
+            exited: BTreeMap::new(),
+            stamp: 0,
+            loaded: false,
+            quota_until_fewer: 0,
+            quota_until: None,
+            capacity: BTreeMap::new(),
+            create_throttle: None,
+            list_throttle: None,
+            cloud_queue: VecDeque::new(),
+            cloud_next_at: now,
+            list_busy: false,
+            next_sync_at: now,
+            next_probe_tick: now,
+            probe_round_at: None,
+            probe_queue: VecDeque::new(),
+            probe_next_launch: now,
+            kill_timers: BTreeSet::new(),
+            changed: false,
+            metrics: PoolMetrics::default(),
+        }
+    }
+
+    // ----- durations ------------------------------------------------------------------------
+
+    fn timeout_booting(&self) -> Duration {
+        nonzero(self.cfg.cloud_vms.timeout_booting, Duration::from_secs(600))
+    }
+    fn timeout_probe(&self) -> Duration {
+        nonzero(self.cfg.cloud_vms.timeout_probe, Duration::from_secs(600))
+    }
+    fn timeout_idle(&self) -> Duration {
+        nonzero(self.cfg.cloud_vms.timeout_idle, Duration::from_secs(60))
+    }
+    fn timeout_shutdown(&self) -> Duration {
+        nonzero(self.cfg.cloud_vms.timeout_shutdown, Duration::from_secs(10))
+    }
+    fn timeout_signal(&self) -> Duration {
+        nonzero(self.cfg.cloud_vms.timeout_signal, Duration::from_secs(5))
+    }
+    fn timeout_term(&self) -> Duration {
+        nonzero(self.cfg.cloud_vms.timeout_term, Duration::from_secs(120))
+    }
+    fn timeout_stale_run_lock(&self) -> Duration {
+        nonzero(self.cfg.cloud_vms.timeout_stale_run_lock, Duration::from_secs(5))
+    }
+    fn sync_interval(&self) -> Duration {
+        nonzero(self.cfg.cloud_vms.sync_interval, Duration::from_secs(60))
+    }
+    fn probe_interval(&self) -> Duration {
+        nonzero(self.cfg.cloud_vms.probe_interval, Duration::from_secs(10))
+    }
+    fn tag(&self, key: &str) -> String {
+        format!("{}{key}", self.cfg.cloud_vms.tag_key_prefix)
+    }
+
+    // ----- queries --------------------------------------------------------------------------
+
+    /// Whether the first cloud listing has loaded.
+    pub fn loaded(&self) -> bool {
+        self.loaded
+    }
+
+    /// Takes the "something changed" flag (Go's notify).
+    pub fn take_changed(&mut self) -> bool {
+        std::mem::take(&mut self.changed)
+    }
+
+    /// The runner the pool deploys.
+    pub fn runner(&self) -> &RunnerSpec {
+        &self.runner
+    }
+
+    /// The workers, by ID.
+    pub fn workers(&self) -> &BTreeMap<String, Worker> {
+        &self.workers
+    }
+
+    /// Creates in flight: (type, started).
+    pub fn creating(&self) -> impl Iterator<Item = (TypeId, Timestamp)> + '_ {
+        self.creating.values().map(|c| (c.type_id, c.started))
+    }
+
+    /// Number of creates in flight.
+    pub fn creating_count(&self) -> usize {
+        self.creating.len()
+    }
+
+    /// Workers plus creates in flight.
+    pub fn instance_count(&self) -> usize {
+        self.workers.len() + self.creating.len()
+    }
+
+    /// The quota-error part of `AtQuota` (ignoring MaxInstances).
+    pub fn quota_error_active(&self, now: Timestamp) -> bool {
+        self.quota_until_fewer > 0 || self.quota_until.is_some_and(|t| now < t)
+    }
+
+    /// `AtQuota()`.
+    pub fn at_quota(&self, now: Timestamp) -> bool {
+        let max = self.cfg.cloud_vms.max_instances;
+        self.quota_error_active(now) || (max > 0 && self.instance_count() >= max)
+    }
+
+    /// The capacity keys blocked at `now`.
+    pub fn capacity_blocked(&self, now: Timestamp) -> BTreeSet<String> {
+        self.capacity
+            .iter()
+            .filter(|(_, t)| now < **t)
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// `AtCapacity(type)`.
+    pub fn at_capacity(&self, it: &InstanceType, now: Timestamp) -> bool {
+        let blocked = |k: &str| self.capacity.get(k).is_some_and(|t| now < *t);
+        blocked("") || blocked(&it.quota_group) || blocked(&it.capacity_key())
+    }
+
+    /// Whether `Create` would refuse because of the runner or a throttle (not capacity, quota
+    /// or the concurrency limit).
+    pub fn create_blocked(&self, now: Timestamp) -> bool {
+        self.runner.load_error.is_some() || self.create_throttle.is_some_and(|t| now < t)
+    }
+
+    /// `CountWorkers()`: workers per state, indexed like `WorkerState::ALL`.
+    pub fn count_workers(&self) -> [usize; 5] {
+        let mut c = [0usize; 5];
+        for w in self.workers.values() {
+            c[w.state as usize] += 1;
+        }
+        c
+    }
+
+    /// Whether any worker is `unknown`.
+    pub fn any_unknown(&self) -> bool {
+        self.workers.values().any(|w| w.state == WorkerState::Unknown)
+    }
+
+    /// `Running()`: every UUID with a runner (`None`) or an exit placeholder (`Some(exit)`).
+    pub fn running(&self) -> BTreeMap<String, Option<Timestamp>> {
+        let mut r: BTreeMap<String, Option<Timestamp>> =
+            self.exited.iter().map(|(u, t)| (u.clone(), Some(*t))).collect();
+        for uuid in self.runner_index.keys() {
+            r.insert(uuid.clone(), None);
+        }
+        r
+    }
+
+    /// Whether a runner (starting or running) exists for `uuid`.
+    pub fn has_runner(&self, uuid: &str) -> bool {
+        self.runner_index.contains_key(uuid)
+    }
+
+    /// `Instances()`: workers and pending creates, sorted by ID, then type name.
+    pub fn instances(&self) -> Vec<InstanceView> {
+        let mut v: Vec<InstanceView> = self.workers.values().map(Worker::view).collect();
+        for c in self.creating.values() {
+            let it = self.types.get(c.type_id);
+            v.push(InstanceView {
+                instance: String::new(),
+                address: String::new(),
+                price: it.price,
+                arvados_instance_type: it.name.clone(),
+                provider_instance_type: it.provider_type.clone(),
+                last_container_uuid: String::new(),
+                last_busy: Timestamp::ZERO,
+                running_container_uuids: None,
+                worker_state: WorkerState::Booting,
+                idle_behavior: IdleBehavior::Run,
+            });
+        }
+        // Pending creates share the empty ID; the type name breaks ties (as Go), and the sort
+        // is stable, so equal rows keep their (deterministic) insertion order.
+        v.sort_by(|a, b| {
+            a.instance
+                .cmp(&b.instance)
+                .then_with(|| a.arvados_instance_type.cmp(&b.arvados_instance_type))
+        });
+        v
+    }
+
+    // ----- scheduler-facing operations ------------------------------------------------------
+
+    /// `Create(type)`: starts an asynchronous create, or refuses (reference-workers.md §1.7).
+    pub fn create(&mut self, now: Timestamp, rng: &mut Rng, type_id: TypeId) -> bool {
+        let it = self.types.get(type_id).clone();
+        if self.runner.load_error.is_some()
+            || self.at_capacity(&it, now)
+            || self.at_quota(now)
+            || self.create_throttle.is_some_and(|t| now < t)
+        {
+            return false;
+        }
+        let limit = self.cfg.cloud_vms.max_concurrent_instance_create_ops;
+        if limit > 0 && self.creating.len() >= limit {
+            tracing::info!(limit, "reached MaxConcurrentInstanceCreateOps");
+            self.create_throttle = Some(now + CREATE_CONCURRENCY_HOLDOFF);
+            return false;
+        }
+        let secret = loop {
+            let s = rng.hex(20);
+            if !self.creating.contains_key(&s) {
+                break s;
+            }
+        };
+        self.creating.insert(
+            secret.clone(),
+            Creating {
+                type_id,
+                started: now,
+            },
+        );
+        let max = self.cfg.cloud_vms.max_instances;
+        if max > 0 && self.instance_count() == max {
+            tracing::info!(max, "reached MaxInstances");
+        }
+        self.cloud_queue.push_back(CloudReq::Create(secret));
+        true
+    }
+
+    /// `Shutdown(id)`: only booting or idle workers that are not on hold.
+    pub fn shutdown(&mut self, now: Timestamp, id: &str) -> bool {
+        let ok = self.workers.get(id).is_some_and(|w| {
+            w.idle_behavior != IdleBehavior::Hold
+                && matches!(w.state, WorkerState::Booting | WorkerState::Idle)
+        });
+        if ok {
+            self.report_boot(id, BootOutcome::Aborted);
+            self.shutdown_worker(now, id);
+        }
+        ok
+    }
+
+    /// `StartContainer(id, ctr)`: the worker must be idle or running with behaviour `run`.
+    pub fn start_container(&mut self, now: Timestamp, ops: &mut Ops, id: &str, ctr: &Container) -> bool {
+        let Some(w) = self.workers.get(id) else {
+            return false;
+        };
+        if !matches!(w.state, WorkerState::Idle | WorkerState::Running)
+            || w.idle_behavior != IdleBehavior::Run
+            || self.runner_index.contains_key(&ctr.uuid)
+        {
+            return false;
+        }
+        let mut args = vec![format!("--runtime-engine={}", self.cfg.containers.runtime_engine)];
+        args.extend(self.cfg.containers.crunch_run_arguments_list.iter().cloned());
+        let command =
+            remote::start_command(&self.runner.command, &w.info.remote_user, &args, &ctr.uuid);
+        let stdin = ExecStdin::ConfigData {
+            uuid: ctr.uuid.clone(),
+            instance_type: w.itype.clone(),
+            address: w.info.address.clone(),
+        };
+        let op = ops.issue(
+            now,
+            self.cfg.tuning.exec_timeout,
+            Pending::Exec(id.to_string(), ExecPurpose::StartRunner { uuid: ctr.uuid.clone() }),
+            CommandKind::Exec {
+                instance: id.to_string(),
+                purpose: ExecPurpose::StartRunner { uuid: ctr.uuid.clone() },
+                command,
+                stdin,
+            },
+        );
+        let w = self.workers.get_mut(id).expect("checked above");
+        let mut r = Runner::new(&ctr.uuid, ctr.created_at);
+        r.start_op = Some(op);
+        w.starting.insert(ctr.uuid.clone(), r);
+        self.runner_index.insert(ctr.uuid.clone(), id.to_string());
+        self.exited.remove(&ctr.uuid);
+        if w.state != WorkerState::Running {
+            w.state = WorkerState::Running;
+            self.changed = true;
+        }
+        self.stamp += 1;
+        w.version = self.stamp;
+        true
+    }
+
+    /// `KillContainer(uuid, reason)`: starts the SIGTERM loop if a runner exists.
+    pub fn kill_container(&mut self, now: Timestamp, ops: &mut Ops, uuid: &str, reason: &str) -> bool {
+        let Some(id) = self.runner_index.get(uuid).cloned() else {
+            return false;
+        };
+        let term = self.timeout_term();
+        let w = self.workers.get_mut(&id).expect("runner index is consistent");
+        let r = w.runner_mut(uuid).expect("runner index is consistent");
+        if r.stopping {
+            return true;
+        }
+        tracing::info!(container = %uuid, instance = %id, reason, "killing crunch-run process");
+        r.stopping = true;
+        r.kill_deadline = now + term;
+        r.kill_reason = reason.to_string();
+        self.kill_step(now, ops, &id, uuid);
+        true
+    }
+
+    /// `ForgetContainer(uuid)`: drops the exit placeholder.
+    pub fn forget_container(&mut self, uuid: &str) {
+        self.exited.remove(uuid);
+    }
+
+    /// `KillInstance(id, reason)`: destroys the VM whatever its state or behaviour.
+    pub fn kill_instance(&mut self, now: Timestamp, id: &str, reason: &str) -> Result<(), AdminError> {
+        if !self.workers.contains_key(id) {
+            return Err(AdminError::InstanceNotFound);
+        }
+        tracing::info!(instance = %id, reason, "killing instance");
+        self.report_boot(id, BootOutcome::Aborted);
+        self.shutdown_worker(now, id);
+        Ok(())
+    }
+
+    /// `SetIdleBehavior(id, b)`.
+    pub fn set_idle_behavior(&mut self, now: Timestamp, id: &str, b: IdleBehavior) -> Result<(), AdminError> {
+        let w = self.workers.get_mut(id).ok_or(AdminError::NoSuchInstance)?;
+        tracing::info!(instance = %id, idle_behavior = %b, "set idle behavior");
+        w.idle_behavior = b;
+        self.changed = true;
+        self.save_tags(id);
+        self.shutdown_if_idle(now, id);
+        Ok(())
+    }
+
+    // ----- internal state changes -----------------------------------------------------------
+
+    fn report_boot(&mut self, id: &str, o: BootOutcome) {
+        if let Some(w) = self.workers.get_mut(id)
+            && !w.boot_reported
+        {
+            w.boot_reported = true;
+            self.metrics.boot(o);
+        }
+    }
+
+    fn shutdown_worker(&mut self, now: Timestamp, id: &str) {
+        let Some(w) = self.workers.get_mut(id) else {
+            return;
+        };
+        tracing::info!(instance = %id, state = %w.state, "shutting down instance");
+        w.state = WorkerState::Shutdown;
+        w.destroyed = Some(now);
+        self.stamp += 1;
+        w.version = self.stamp;
+        // Starting runners cannot start on a VM being destroyed; they are dropped without an
+        // exit record, as Go's Close() does, so the scheduler requeues them.
+        let starting: Vec<String> = std::mem::take(&mut w.starting).into_keys().collect();
+        for uuid in starting {
+            self.runner_index.remove(&uuid);
+        }
+        self.changed = true;
+        self.queue_cloud(CloudReq::Destroy(id.to_string()));
+    }
+
+    fn queue_cloud(&mut self, req: CloudReq) {
+        if self.cloud_queue.contains(&req) {
+            return;
+        }
+        if self.cloud_queue.len() >= CLOUD_QUEUE_MAX && !matches!(req, CloudReq::Create(_)) {
+            tracing::warn!(?req, "cloud call queue full; dropping request until the next sync");
+            return;
+        }
+        self.cloud_queue.push_back(req);
+    }
+
+    /// `eligibleForShutdown` (§1.5), with the fix that an unknown worker with containers is not
+    /// shut down for being unknown too long (docs/compatibility.md).
+    fn eligible_for_shutdown(&self, now: Timestamp, w: &Worker) -> bool {
+        if w.idle_behavior == IdleBehavior::Hold {
+            return false;
+        }
+        let draining = w.idle_behavior == IdleBehavior::Drain;
+        match w.state {
+            WorkerState::Booting => draining,
+            WorkerState::Idle => draining || now.since(w.busy) >= self.timeout_idle(),
+            WorkerState::Running => {
+                draining
+                    && w.running.values().chain(w.starting.values()).all(|r| r.givenup)
+            }
+            WorkerState::Unknown => {
+                w.runner_count() == 0 && now.since(w.appeared) >= self.timeout_booting()
+            }
+            WorkerState::Shutdown => false,
+        }
+    }
+
+    fn shutdown_if_idle(&mut self, now: Timestamp, id: &str) -> bool {
+        let Some(w) = self.workers.get(id) else {
+            return false;
+        };
+        if !self.eligible_for_shutdown(now, w) {
+            return false;
+        }
+        tracing::info!(instance = %id, state = %w.state, idle_behavior = %w.idle_behavior,
+            "shutdown idle worker");
+        self.report_boot(id, BootOutcome::Aborted);
+        self.shutdown_worker(now, id);
+        true
+    }
+
+    fn desired_tags(&self, w: &Worker) -> BTreeMap<String, String> {
+        let mut tags = w.info.tags.clone();
+        tags.insert(self.tag("InstanceType"), w.itype.name.clone());
+        tags.insert(self.tag("IdleBehavior"), w.idle_behavior.as_str().to_string());
+        tags
+    }
+
+    fn save_tags(&mut self, id: &str) {
+        let Some(w) = self.workers.get(id) else {
+            return;
+        };
+        if w.state == WorkerState::Shutdown || w.tags_busy {
+            return;
+        }
+        if self.desired_tags(w) == w.info.tags {
+            return;
+        }
+        self.workers.get_mut(id).expect("checked").tags_busy = true;
+        self.queue_cloud(CloudReq::SetTags(id.to_string()));
+    }
+
+    fn close_runner(&mut self, now: Timestamp, id: &str, uuid: &str) -> bool {
+        let Some(w) = self.workers.get_mut(id) else {
+            return false;
+        };
+        if w.running.remove(uuid).is_none() {
+            return false;
+        }
+        self.runner_index.remove(uuid);
+        self.exited.insert(uuid.to_string(), now);
+        self.stamp += 1;
+        w.version = self.stamp;
+        if w.state == WorkerState::Running && w.runner_count() == 0 {
+            w.state = WorkerState::Idle;
+        }
+        self.changed = true;
+        true
+    }
+
+    /// Adds or refreshes a worker from a listing or a finished create (`updateWorker`, §1.3).
+    fn update_worker(&mut self, now: Timestamp, info: InstanceInfo, secret_hint: Option<&str>) {
+        self.stamp += 1;
+        let stamp = self.stamp;
+        let type_name = info.tags.get(&self.tag("InstanceType")).cloned().unwrap_or_default();
+        if let Some(w) = self.workers.get_mut(&info.id) {
+            w.info = info;
+            w.seen = stamp;
+            let id = w.id.clone();
+            self.save_tags(&id);
+            return;
+        }
+        let secret = secret_hint
+            .map(str::to_string)
+            .or_else(|| info.tags.get(&self.tag("InstanceSecret")).cloned())
+            .unwrap_or_default();
+        let state = if self.creating.contains_key(&secret) {
+            WorkerState::Booting
+        } else {
+            WorkerState::Unknown
+        };
+        let (type_id, itype) = match self.types.id(&type_name) {
+            Some(t) => (Some(t), self.types.get(t).clone()),
+            None => (
+                None,
+                Arc::new(InstanceType {
+                    name: type_name.clone(),
+                    ..InstanceType::default()
+                }),
+            ),
+        };
+        let mut idle_behavior = info
+            .tags
+            .get(&self.tag("IdleBehavior"))
+            .and_then(|b| IdleBehavior::parse(b))
+            .unwrap_or(IdleBehavior::Run);
+        if itype.provider_type.is_empty() && idle_behavior != IdleBehavior::Hold {
+            idle_behavior = IdleBehavior::Drain;
+        }
+        tracing::info!(instance = %info.id, state = %state, instance_type = %type_name,
+            idle_behavior = %idle_behavior, "instance appeared in cloud");
+        let id = info.id.clone();
+        self.workers.insert(
+            id.clone(),
+            Worker {
+                id: id.clone(),
+                info,
+                type_id,
+                itype,
+                state,
+                idle_behavior,
+                secret,
+                appeared: now,
+                probed: now,
+                busy: now,
+                destroyed: None,
+                version: stamp,
+                seen: stamp,
+                first_ssh: None,
+                stale_since: None,
+                running: BTreeMap::new(),
+                starting: BTreeMap::new(),
+                last_uuid: String::new(),
+                boot_reported: false,
+                probe: None,
+                tags_busy: false,
+            },
+        );
+        self.changed = true;
+        self.save_tags(&id);
+    }
+
+    fn remove_worker(&mut self, now: Timestamp, id: &str) {
+        let Some(w) = self.workers.remove(id) else {
+            return;
+        };
+        tracing::info!(instance = %id, state = %w.state, "instance disappeared from cloud");
+        self.metrics.instances_disappeared[w.state as usize] += 1;
+        if !w.boot_reported {
+            self.metrics.boot(BootOutcome::Disappeared);
+        }
+        if let Some(d) = w.destroyed {
+            self.metrics
+                .shutdown_to_disappearance
+                .observe(now, now.since(d).as_secs_f64());
+        }
+        // Runners are abandoned without an exit record.
+        for uuid in w.running.keys().chain(w.starting.keys()) {
+            self.runner_index.remove(uuid);
+            self.kill_timers.retain(|(_, u)| u != uuid);
+        }
+        self.probe_queue.retain(|p| p != id);
+        self.changed = true;
+    }
+
+    // ----- completions ----------------------------------------------------------------------
+
+    /// A create finished (or the core gave up on it).
+    pub fn create_finished(&mut self, now: Timestamp, secret: &str, result: Result<InstanceInfo, CloudError>) {
+        self.metrics.driver_op("Create", result.is_err());
+        match result {
+            Ok(info) => {
+                self.update_worker(now, info, Some(secret));
+            }
+            Err(err) => {
+                let it = self.creating.get(secret).map(|c| self.types.get(c.type_id).clone());
+                tracing::error!(error = %err, instance_type = it.as_ref().map(|t| t.name.as_str()).unwrap_or(""),
+                    is_quota_error = matches!(err.kind, CloudErrorKind::Quota),
+                    is_capacity_error = matches!(err.kind, CloudErrorKind::Capacity(_)),
+                    "create failed");
+                match err.kind {
+                    CloudErrorKind::Quota => {
+                        let n = self.instance_count().saturating_sub(1);
+                        if n < 1 {
+                            self.quota_until_fewer = 0;
+                            self.quota_until = Some(now + QUOTA_ERROR_TTL);
+                        } else if self.quota_until_fewer == 0 || n < self.quota_until_fewer {
+                            self.quota_until_fewer = n;
+                            self.quota_until = None;
+                        }
+                    }
+                    CloudErrorKind::Capacity(scope) => {
+                        let key = match (scope, &it) {
+                            (CapacityScope::InstanceType, Some(t)) => t.capacity_key(),
+                            (CapacityScope::QuotaGroup, Some(t)) => t.quota_group.clone(),
+                            _ => String::new(),
+                        };
+                        self.capacity.insert(key, now + CAPACITY_ERROR_TTL);
+                    }
+                    CloudErrorKind::RateLimited { retry_at } if retry_at > now => {
+                        tracing::warn!(until = %retry_at, "suspending remote calls due to rate-limit error");
+                        self.create_throttle = Some(retry_at);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.creating.remove(secret);
+        self.changed = true;
+    }
+
+    /// A destroy finished. Errors are only logged; sync retries.
+    pub fn destroy_finished(&mut self, id: &str, result: Result<(), CloudError>) {
+        self.metrics.driver_op("Destroy", result.is_err());
+        if let Err(err) = result {
+            tracing::warn!(instance = %id, error = %err, "destroy failed");
+        }
+    }
+
+    /// A set-tags call finished.
+    pub fn tags_set(&mut self, id: &str, tags: Option<BTreeMap<String, String>>, result: Result<(), CloudError>) {
+        self.metrics.driver_op("SetTags", result.is_err());
+        if let Some(w) = self.workers.get_mut(id) {
+            w.tags_busy = false;
+            match result {
+                Ok(()) => {
+                    if let Some(t) = tags {
+                        w.info.tags = t;
+                    }
+                }
+                Err(err) => tracing::warn!(instance = %id, error = %err, "set tags failed"),
+            }
+        }
+    }
+
+    /// A list finished: reconcile workers with the cloud (`sync`, §1.8).
+    pub fn listed(&mut self, now: Timestamp, threshold: u64, result: Result<Vec<InstanceInfo>, CloudError>) {
+        self.metrics.driver_op("List", result.is_err());
+        self.list_busy = false;
+        let list = match result {
+            Ok(l) => l,
+            Err(err) => {
+                if let CloudErrorKind::RateLimited { retry_at } = err.kind
+                    && retry_at > now
+                {
+                    tracing::warn!(until = %retry_at, "suspending remote calls due to rate-limit error");
+                    self.list_throttle = Some(retry_at);
+                }
+                tracing::warn!(error = %err, "sync failed");
+                return;
+            }
+        };
+        let set_key = self.tag("InstanceSetID");
+        let shutdown_timeout = self.timeout_shutdown();
+        let mut seen_ids = BTreeSet::new();
+        for info in list {
+            // Drivers may ignore the tag filter; apply it here.
+            if info.tags.get(&set_key) != Some(&self.instance_set_id) || !seen_ids.insert(info.id.clone()) {
+                continue;
+            }
+            let id = info.id.clone();
+            self.update_worker(now, info, None);
+            let w = self.workers.get(&id).expect("just updated");
+            if w.state == WorkerState::Shutdown
+                && w.destroyed.is_some_and(|d| now.since(d) > shutdown_timeout)
+            {
+                tracing::info!(instance = %id, "instance still listed after shutdown; retrying destroy");
+                let w = self.workers.get_mut(&id).expect("exists");
+                w.destroyed = Some(now);
+                self.queue_cloud(CloudReq::Destroy(id));
+            }
+        }
+        let gone: Vec<String> = self
+            .workers
+            .values()
+            .filter(|w| w.seen <= threshold)
+            .map(|w| w.id.clone())
+            .collect();
+        for id in gone {
+            self.remove_worker(now, &id);
+        }
+        if self.quota_until_fewer > self.instance_count() {
+            self.quota_until_fewer = 0;
+            self.changed = true;
+        }
+        if !self.loaded {
+            self.loaded = true;
+            self.changed = true;
+        }
+    }
+
+    /// The SSH layer reached host-key verification on `id`.
+    pub fn ssh_connected(&mut self, now: Timestamp, id: &str) {
+        if let Some(w) = self.workers.get_mut(id)
+            && w.state == WorkerState::Booting
+            && w.first_ssh.is_none()
+        {
+            w.first_ssh = Some(now);
+            self.metrics.time_to_ssh.observe(now, now.since(w.appeared).as_secs_f64());
+        }
+    }
+
+    /// A remote command finished.
+    pub fn exec_finished(
+        &mut self,
+        now: Timestamp,
+        ops: &mut Ops,
+        op: OpId,
+        issued: Timestamp,
+        id: &str,
+        purpose: ExecPurpose,
+        result: Result<ExecOutput, ExecError>,
+    ) {
+        match purpose {
+            ExecPurpose::StartRunner { uuid } => self.start_finished(now, id, &uuid, op, result),
+            ExecPurpose::KillRunner { uuid } => self.kill_finished(now, ops, id, &uuid, op, result),
+            _ => self.probe_step_finished(now, ops, op, issued, id, result),
+        }
+    }
+
+    fn start_finished(&mut self, now: Timestamp, id: &str, uuid: &str, op: OpId, result: Result<ExecOutput, ExecError>) {
+        if let Err(err) = &result {
+            tracing::warn!(instance = %id, container = %uuid, error = %err.message,
+                stderr = %err.stderr, "error starting crunch-run process");
+        }
+        let Some(w) = self.workers.get_mut(id) else {
+            return;
+        };
+        let Some(r) = w.starting.get(uuid) else {
+            return;
+        };
+        if r.start_op != Some(op) {
+            return;
+        }
+        let mut r = w.starting.remove(uuid).expect("checked");
+        self.metrics
+            .queue_to_crunch_run
+            .observe(now, now.since(r.created_at).as_secs_f64());
+        r.start_op = None;
+        w.running.insert(uuid.to_string(), r);
+        w.busy = now;
+        w.last_uuid = uuid.to_string();
+        self.stamp += 1;
+        w.version = self.stamp;
+        self.changed = true;
+    }
+
+    fn kill_step(&mut self, now: Timestamp, ops: &mut Ops, id: &str, uuid: &str) {
+        let signal = self.timeout_signal();
+        let exec_timeout = self.cfg.tuning.exec_timeout.min(signal.max(Duration::from_secs(1)));
+        let runner_cmd = self.runner.command.clone();
+        let Some(w) = self.workers.get_mut(id) else {
+            return;
+        };
+        let user = w.info.remote_user.clone();
+        let hold = w.idle_behavior == IdleBehavior::Hold;
+        let Some(r) = w.runner_mut(uuid) else {
+            return;
+        };
+        if !r.stopping || r.givenup || r.kill_op.is_some() {
+            return;
+        }
+        if now > r.kill_deadline {
+            r.givenup = true;
+            tracing::warn!(container = %uuid, instance = %id, "crunch-run process unkillable; giving up");
+            if hold {
+                tracing::warn!(instance = %id, "unkillable container on a held worker");
+            } else {
+                w.idle_behavior = IdleBehavior::Drain;
+                self.changed = true;
+                self.save_tags(id);
+            }
+            self.shutdown_if_idle(now, id);
+            return;
+        }
+        let op = ops.issue(
+            now,
+            exec_timeout,
+            Pending::Exec(id.to_string(), ExecPurpose::KillRunner { uuid: uuid.to_string() }),
+            CommandKind::Exec {
+                instance: id.to_string(),
+                purpose: ExecPurpose::KillRunner { uuid: uuid.to_string() },
+                command: remote::kill_command(&runner_cmd, &user, uuid),
+                stdin: ExecStdin::Empty,
+            },
+        );
+        r.kill_op = Some(op);
+        self.kill_timers.insert((now + signal, uuid.to_string()));
+    }
+
+    fn kill_finished(&mut self, now: Timestamp, ops: &mut Ops, id: &str, uuid: &str, op: OpId, result: Result<ExecOutput, ExecError>) {
+        let Some(w) = self.workers.get_mut(id) else {
+            return;
+        };
+        let Some(r) = w.runner_mut(uuid) else {
+            return;
+        };
+        if r.kill_op != Some(op) {
+            return;
+        }
+        r.kill_op = None;
+        match result {
+            Ok(_) => {
+                // onKilled: a no-op for a runner still starting (reference-workers.md §9.2.12).
+                self.close_runner(now, id, uuid);
+            }
+            Err(err) => {
+                tracing::info!(container = %uuid, instance = %id, error = %err.message, "kill attempt failed");
+                // If the signal interval already passed while the command ran, go again now.
+                if !self.kill_timers.iter().any(|(_, u)| u == uuid) {
+                    self.kill_step(now, ops, id, uuid);
+                }
+            }
+        }
+    }
+
+    // ----- probes ---------------------------------------------------------------------------
+
+    fn start_probe(&mut self, now: Timestamp, ops: &mut Ops, id: &str) {
+        let Some(w) = self.workers.get(id) else {
+            return;
+        };
+        if w.probe.is_some() || w.state == WorkerState::Shutdown {
+            return;
+        }
+        let s0 = w.state;
+        let v0 = w.version;
+        let ready = matches!(s0, WorkerState::Idle | WorkerState::Running);
+        let step = if ready { ProbeStep::List } else { ProbeStep::Boot };
+        let op = self.issue_probe_step(now, ops, id, step);
+        let w = self.workers.get_mut(id).expect("checked");
+        w.probe = Some(Probe {
+            op,
+            step,
+            started: now,
+            v0,
+            s0,
+            booted: ready,
+            last_error: String::new(),
+        });
+    }
+
+    fn issue_probe_step(&self, now: Timestamp, ops: &mut Ops, id: &str, step: ProbeStep) -> OpId {
+        let w = &self.workers[id];
+        let user = &w.info.remote_user;
+        let runner = &self.runner.command;
+        let (purpose, command, stdin, timeout) = match step {
+            ProbeStep::Boot => {
+                let cmd = if self.cfg.cloud_vms.boot_probe_command.is_empty() {
+                    "true".to_string()
+                } else {
+                    self.cfg.cloud_vms.boot_probe_command.clone()
+                };
+                (ExecPurpose::BootProbe, cmd, ExecStdin::Empty, self.cfg.tuning.exec_timeout)
+            }
+            ProbeStep::Md5 => (
+                ExecPurpose::RunnerMd5,
+                remote::md5_command(runner),
+                ExecStdin::Empty,
+                self.cfg.tuning.exec_timeout,
+            ),
+            ProbeStep::Install => (
+                ExecPurpose::RunnerInstall,
+                remote::install_command(&self.cfg.cloud_vms.deploy_runner_directory, runner, user),
+                ExecStdin::RunnerBinary,
+                self.cfg.tuning.deploy_timeout,
+            ),
+            ProbeStep::List => (
+                ExecPurpose::ListProbe,
+                remote::list_command(runner, user),
+                ExecStdin::Empty,
+                self.cfg.tuning.exec_timeout,
+            ),
+        };
+        ops.issue(
+            now,
+            timeout,
+            Pending::Exec(id.to_string(), purpose.clone()),
+            CommandKind::Exec {
+                instance: id.to_string(),
+                purpose,
+                command,
+                stdin,
+            },
+        )
+    }
+
+    fn advance_probe(&mut self, now: Timestamp, ops: &mut Ops, id: &str, step: ProbeStep) {
+        let op = self.issue_probe_step(now, ops, id, step);
+        let p = self.workers.get_mut(id).and_then(|w| w.probe.as_mut()).expect("probe in progress");
+        p.op = op;
+        p.step = step;
+    }
+
+    /// After the boot step (or the deploy): run the list probe if booted or unknown, else end.
+    fn after_boot_and_deploy(&mut self, now: Timestamp, ops: &mut Ops, id: &str) {
+        let p = self.workers[id].probe.as_ref().expect("probe in progress");
+        if p.booted || p.s0 == WorkerState::Unknown {
+            self.advance_probe(now, ops, id, ProbeStep::List);
+        } else {
+            self.finish_probe(now, id, None);
+        }
+    }
+
+    fn probe_step_finished(&mut self, now: Timestamp, ops: &mut Ops, op: OpId, issued: Timestamp, id: &str, result: Result<ExecOutput, ExecError>) {
+        let Some(w) = self.workers.get_mut(id) else {
+            return;
+        };
+        let Some(p) = w.probe.as_mut() else {
+            return;
+        };
+        if p.op != op {
+            return;
+        }
+        let state_now = w.state;
+        match p.step {
+            ProbeStep::Boot => {
+                p.booted = result.is_ok();
+                let mut should_copy = p.booted || p.s0 == WorkerState::Unknown;
+                if let Err(err) = &result {
+                    p.last_error = err.message.clone();
+                    if matches!(err.kind, crate::core::command::ExecErrorKind::Auth | crate::core::command::ExecErrorKind::HostKey | crate::core::command::ExecErrorKind::Other) {
+                        tracing::warn!(instance = %id, error = %err.message, "boot probe failed");
+                    } else {
+                        tracing::debug!(instance = %id, error = %err.message, "boot probe failed");
+                    }
+                    if matches!(state_now, WorkerState::Idle | WorkerState::Running) {
+                        p.booted = true;
+                        should_copy = false;
+                    }
+                }
+                if should_copy && self.runner.load_error.is_some() {
+                    tracing::warn!(instance = %id, "cannot boot worker: error loading runner binary");
+                    p.booted = false;
+                    p.last_error = self.runner.load_error.clone().unwrap_or_default();
+                    self.after_boot_and_deploy(now, ops, id);
+                } else if should_copy && self.runner.md5.is_some() {
+                    self.advance_probe(now, ops, id, ProbeStep::Md5);
+                } else {
+                    self.after_boot_and_deploy(now, ops, id);
+                }
+            }
+            ProbeStep::Md5 => {
+                let md5 = self.runner.md5.clone().unwrap_or_default();
+                let expected = remote::md5_expected(&self.runner.command, &md5);
+                match result {
+                    Ok(out) if out.stderr.is_empty() && out.stdout == expected => {
+                        self.after_boot_and_deploy(now, ops, id);
+                    }
+                    _ => self.advance_probe(now, ops, id, ProbeStep::Install),
+                }
+            }
+            ProbeStep::Install => {
+                if let Err(err) = result {
+                    tracing::warn!(instance = %id, error = %err.message, stderr = %err.stderr, "error copying runner binary");
+                    p.booted = false;
+                    p.last_error = err.message;
+                }
+                self.after_boot_and_deploy(now, ops, id);
+            }
+            ProbeStep::List => {
+                let secs = now.since(issued).as_secs_f64();
+                match &result {
+                    Ok(_) => self.metrics.run_probe_success.observe(now, secs),
+                    Err(err) => {
+                        self.metrics.run_probe_fail.observe(now, secs);
+                        tracing::warn!(instance = %id, error = %err.message, stdout = %err.stdout,
+                            stderr = %err.stderr, "probe failed");
+                    }
+                }
+                self.finish_probe(now, id, Some(result));
+            }
+        }
+    }
+
+    /// The end of `probeAndUpdate` (§2.4 steps 4–6). `list` is `None` when no run probe ran.
+    fn finish_probe(&mut self, now: Timestamp, id: &str, list: Option<Result<ExecOutput, ExecError>>) {
+        let stale_timeout = self.timeout_stale_run_lock();
+        let cluster_id = self.cfg.cluster_id.clone();
+        let Some(w) = self.workers.get_mut(id) else {
+            return;
+        };
+        let p = w.probe.take().expect("probe in progress");
+        let (ok, report) = match &list {
+            Some(Ok(out)) => (true, remote::parse_list(&out.stdout, &cluster_id)),
+            _ => (false, remote::ListReport::default()),
+        };
+        let mut broken = report.broken;
+        if ok {
+            if report.stale {
+                let since = *w.stale_since.get_or_insert(now);
+                tracing::info!(instance = %id, "probe reported stale run lock");
+                if now.since(since) > stale_timeout {
+                    tracing::warn!(instance = %id,
+                        "reporting broken after reporting stale run lock for too long");
+                    broken = true;
+                }
+            } else {
+                w.stale_since = None;
+            }
+        }
+        if broken && w.idle_behavior == IdleBehavior::Run {
+            tracing::warn!(instance = %id, "probe reported broken instance");
+            self.report_boot(id, BootOutcome::Failure);
+            let w = self.workers.get_mut(id).expect("exists");
+            w.idle_behavior = IdleBehavior::Drain;
+            self.changed = true;
+            self.save_tags(id);
+        }
+        let (timeout_booting, timeout_probe) = (self.timeout_booting(), self.timeout_probe());
+        let w = self.workers.get_mut(id).expect("exists");
+        if !ok || (!p.booted && report.uuids.is_empty() && w.running.is_empty()) {
+            if w.state == WorkerState::Shutdown && w.version != p.v0 {
+                return;
+            }
+            let dur = p.started.since(w.probed);
+            let booting = matches!(w.state, WorkerState::Unknown | WorkerState::Booting);
+            let threshold = if booting { timeout_booting } else { timeout_probe };
+            if w.idle_behavior != IdleBehavior::Hold && w.state != WorkerState::Shutdown && dur >= threshold {
+                let new = if booting { "new " } else { "" };
+                tracing::warn!(instance = %id, state = %w.state, since_last_success = ?dur,
+                    "{new}instance unresponsive, shutting down");
+                self.shutdown_worker(now, id);
+                if booting {
+                    tracing::info!(instance = %id, error = %p.last_error, "boot failed");
+                    self.report_boot(id, BootOutcome::Failure);
+                }
+            }
+            return;
+        }
+        w.probed = now;
+        if w.version != p.v0 {
+            return;
+        }
+        if !report.uuids.is_empty() {
+            w.busy = now;
+            if w.last_uuid.is_empty() {
+                w.last_uuid = report.uuids[0].clone();
+            }
+        } else if !w.running.is_empty() {
+            w.busy = now;
+        }
+        let mut changed = false;
+        // updateRunning: adopt new UUIDs, promote starting ones, close the ones that left.
+        let reported: BTreeSet<&String> = report.uuids.iter().collect();
+        let mut adopted = Vec::new();
+        for uuid in &report.uuids {
+            if w.running.contains_key(uuid) {
+                continue;
+            }
+            if let Some(r) = w.starting.remove(uuid) {
+                w.running.insert(uuid.clone(), r);
+            } else {
+                tracing::info!(instance = %id, container = %uuid, "crunch-run process detected");
+                w.running.insert(uuid.clone(), Runner::new(uuid, Timestamp::ZERO));
+                adopted.push(uuid.clone());
+            }
+            changed = true;
+        }
+        let left: Vec<String> = w
+            .running
+            .keys()
+            .filter(|u| !reported.contains(u))
+            .cloned()
+            .collect();
+        let first_ssh = w.first_ssh;
+        let state = w.state;
+        let booted_now = p.booted && matches!(state, WorkerState::Unknown | WorkerState::Booting);
+        for uuid in adopted {
+            if let Some(other) = self.runner_index.insert(uuid.clone(), id.to_string())
+                && other != id
+            {
+                tracing::warn!(container = %uuid, instance = %id, other = %other,
+                    "crunch-run process reported on two instances");
+            }
+            self.exited.remove(&uuid);
+        }
+        for uuid in &left {
+            self.close_runner(now, id, uuid);
+            changed = true;
+        }
+        let w = self.workers.get_mut(id).expect("exists");
+        if booted_now {
+            if state == WorkerState::Booting
+                && let Some(t) = first_ssh
+            {
+                self.metrics.time_to_ready.observe(now, now.since(t).as_secs_f64());
+            }
+            w.state = WorkerState::Idle;
+            changed = true;
+        }
+        if !changed {
+            return;
+        }
+        if w.state == WorkerState::Unknown {
+            tracing::info!(instance = %id, "crunch-run probe succeeded, but boot probe is still failing");
+        }
+        if matches!(w.state, WorkerState::Idle | WorkerState::Running) {
+            w.state = if w.runner_count() > 0 { WorkerState::Running } else { WorkerState::Idle };
+        }
+        self.stamp += 1;
+        w.version = self.stamp;
+        if booted_now {
+            tracing::info!(instance = %id, "probes succeeded, instance is in service");
+            self.report_boot(id, BootOutcome::Success);
+        }
+        self.changed = true;
+    }
+
+    // ----- time -----------------------------------------------------------------------------
+
+    /// Runs everything due at `now`: sync, probe rounds and launches, kill loops, cloud calls
+    /// and TTL expiries.
+    pub fn handle_timeout(&mut self, now: Timestamp, ops: &mut Ops, rng: &mut Rng) {
+        self.expire_ttls(now);
+        if now >= self.next_sync_at && !self.list_busy {
+            self.next_sync_at = now + self.sync_interval();
+            if self.list_throttle.is_some_and(|t| now < t) {
+                tracing::warn!("sync failed: remote calls are suspended (rate limit)");
+            } else {
+                self.list_busy = true;
+                self.queue_cloud(CloudReq::List);
+            }
+        }
+        if now >= self.next_probe_tick {
+            let interval = self.probe_interval();
+            self.next_probe_tick = now + interval;
+            let jitter_max = crate::core::time::millis(interval) / 23;
+            let jitter = rng.below(jitter_max);
+            if self.probe_round_at.is_none() {
+                self.probe_round_at = Some(Timestamp(now.0 + jitter));
+            }
+        }
+        if let Some(t) = self.probe_round_at
+            && now >= t
+        {
+            self.probe_round_at = None;
+            if self.probe_queue.is_empty() {
+                let ids: Vec<String> = self
+                    .workers
+                    .values()
+                    .filter(|w| w.state != WorkerState::Shutdown)
+                    .map(|w| w.id.clone())
+                    .collect();
+                for id in ids {
+                    if !self.shutdown_if_idle(now, &id) {
+                        self.probe_queue.push_back(id);
+                    }
+                }
+            }
+        }
+        let pace = per_second(self.cfg.cloud_vms.max_probes_per_second, 10.0);
+        while !self.probe_queue.is_empty() && now >= self.probe_next_launch {
+            let id = self.probe_queue.pop_front().expect("non-empty");
+            self.start_probe(now, ops, &id);
+            self.probe_next_launch = now + pace;
+        }
+        while let Some((t, uuid)) = self.kill_timers.first().cloned() {
+            if t > now {
+                break;
+            }
+            self.kill_timers.pop_first();
+            if let Some(id) = self.runner_index.get(&uuid).cloned() {
+                self.kill_step(now, ops, &id, &uuid);
+            }
+        }
+        self.issue_cloud_calls(now, ops);
+    }
+
+    fn expire_ttls(&mut self, now: Timestamp) {
+        if self.quota_until.is_some_and(|t| now >= t) {
+            self.quota_until = None;
+            self.changed = true;
+        }
+        if self.create_throttle.is_some_and(|t| now >= t) {
+            self.create_throttle = None;
+            self.changed = true;
+        }
+        if self.list_throttle.is_some_and(|t| now >= t) {
+            self.list_throttle = None;
+            self.changed = true;
+        }
+        let before = self.capacity.len();
+        self.capacity.retain(|_, t| now < *t);
+        if self.capacity.len() != before {
+            self.changed = true;
+        }
+    }
+
+    fn issue_cloud_calls(&mut self, now: Timestamp, ops: &mut Ops) {
+        let rate = self.cfg.cloud_vms.max_cloud_ops_per_second;
+        let timeout = self.cfg.tuning.cloud_call_timeout;
+        while !self.cloud_queue.is_empty() && (rate <= 0.0 || now >= self.cloud_next_at) {
+            let req = self.cloud_queue.pop_front().expect("non-empty");
+            if rate > 0.0 {
+                self.cloud_next_at = now + per_second(rate, rate);
+            }
+            match req {
+                CloudReq::Create(secret) => {
+                    let Some(c) = self.creating.get(&secret) else {
+                        continue;
+                    };
+                    let it = self.types.get(c.type_id).clone();
+                    let mut tags = self.cfg.cloud_vms.resource_tags.clone();
+                    tags.insert(self.tag("InstanceSetID"), self.instance_set_id.clone());
+                    tags.insert(self.tag("InstanceType"), it.name.clone());
+                    tags.insert(self.tag("IdleBehavior"), IdleBehavior::Run.as_str().to_string());
+                    tags.insert(self.tag("InstanceSecret"), secret.clone());
+                    let init_command = remote::init_command(&secret, &self.cfg.cloud_vms.instance_init_command);
+                    ops.issue(now, timeout, Pending::Create(secret), CommandKind::Create {
+                        instance_type: it,
+                        image_id: self.cfg.cloud_vms.image_id.clone(),
+                        tags,
+                        init_command,
+                        install_public_key: self.cfg.cloud_vms.deploy_public_key,
+                    });
+                }
+                CloudReq::Destroy(id) => {
+                    if !self.workers.contains_key(&id) {
+                        continue;
+                    }
+                    ops.issue(now, timeout, Pending::Destroy(id.clone()), CommandKind::Destroy { instance: id });
+                }
+                CloudReq::List => {
+                    let threshold = self.stamp;
+                    let mut tags = BTreeMap::new();
+                    tags.insert(self.tag("InstanceSetID"), self.instance_set_id.clone());
+                    ops.issue(now, timeout, Pending::List { threshold }, CommandKind::ListInstances { tags });
+                }
+                CloudReq::SetTags(id) => {
+                    let Some(w) = self.workers.get(&id) else {
+                        continue;
+                    };
+                    let tags = self.desired_tags(w);
+                    ops.issue(now, timeout, Pending::SetTags(id.clone()), CommandKind::SetTags { instance: id, tags });
+                }
+            }
+        }
+    }
+
+    /// The tags a SetTags for `id` would send now (for applying a finished SetTags).
+    pub fn tags_for(&self, id: &str) -> Option<BTreeMap<String, String>> {
+        self.workers.get(id).map(|w| self.desired_tags(w))
+    }
+
+    /// The earliest time `handle_timeout` has work.
+    pub fn next_timeout(&self) -> Option<Timestamp> {
+        let mut t: Vec<Timestamp> = vec![self.next_probe_tick];
+        if !self.list_busy {
+            t.push(self.next_sync_at);
+        }
+        t.extend(self.probe_round_at);
+        if !self.probe_queue.is_empty() {
+            t.push(self.probe_next_launch);
+        }
+        if !self.cloud_queue.is_empty() {
+            t.push(self.cloud_next_at);
+        }
+        t.extend(self.kill_timers.first().map(|(t, _)| *t));
+        t.extend(self.quota_until);
+        t.extend(self.create_throttle);
+        t.extend(self.list_throttle);
+        t.extend(self.capacity.values().min().copied());
+        t.into_iter().min()
+    }
+
+    // ----- invariants -----------------------------------------------------------------------
+
+    /// Checks the pool's own consistency; returns a description of each violation.
+    pub fn check_invariants(&self, ops: &Ops) -> Vec<String> {
+        let mut v = Vec::new();
+        let mut indexed = 0usize;
+        for w in self.workers.values() {
+            for uuid in w.running.keys().chain(w.starting.keys()) {
+                indexed += 1;
+                if self.runner_index.get(uuid) != Some(&w.id) {
+                    v.push(format!("runner {uuid} on {} is not indexed to it", w.id));
+                }
+            }
+            for uuid in w.running.keys() {
+                if w.starting.contains_key(uuid) {
+                    v.push(format!("runner {uuid} on {} is both starting and running", w.id));
+                }
+            }
+            if w.state == WorkerState::Shutdown && !w.starting.is_empty() {
+                v.push(format!("shut-down instance {} has a runner starting", w.id));
+            }
+            if let Some(p) = &w.probe
+                && !ops.contains(p.op)
+            {
+                v.push(format!("probe of {} waits for {} which is not in flight", w.id, p.op));
+            }
+            if matches!(w.state, WorkerState::Idle) && w.runner_count() > 0 {
+                v.push(format!("idle instance {} has runners", w.id));
+            }
+        }
+        if indexed != self.runner_index.len() {
+            v.push(format!(
+                "runner index has {} entries but workers hold {indexed} runners",
+                self.runner_index.len()
+            ));
+        }
+        let max = self.cfg.cloud_vms.max_instances;
+        let live = self
+            .workers
+            .values()
+            .filter(|w| w.state != WorkerState::Shutdown)
+            .count()
+            + self.creating.len();
+        if max > 0 && self.creating.len() > 0 && live > max {
+            v.push(format!("{live} instances exceed MaxInstances {max}"));
+        }
+        v
+    }
+}

@@ -1,0 +1,169 @@
+//! One worker: the pool's record of one cloud VM and the crunch-run runners on it.
+//!
+//! Invariants: a runner UUID is in at most one of `running` and `starting`; a worker in
+//! `shutdown` never gets a new runner; `version` changes whenever the state or the runner maps
+//! change, so a probe that overlapped such a change discards its result (reference-workers.md
+//! §2.4, with an explicit generation counter instead of Go's `updated` time).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::super::command::OpId;
+use super::super::select::TypeId;
+use super::super::time::Timestamp;
+use super::super::types::{IdleBehavior, InstanceInfo, InstanceType, InstanceView, WorkerState};
+
+/// One crunch-run process the pool believes exists.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Runner {
+    /// Container.
+    pub uuid: String,
+    /// `created_at` of the container (for the queue-to-crunch-run metric).
+    pub created_at: Timestamp,
+    /// The `--detach` command in flight.
+    pub start_op: Option<OpId>,
+    /// A kill loop is running.
+    pub stopping: bool,
+    /// The kill loop gave up (TimeoutTERM passed).
+    pub givenup: bool,
+    /// When the kill loop gives up.
+    pub kill_deadline: Timestamp,
+    /// The `--kill` command in flight.
+    pub kill_op: Option<OpId>,
+    /// Why it is being killed.
+    pub kill_reason: String,
+}
+
+impl Runner {
+    /// A runner for `uuid`.
+    pub fn new(uuid: &str, created_at: Timestamp) -> Runner {
+        Runner {
+            uuid: uuid.to_string(),
+            created_at,
+            start_op: None,
+            stopping: false,
+            givenup: false,
+            kill_deadline: Timestamp::ZERO,
+            kill_op: None,
+            kill_reason: String::new(),
+        }
+    }
+}
+
+/// Which step a probe is at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeStep {
+    /// Running BootProbeCommand.
+    Boot,
+    /// Checking the deployed runner's MD5.
+    Md5,
+    /// Copying the runner.
+    Install,
+    /// Running `crunch-run --list`.
+    List,
+}
+
+/// A probe in progress (single-flight per worker).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Probe {
+    /// The command of the current step.
+    pub op: OpId,
+    /// Step.
+    pub step: ProbeStep,
+    /// When the probe started.
+    pub started: Timestamp,
+    /// `version` when it started.
+    pub v0: u64,
+    /// State when it started.
+    pub s0: WorkerState,
+    /// Boot probe passed (or was skipped for a ready worker).
+    pub booted: bool,
+    /// Last error text, for the "boot failed" log.
+    pub last_error: String,
+}
+
+/// The pool's record of one VM.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Worker {
+    /// Cloud ID.
+    pub id: String,
+    /// Latest listing.
+    pub info: InstanceInfo,
+    /// Configured type, or `None` when the tag names an unconfigured one.
+    pub type_id: Option<TypeId>,
+    /// The type (for an unconfigured one: only the name is set).
+    pub itype: Arc<InstanceType>,
+    /// State.
+    pub state: WorkerState,
+    /// Admin intent.
+    pub idle_behavior: IdleBehavior,
+    /// Instance secret from the tag.
+    pub secret: String,
+    /// First seen by this process.
+    pub appeared: Timestamp,
+    /// Last successful probe (initially `appeared`).
+    pub probed: Timestamp,
+    /// Last time it had work.
+    pub busy: Timestamp,
+    /// Last destroy request.
+    pub destroyed: Option<Timestamp>,
+    /// Generation of state and runner changes.
+    pub version: u64,
+    /// Pool stamp of the last listing (or creation).
+    pub seen: u64,
+    /// First SSH connection (booting workers only).
+    pub first_ssh: Option<Timestamp>,
+    /// Since when the run probe reports a stale lock.
+    pub stale_since: Option<Timestamp>,
+    /// Runners the probe has confirmed (or whose start returned).
+    pub running: BTreeMap<String, Runner>,
+    /// Runners whose start is in progress.
+    pub starting: BTreeMap<String, Runner>,
+    /// UUID last started (or first seen).
+    pub last_uuid: String,
+    /// A boot outcome has been counted.
+    pub boot_reported: bool,
+    /// The probe in progress.
+    pub probe: Option<Probe>,
+    /// A SetTags call is queued or in flight.
+    pub tags_busy: bool,
+}
+
+impl Worker {
+    /// Runners in `running` and `starting`.
+    pub fn runner_count(&self) -> usize {
+        self.running.len() + self.starting.len()
+    }
+
+    /// The runner for `uuid`, wherever it is.
+    pub fn runner_mut(&mut self, uuid: &str) -> Option<&mut Runner> {
+        if self.running.contains_key(uuid) {
+            self.running.get_mut(uuid)
+        } else {
+            self.starting.get_mut(uuid)
+        }
+    }
+
+    /// The view the scheduler and the management API see.
+    pub fn view(&self) -> InstanceView {
+        let mut uuids: Vec<String> = self
+            .running
+            .keys()
+            .chain(self.starting.keys())
+            .cloned()
+            .collect();
+        uuids.sort();
+        InstanceView {
+            instance: self.id.clone(),
+            address: self.info.address.clone(),
+            price: self.itype.price,
+            arvados_instance_type: self.itype.name.clone(),
+            provider_instance_type: self.info.provider_type.clone(),
+            last_container_uuid: self.last_uuid.clone(),
+            last_busy: self.busy,
+            running_container_uuids: Some(uuids),
+            worker_state: self.state,
+            idle_behavior: self.idle_behavior,
+        }
+    }
+}

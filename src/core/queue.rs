@@ -1,0 +1,221 @@
+//! The container queue: the dispatcher's cache of the containers it cares about.
+//!
+//! It holds Queued containers with priority > 0 and containers locked by this dispatcher
+//! (reference-scheduler.md §4). Resources and eligible types are computed once, at first sight.
+//! The out-of-order guard (`dontupdate`) makes sure a poll that started before a local
+//! lock/unlock/cancel never overwrites the newer state that call returned. `updated` is the
+//! *start* time of the last successful poll; the sync rules compare it with crunch-run exit
+//! times.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::command::{ContainerUpdate, PollResult};
+use super::config::ContainersConfig;
+use super::select::{SelectError, TypeId, TypeTable, choose_instance_types, resources_needed};
+use super::time::Timestamp;
+use super::types::{Container, ContainerState, Resources};
+
+/// One cached container (`QueueEnt`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueEntry {
+    /// The partial record; `mounts` is always `None` once cached.
+    pub container: Container,
+    /// Needs, computed at first sight (with the mounts).
+    pub resources: Resources,
+    /// Eligible types, cheapest first. Empty only for a Running container whose type selection
+    /// failed (reference-scheduler.md §9 B1).
+    pub types: Vec<TypeId>,
+    /// When this dispatcher first saw it.
+    pub first_seen_at: Timestamp,
+}
+
+/// What applying a poll asks the dispatcher to do next.
+#[derive(Debug, Default, PartialEq)]
+pub struct PollEffects {
+    /// Containers to cancel as unsatisfiable: (uuid, state, message).
+    pub cancel_unsatisfiable: Vec<(String, ContainerState, String)>,
+    /// Entries added.
+    pub added: usize,
+    /// Entries dropped.
+    pub dropped: usize,
+}
+
+/// The cache.
+#[derive(Clone, Debug, Default)]
+pub struct Queue {
+    entries: BTreeMap<String, QueueEntry>,
+    /// Start time of the last successful poll.
+    updated: Option<Timestamp>,
+    /// UUIDs changed locally since the current poll started (`None` when no poll runs).
+    dontupdate: Option<BTreeSet<String>>,
+    /// Start time of the poll in flight.
+    poll_started: Option<Timestamp>,
+}
+
+impl Queue {
+    /// The entries, by UUID.
+    pub fn entries(&self) -> &BTreeMap<String, QueueEntry> {
+        &self.entries
+    }
+
+    /// One entry.
+    pub fn get(&self, uuid: &str) -> Option<&QueueEntry> {
+        self.entries.get(uuid)
+    }
+
+    /// Start time of the last successful poll (`None` before the first).
+    pub fn updated(&self) -> Option<Timestamp> {
+        self.updated
+    }
+
+    /// Marks the start of a poll. Returns what the poll command needs: all known UUIDs and
+    /// the unfinished ones to re-fetch if missing.
+    pub fn begin_poll(&mut self, now: Timestamp) -> (Vec<String>, Vec<String>) {
+        self.dontupdate = Some(BTreeSet::new());
+        self.poll_started = Some(now);
+        let known = self.entries.keys().cloned().collect();
+        let missing = self
+            .entries
+            .iter()
+            .filter(|(_, e)| !e.container.state.is_final())
+            .map(|(u, _)| u.clone())
+            .collect();
+        (known, missing)
+    }
+
+    /// The poll failed: nothing changes (the guard set stays until the next poll starts).
+    pub fn poll_failed(&mut self) {
+        self.poll_started = None;
+    }
+
+    /// Applies a successful poll (§4.3, §4.4). `entries_max` bounds the cache.
+    pub fn apply_poll(
+        &mut self,
+        now: Timestamp,
+        result: PollResult,
+        table: &TypeTable,
+        cfg: &ContainersConfig,
+        entries_max: usize,
+    ) -> PollEffects {
+        let mut fx = PollEffects::default();
+        let dont = self.dontupdate.take().unwrap_or_default();
+        let started = self.poll_started.take().unwrap_or(now);
+        for uuid in &result.deleted {
+            if self.entries.remove(uuid).is_some() {
+                tracing::warn!(container = %uuid, "container disappeared from the database");
+                fx.dropped += 1;
+            }
+        }
+        let mounts_errors: BTreeMap<&str, &str> = result
+            .mounts_errors
+            .iter()
+            .map(|(u, e)| (u.as_str(), e.as_str()))
+            .collect();
+        let mut next: BTreeMap<String, Container> = BTreeMap::new();
+        for ctr in result.containers {
+            // A UUID returned twice (by "avail" and "mine") keeps the first record, which the
+            // adapter puts first for "avail".
+            next.entry(ctr.uuid.clone()).or_insert(ctr);
+        }
+        for uuid in &result.deleted {
+            next.remove(uuid);
+        }
+        // Drop cached entries the poll did not return (cancelled, completed, deleted, or taken by
+        // another dispatcher), except those changed locally since the poll began.
+        let stale: Vec<String> = self
+            .entries
+            .keys()
+            .filter(|u| !next.contains_key(*u) && !dont.contains(*u))
+            .cloned()
+            .collect();
+        for uuid in stale {
+            self.entries.remove(&uuid);
+            fx.dropped += 1;
+        }
+        for (uuid, mut ctr) in next {
+            if dont.contains(&uuid) {
+                continue;
+            }
+            if let Some(ent) = self.entries.get_mut(&uuid) {
+                ctr.mounts = None;
+                ent.container = ctr;
+                continue;
+            }
+            if let Some(err) = mounts_errors.get(uuid.as_str()) {
+                tracing::warn!(container = %uuid, error = %err, "error getting mounts");
+                if err.contains("json: cannot unmarshal") {
+                    fx.cancel_unsatisfiable.push((
+                        uuid.clone(),
+                        ctr.state,
+                        format!("error getting mounts from container record: {err}"),
+                    ));
+                }
+                continue;
+            }
+            if self.entries.len() >= entries_max {
+                // Bounded: the container stays on the server and a later poll brings it in.
+                continue;
+            }
+            let resources = resources_needed(cfg, &ctr);
+            let types = choose_instance_types(table, cfg, &ctr);
+            ctr.mounts = None;
+            let types = match types {
+                Ok(t) => t,
+                Err(err) => {
+                    if matches!(ctr.state, ContainerState::Queued | ContainerState::Locked) {
+                        tracing::info!(container = %uuid, error = %err,
+                            "cancel container with no suitable instance type");
+                        fx.cancel_unsatisfiable.push((uuid.clone(), ctr.state, message(&err)));
+                        continue;
+                    }
+                    Vec::new()
+                }
+            };
+            self.entries.insert(
+                uuid,
+                QueueEntry {
+                    container: ctr,
+                    resources,
+                    types,
+                    first_seen_at: now,
+                },
+            );
+            fx.added += 1;
+        }
+        self.updated = Some(started);
+        fx
+    }
+
+    /// A lock, unlock or cancel call succeeded (`updateWithResp`). Returns whether the entry
+    /// is cached.
+    pub fn apply_update(&mut self, uuid: &str, upd: &ContainerUpdate) -> bool {
+        if let Some(d) = self.dontupdate.as_mut() {
+            d.insert(uuid.to_string());
+        }
+        match self.entries.get_mut(uuid) {
+            Some(ent) => {
+                ent.container.state = upd.state;
+                ent.container.priority = upd.priority;
+                ent.container.locked_by_uuid = upd.locked_by_uuid.clone();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// `Forget`: drops the entry only if it is final, or Queued with priority 0.
+    pub fn forget(&mut self, uuid: &str) -> bool {
+        let drop = self.entries.get(uuid).is_some_and(|e| {
+            e.container.state.is_final()
+                || (e.container.state == ContainerState::Queued && e.container.priority == 0)
+        });
+        if drop {
+            self.entries.remove(uuid);
+        }
+        drop
+    }
+}
+
+fn message(err: &SelectError) -> String {
+    err.to_string()
+}
