@@ -18,3 +18,9 @@ pub mod ops;
 pub mod pool;
 pub mod queue;
 pub mod select;
+pub mod scheduler;
+pub mod dispatcher;
+pub mod invariants;
+
+pub use command::{Command, CommandKind, Input, OpId};
+pub use dispatcher::{Dispatcher, Options};

@@ -95,7 +95,7 @@ impl InstanceType {
 }
 
 /// Resources a container needs, or an instance has left (`InstanceResources` in Go).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Resources {
     /// Virtual CPUs.
     #[serde(rename = "VCPUs")]

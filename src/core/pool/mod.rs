@@ -634,6 +634,7 @@ impl Pool {
                 boot_reported: false,
                 probe: None,
                 tags_busy: false,
+                tags_sent: None,
             },
         );
         self.changed = true;
@@ -718,19 +719,29 @@ impl Pool {
     }
 
     /// A set-tags call finished.
-    pub fn tags_set(&mut self, id: &str, tags: Option<BTreeMap<String, String>>, result: Result<(), CloudError>) {
+    pub fn tags_set(&mut self, id: &str, result: Result<(), CloudError>) {
         self.metrics.driver_op("SetTags", result.is_err());
-        if let Some(w) = self.workers.get_mut(id) {
-            w.tags_busy = false;
-            match result {
-                Ok(()) => {
-                    if let Some(t) = tags {
-                        w.info.tags = t;
-                    }
+        let Some(w) = self.workers.get_mut(id) else {
+            return;
+        };
+        w.tags_busy = false;
+        let sent = w.tags_sent.take();
+        match result {
+            Ok(()) => {
+                if let Some(t) = sent {
+                    w.info.tags = t;
                 }
-                Err(err) => tracing::warn!(instance = %id, error = %err, "set tags failed"),
+                // The behaviour may have changed while the call ran.
+                self.save_tags(id);
             }
+            Err(err) => tracing::warn!(instance = %id, error = %err, "set tags failed"),
         }
+    }
+
+    /// The scheduler's create was refused at MaxConcurrentInstanceCreateOps: hold creates.
+    pub fn create_limit_reached(&mut self, now: Timestamp) {
+        tracing::info!("reached MaxConcurrentInstanceCreateOps");
+        self.create_throttle = Some(now + CREATE_CONCURRENCY_HOLDOFF);
     }
 
     /// A list finished: reconcile workers with the cloud (`sync`, §1.8).
@@ -1332,15 +1343,11 @@ impl Pool {
                         continue;
                     };
                     let tags = self.desired_tags(w);
+                    self.workers.get_mut(&id).expect("exists").tags_sent = Some(tags.clone());
                     ops.issue(now, timeout, Pending::SetTags(id.clone()), CommandKind::SetTags { instance: id, tags });
                 }
             }
         }
-    }
-
-    /// The tags a SetTags for `id` would send now (for applying a finished SetTags).
-    pub fn tags_for(&self, id: &str) -> Option<BTreeMap<String, String>> {
-        self.workers.get(id).map(|w| self.desired_tags(w))
     }
 
     /// The earliest time `handle_timeout` has work.

@@ -127,6 +127,8 @@ pub struct Worker {
     pub probe: Option<Probe>,
     /// A SetTags call is queued or in flight.
     pub tags_busy: bool,
+    /// The tags of the SetTags call in flight.
+    pub tags_sent: Option<BTreeMap<String, String>>,
 }
 
 impl Worker {

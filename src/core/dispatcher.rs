@@ -1,0 +1,785 @@
+//! `Dispatcher`: the sans-IO state machine that owns the queue, the pool and the scheduler.
+//!
+//! # Contract (the run loop every driver follows)
+//!
+//! ```text
+//! let mut d = Dispatcher::new(config, options, now);
+//! loop {
+//!     while let Some(cmd) = d.poll_command() { execute(cmd) }   // drain after every call
+//!     wait until d.poll_timeout() or a completion arrives;
+//!     d.handle_input(now, input)  or  d.handle_timeout(now);
+//! }
+//! ```
+//!
+//! Time never goes backwards (asserted). Every command gets exactly one completion; a late,
+//! duplicate or unknown one is logged and ignored. If an adapter never answers, the core gives
+//! up at the command's deadline plus a grace period and treats the operation as failed.
+//! Admin operations (hold/drain/run/kill instance, kill container) are calls too, followed by
+//! the same drain.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::command::{
+    ApiError, CloudError, CloudErrorKind, Command, CommandKind, ExecError, ExecErrorKind, Input,
+    OpId,
+};
+use super::config::Config;
+use super::metrics::PoolMetrics;
+use super::ops::{Ops, Pending};
+use super::pool::remote::RunnerSpec;
+use super::pool::{AdminError, Pool};
+use super::queue::{Queue, QueueEntry};
+use super::rng::Rng;
+use super::scheduler::{self, Action, PoolLimits, SchedState, Snapshot, Status};
+use super::select::TypeTable;
+use super::time::Timestamp;
+use super::types::{ContainerState, IdleBehavior, InstanceView};
+
+/// Re-run a pass this soon when a per-container operation was still in flight.
+pub const UUID_CONTENTION_RETRY: Duration = Duration::from_millis(250);
+
+/// What the dispatcher is told at construction, besides the config.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Root seed for the core's random stream (instance secrets, probe jitter).
+    pub seed: u64,
+    /// `<TagKeyPrefix>InstanceSetID` value (derived from the token by the caller).
+    pub instance_set_id: String,
+    /// How crunch-run is invoked and deployed.
+    pub runner: RunnerSpec,
+}
+
+/// Scheduler gauges (reference-scheduler.md §6 Metrics).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SchedMetrics {
+    /// `containers_allocated_not_started`.
+    pub allocated_not_started: usize,
+    /// `containers_not_allocated_over_quota`.
+    pub not_allocated_over_quota: usize,
+    /// `containers_longest_wait_time_seconds`.
+    pub longest_wait_seconds: f64,
+    /// `max_concurrent_containers`.
+    pub max_concurrent_containers: usize,
+    /// `last_503_time` (Unix seconds in production, 0 if never).
+    pub last_503_time: f64,
+    /// `at_quota`.
+    pub at_quota: bool,
+    /// Scheduling passes run.
+    pub passes: u64,
+}
+
+/// One row of the published scheduler queue (`SchedQueueEnt`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueueItem {
+    /// The entry.
+    pub entry: QueueEntry,
+    /// Its scheduling status string.
+    pub scheduling_status: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum StalePhase {
+    NotStarted,
+    Waiting { deadline: Timestamp },
+    Done,
+}
+
+/// The dispatcher core.
+#[derive(Debug)]
+pub struct Dispatcher {
+    cfg: Arc<Config>,
+    types: TypeTable,
+    now: Timestamp,
+    rng: Rng,
+    ops: Ops,
+    queue: Queue,
+    pool: Pool,
+    sched: SchedState,
+    last_503: Timestamp,
+    uuid_ops: BTreeMap<String, OpId>,
+    poll_op: Option<OpId>,
+    next_poll_at: Timestamp,
+    queue_loaded: bool,
+    stale: StalePhase,
+    dirty: bool,
+    last_pass: Option<Timestamp>,
+    retry_at: Option<Timestamp>,
+    published: Vec<(String, Status)>,
+    metrics: SchedMetrics,
+    ignored_completions: u64,
+}
+
+impl Dispatcher {
+    /// A dispatcher that starts polling and listing at `now`.
+    pub fn new(config: Config, options: Options, now: Timestamp) -> Dispatcher {
+        let types = TypeTable::new(&config.instance_types);
+        let cfg = Arc::new(config);
+        let pool = Pool::new(
+            cfg.clone(),
+            types.clone(),
+            options.runner,
+            &options.instance_set_id,
+            now,
+        );
+        let sched = SchedState::initial(
+            cfg.cloud_vms.initial_quota_estimate,
+            cfg.cloud_vms.max_instances,
+        );
+        Dispatcher {
+            cfg,
+            types,
+            now,
+            rng: Rng::derive(options.seed, "core"),
+            ops: Ops::default(),
+            queue: Queue::default(),
+            pool,
+            sched,
+            last_503: Timestamp::ZERO,
+            uuid_ops: BTreeMap::new(),
+            poll_op: None,
+            next_poll_at: now,
+            queue_loaded: false,
+            stale: StalePhase::NotStarted,
+            dirty: false,
+            last_pass: None,
+            retry_at: None,
+            published: Vec::new(),
+            metrics: SchedMetrics {
+                max_concurrent_containers: sched.max_containers,
+                ..SchedMetrics::default()
+            },
+            ignored_completions: 0,
+        }
+    }
+
+    // ----- getters ----------------------------------------------------------------------------
+
+    /// The config.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The instance types, indexed.
+    pub fn types(&self) -> &TypeTable {
+        &self.types
+    }
+
+    /// The time of the last call.
+    pub fn now(&self) -> Timestamp {
+        self.now
+    }
+
+    /// The container queue.
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    /// The worker pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// `Instances()`: workers and pending creates.
+    pub fn instances(&self) -> Vec<InstanceView> {
+        self.pool.instances()
+    }
+
+    /// The scheduler's queue as last published, in scheduling order. `None` before the first
+    /// pass (the API then shows `"items": null`).
+    pub fn scheduler_queue(&self) -> Option<Vec<QueueItem>> {
+        self.last_pass?;
+        Some(
+            self.published
+                .iter()
+                .filter_map(|(uuid, st)| {
+                    let e = self.queue.get(uuid)?;
+                    Some(QueueItem {
+                        entry: e.clone(),
+                        scheduling_status: st.text(e, &self.types),
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    /// One container of the published queue.
+    pub fn scheduler_queue_item(&self, uuid: &str) -> Option<QueueItem> {
+        let (_, st) = self.published.iter().find(|(u, _)| u == uuid)?;
+        let e = self.queue.get(uuid)?;
+        Some(QueueItem {
+            entry: e.clone(),
+            scheduling_status: st.text(e, &self.types),
+        })
+    }
+
+    /// Scheduler gauges.
+    pub fn sched_metrics(&self) -> SchedMetrics {
+        SchedMetrics {
+            at_quota: self.pool.at_quota(self.now),
+            ..self.metrics.clone()
+        }
+    }
+
+    /// Pool counters and summaries.
+    pub fn pool_metrics(&self) -> &PoolMetrics {
+        &self.pool.metrics
+    }
+
+    /// Completions ignored as late, duplicate or unknown.
+    pub fn ignored_completions(&self) -> u64 {
+        self.ignored_completions
+    }
+
+    /// Operations in flight.
+    pub fn ops_in_flight(&self) -> usize {
+        self.ops.in_flight()
+    }
+
+    pub(crate) fn ops(&self) -> &Ops {
+        &self.ops
+    }
+
+    pub(crate) fn uuid_ops(&self) -> &BTreeMap<String, OpId> {
+        &self.uuid_ops
+    }
+
+    pub(crate) fn poll_op(&self) -> Option<OpId> {
+        self.poll_op
+    }
+
+    // ----- outputs ----------------------------------------------------------------------------
+
+    /// The next command to carry out.
+    #[must_use]
+    pub fn poll_command(&mut self) -> Option<Command> {
+        self.ops.pop_command()
+    }
+
+    /// When to call `handle_timeout` next (if no input arrives first).
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        let mut t: Vec<Timestamp> = Vec::with_capacity(8);
+        if self.poll_op.is_none() {
+            t.push(self.next_poll_at);
+        }
+        t.extend(self.pool.next_timeout());
+        t.extend(self.ops.next_deadline());
+        if let StalePhase::Waiting { deadline } = self.stale {
+            t.push(deadline);
+        }
+        if self.dirty
+            && let Some(last) = self.last_pass
+        {
+            t.push(last + self.cfg.tuning.schedule_min_interval);
+        }
+        t.extend(self.retry_at);
+        t.into_iter().min().map(|x| x.max(self.now))
+    }
+
+    // ----- inputs -----------------------------------------------------------------------------
+
+    fn advance(&mut self, now: Timestamp) {
+        assert!(now >= self.now, "time went backwards: {} after {}", now, self.now);
+        self.now = now;
+    }
+
+    /// Handles one fact.
+    pub fn handle_input(&mut self, now: Timestamp, input: Input) {
+        self.advance(now);
+        match input.op() {
+            Some(op) => match self.ops.take(op) {
+                Some((pending, issued)) => self.complete(now, op, pending, issued, input),
+                None => {
+                    self.ignored_completions += 1;
+                    tracing::warn!(%op, "ignoring late or unknown completion");
+                }
+            },
+            None => {
+                if let Input::SshConnected { instance } = input {
+                    self.pool.ssh_connected(now, &instance);
+                }
+            }
+        }
+        self.after_event(now);
+    }
+
+    /// Handles the passage of time.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        self.advance(now);
+        for (op, pending, issued) in self.ops.expired(now) {
+            tracing::warn!(%op, ?pending, "operation deadline passed; treating it as failed");
+            let input = timeout_input(op, &pending, now);
+            self.complete(now, op, pending, issued, input);
+        }
+        if self.retry_at.is_some_and(|t| now >= t) {
+            self.retry_at = None;
+            self.dirty = true;
+        }
+        if self.poll_op.is_none() && now >= self.next_poll_at {
+            let (known, missing) = self.queue.begin_poll(now);
+            let op = self.ops.issue(
+                now,
+                self.cfg.tuning.api_call_timeout,
+                Pending::Poll,
+                CommandKind::PollQueue { known, missing },
+            );
+            self.poll_op = Some(op);
+        }
+        self.pool.handle_timeout(now, &mut self.ops, &mut self.rng);
+        self.after_event(now);
+    }
+
+    fn complete(&mut self, now: Timestamp, op: OpId, pending: Pending, issued: Timestamp, input: Input) {
+        match (pending, input) {
+            (Pending::Poll, Input::QueuePolled { result, .. }) => self.poll_finished(now, issued, result),
+            (
+                Pending::Lock(uuid) | Pending::Unlock(uuid) | Pending::Cancel(uuid),
+                Input::ContainerUpdated { result, .. },
+            ) => {
+                self.uuid_ops.remove(&uuid);
+                match result {
+                    Ok(upd) => {
+                        self.queue.apply_update(&uuid, &upd);
+                        self.dirty = true;
+                    }
+                    Err(err) => self.api_failed(now, &uuid, &err),
+                }
+            }
+            (Pending::CancelUnsatisfiable(uuid), Input::UnsatisfiableCancelled { result, .. }) => {
+                self.uuid_ops.remove(&uuid);
+                if let Err(err) = result {
+                    self.api_failed(now, &uuid, &err);
+                }
+            }
+            (Pending::Create(secret), Input::CreateFinished { result, .. }) => {
+                self.pool.create_finished(now, &secret, result)
+            }
+            (Pending::Destroy(id), Input::DestroyFinished { result, .. }) => {
+                self.pool.destroy_finished(&id, result)
+            }
+            (Pending::List { threshold }, Input::InstancesListed { result, .. }) => {
+                self.pool.listed(now, threshold, result)
+            }
+            (Pending::SetTags(id), Input::TagsSet { result, .. }) => self.pool.tags_set(&id, result),
+            (Pending::Exec(id, purpose), Input::ExecFinished { result, .. }) => {
+                self.pool
+                    .exec_finished(now, &mut self.ops, op, issued, &id, purpose, result)
+            }
+            (pending, input) => {
+                self.ignored_completions += 1;
+                tracing::warn!(%op, ?pending, input = ?std::mem::discriminant(&input),
+                    "ignoring completion of the wrong kind");
+            }
+        }
+    }
+
+    fn api_failed(&mut self, now: Timestamp, uuid: &str, err: &ApiError) {
+        if err.is_503() {
+            self.last_503 = now;
+            self.dirty = true;
+        }
+        tracing::warn!(container = %uuid, error = %err, "container API call failed");
+    }
+
+    fn poll_finished(&mut self, now: Timestamp, issued: Timestamp, result: Result<super::command::PollResult, ApiError>) {
+        self.poll_op = None;
+        let interval = self.cfg.cloud_vms.poll_interval;
+        let took = now.since(issued);
+        match result {
+            Ok(res) => {
+                let fx = self.queue.apply_poll(
+                    now,
+                    res,
+                    &self.types,
+                    &self.cfg.containers,
+                    self.cfg.tuning.queue_entries_max,
+                );
+                for (uuid, state, message) in fx.cancel_unsatisfiable {
+                    self.issue_uuid_op(now, &uuid, |u| {
+                        (
+                            Pending::CancelUnsatisfiable(u.to_string()),
+                            CommandKind::CancelUnsatisfiable {
+                                uuid: u.to_string(),
+                                lock_first: state == ContainerState::Queued,
+                                message: message.clone(),
+                            },
+                        )
+                    });
+                }
+                self.queue_loaded = true;
+                self.dirty = true;
+                self.next_poll_at = now + interval.max(took);
+            }
+            Err(err) => {
+                self.queue.poll_failed();
+                if err.is_503() {
+                    self.last_503 = now;
+                }
+                tracing::warn!(error = %err, "error getting list of containers");
+                self.next_poll_at = if self.queue_loaded {
+                    now + interval.max(took)
+                } else {
+                    now + (interval / 10).max(Duration::from_secs(1))
+                };
+            }
+        }
+    }
+
+    /// Issues a per-container API call unless one is in flight (then retry soon). Returns
+    /// whether it was issued.
+    fn issue_uuid_op(
+        &mut self,
+        now: Timestamp,
+        uuid: &str,
+        make: impl FnOnce(&str) -> (Pending, CommandKind),
+    ) -> bool {
+        if self.uuid_ops.contains_key(uuid) {
+            let t = now + UUID_CONTENTION_RETRY;
+            self.retry_at = Some(self.retry_at.map_or(t, |r| r.min(t)));
+            return false;
+        }
+        let (pending, kind) = make(uuid);
+        let op = self.ops.issue(now, self.cfg.tuning.api_call_timeout, pending, kind);
+        self.uuid_ops.insert(uuid.to_string(), op);
+        true
+    }
+
+    // ----- admin ------------------------------------------------------------------------------
+
+    fn admin_behavior(&mut self, now: Timestamp, id: &str, b: IdleBehavior) -> Result<(), AdminError> {
+        self.advance(now);
+        let r = self.pool.set_idle_behavior(now, id, b);
+        self.after_event(now);
+        r
+    }
+
+    /// Sets idle behaviour `hold`.
+    pub fn hold_instance(&mut self, now: Timestamp, id: &str) -> Result<(), AdminError> {
+        self.admin_behavior(now, id, IdleBehavior::Hold)
+    }
+
+    /// Sets idle behaviour `drain`.
+    pub fn drain_instance(&mut self, now: Timestamp, id: &str) -> Result<(), AdminError> {
+        self.admin_behavior(now, id, IdleBehavior::Drain)
+    }
+
+    /// Sets idle behaviour `run`.
+    pub fn run_instance(&mut self, now: Timestamp, id: &str) -> Result<(), AdminError> {
+        self.admin_behavior(now, id, IdleBehavior::Run)
+    }
+
+    /// Destroys an instance now.
+    pub fn kill_instance(&mut self, now: Timestamp, id: &str, reason: &str) -> Result<(), AdminError> {
+        self.advance(now);
+        let r = self.pool.kill_instance(now, id, reason);
+        self.after_event(now);
+        r
+    }
+
+    /// Sends SIGTERM to a container's crunch-run ("via management API: <reason>").
+    pub fn kill_container(&mut self, now: Timestamp, uuid: &str, reason: &str) -> Result<(), AdminError> {
+        self.advance(now);
+        let ok = self.pool.kill_container(
+            now,
+            &mut self.ops,
+            uuid,
+            &format!("via management API: {reason}"),
+        );
+        self.after_event(now);
+        if ok { Ok(()) } else { Err(AdminError::ContainerNotFound) }
+    }
+
+    // ----- scheduling -------------------------------------------------------------------------
+
+    fn after_event(&mut self, now: Timestamp) {
+        if self.pool.take_changed() {
+            self.dirty = true;
+        }
+        if !self.queue_loaded || !self.pool.loaded() {
+            return;
+        }
+        if self.stale != StalePhase::Done {
+            self.fix_stale_locks(now);
+            if self.stale != StalePhase::Done {
+                return;
+            }
+        }
+        let due = self
+            .last_pass
+            .is_none_or(|last| now >= last + self.cfg.tuning.schedule_min_interval);
+        if self.dirty && due {
+            self.run_pass(now);
+            // The pass's own effects (starts, creates) will be seen at the next event.
+            if self.pool.take_changed() {
+                self.dirty = true;
+            }
+        }
+    }
+
+    /// `fixStaleLocks` (§3.3), with B4 fixed: the stale set is recomputed when acting.
+    fn fix_stale_locks(&mut self, now: Timestamp) {
+        if self.stale == StalePhase::NotStarted {
+            self.stale = if self.pool.any_unknown() {
+                StalePhase::Waiting {
+                    deadline: now + self.cfg.containers.stale_lock_timeout,
+                }
+            } else {
+                StalePhase::Done
+            };
+        }
+        let StalePhase::Waiting { deadline } = self.stale else {
+            return;
+        };
+        let running = self.pool.running();
+        let stale: Vec<String> = self
+            .queue
+            .entries()
+            .values()
+            .filter(|e| e.container.state == ContainerState::Locked && !running.contains_key(&e.container.uuid))
+            .map(|e| e.container.uuid.clone())
+            .collect();
+        if stale.is_empty() {
+            self.stale = StalePhase::Done;
+            return;
+        }
+        if self.pool.any_unknown() && now < deadline {
+            return;
+        }
+        for uuid in stale {
+            tracing::info!(container = %uuid, "unlocking stale lock");
+            self.issue_uuid_op(now, &uuid, |u| {
+                (Pending::Unlock(u.to_string()), CommandKind::Unlock { uuid: u.to_string() })
+            });
+        }
+        self.stale = StalePhase::Done;
+        self.dirty = true;
+    }
+
+    /// Runs one scheduling pass, `sync` and the metrics update now.
+    pub fn run_pass(&mut self, now: Timestamp) {
+        self.dirty = false;
+        self.last_pass = Some(now);
+        self.metrics.passes += 1;
+        let running = self.pool.running();
+        let instances = self.pool.instances();
+        let total = self.pool.count_workers().iter().sum();
+        let (actions, state, statuses, hit_limit, alloc, overq) = {
+            let snap = Snapshot {
+                types: &self.types,
+                queue: self.queue.entries(),
+                running: &running,
+                instances: &instances,
+                total_instances: total,
+                pool: PoolLimits {
+                    quota_error: self.pool.quota_error_active(now),
+                    max_instances: self.cfg.cloud_vms.max_instances,
+                    instance_count: self.pool.instance_count(),
+                    creating: self.pool.creating_count(),
+                    max_concurrent_creates: self.cfg.cloud_vms.max_concurrent_instance_create_ops,
+                    create_blocked: self.pool.create_blocked(now),
+                    capacity_blocked: self.pool.capacity_blocked(now),
+                },
+                state: self.sched,
+                last_503: self.last_503,
+                max_running_per_instance: self.cfg.cloud_vms.max_running_containers_per_instance,
+                supervisor_fraction: self.cfg.cloud_vms.supervisor_fraction,
+            };
+            let plan = scheduler::plan(&snap, now);
+            let statuses: Vec<(String, Status)> = plan
+                .order
+                .iter()
+                .zip(plan.statuses.iter())
+                .map(|(e, s)| (e.container.uuid.clone(), *s))
+                .collect();
+            (
+                plan.actions,
+                plan.state,
+                statuses,
+                plan.hit_create_limit,
+                plan.allocated_not_started,
+                plan.not_allocated_over_quota,
+            )
+        };
+        self.sched = state;
+        self.published = statuses;
+        self.metrics.allocated_not_started = alloc;
+        self.metrics.not_allocated_over_quota = overq;
+        self.metrics.max_concurrent_containers = state.max_containers;
+        self.metrics.last_503_time = state.last_503_acted.as_secs_f64();
+        for action in actions {
+            self.apply(now, action);
+        }
+        if hit_limit {
+            self.pool.create_limit_reached(now);
+        }
+        self.sync(now);
+        self.update_metrics(now);
+    }
+
+    fn apply(&mut self, now: Timestamp, action: Action) {
+        match action {
+            Action::Lock(uuid) => {
+                if self.queue.get(&uuid).is_some_and(|e| e.container.state == ContainerState::Queued) {
+                    self.issue_uuid_op(now, &uuid, |u| {
+                        (Pending::Lock(u.to_string()), CommandKind::Lock { uuid: u.to_string() })
+                    });
+                }
+            }
+            Action::Start { instance, uuid } => {
+                let ctr = self.queue.get(&uuid).expect("planned from the queue").container.clone();
+                if !self.pool.start_container(now, &mut self.ops, &instance, &ctr) {
+                    tracing::warn!(container = %uuid, %instance, "BUG? planned start was refused");
+                }
+            }
+            Action::Create { type_id, uuid } => {
+                if !self.pool.create(now, &mut self.rng, type_id) {
+                    tracing::warn!(container = %uuid, instance_type = %self.types.get(type_id).name,
+                        "BUG? planned create was refused");
+                }
+            }
+            Action::Kill { uuid, reason } => {
+                self.pool.kill_container(now, &mut self.ops, &uuid, reason);
+            }
+            Action::Unlock(uuid) => {
+                self.issue_uuid_op(now, &uuid, |u| {
+                    (Pending::Unlock(u.to_string()), CommandKind::Unlock { uuid: u.to_string() })
+                });
+            }
+            Action::Shutdown(id) => {
+                self.pool.shutdown(now, &id);
+            }
+        }
+    }
+
+    fn kill(&mut self, now: Timestamp, uuid: &str, reason: &str) {
+        self.pool.kill_container(now, &mut self.ops, uuid, reason);
+        self.pool.forget_container(uuid);
+    }
+
+    fn cancel(&mut self, now: Timestamp, uuid: &str, reason: &str) {
+        tracing::info!(container = %uuid, reason, "cancelling container");
+        self.issue_uuid_op(now, uuid, |u| {
+            (Pending::Cancel(u.to_string()), CommandKind::Cancel { uuid: u.to_string() })
+        });
+    }
+
+    fn requeue(&mut self, now: Timestamp, uuid: &str, reason: &str) {
+        tracing::info!(container = %uuid, reason, "requeueing container");
+        self.issue_uuid_op(now, uuid, |u| {
+            (Pending::Unlock(u.to_string()), CommandKind::Unlock { uuid: u.to_string() })
+        });
+    }
+
+    /// `sync()` (§3.1): reconcile queue states with crunch-run processes.
+    fn sync(&mut self, now: Timestamp) {
+        let any_unknown = self.pool.any_unknown();
+        let running = self.pool.running();
+        let q_updated = self.queue.updated().unwrap_or(Timestamp::ZERO);
+        let entries: Vec<(String, ContainerState, i64)> = self
+            .queue
+            .entries()
+            .values()
+            .map(|e| (e.container.uuid.clone(), e.container.state, e.container.priority))
+            .collect();
+        let mut in_queue = BTreeSet::new();
+        for (uuid, state, priority) in entries {
+            let proc = running.get(&uuid).copied();
+            let exited_before_poll = matches!(proc, Some(Some(t)) if q_updated > t);
+            match state {
+                ContainerState::Running => {
+                    if proc.is_none() {
+                        if !any_unknown {
+                            self.cancel(now, &uuid, "not running on any worker");
+                        }
+                    } else if exited_before_poll {
+                        self.cancel(now, &uuid, "state=Running after crunch-run exited");
+                    } else if priority == 0 {
+                        self.kill(now, &uuid, "priority=0");
+                    }
+                }
+                ContainerState::Complete | ContainerState::Cancelled => {
+                    if proc.is_some() {
+                        self.kill(now, &uuid, &format!("state={state}"));
+                    } else {
+                        self.queue.forget(&uuid);
+                    }
+                }
+                ContainerState::Queued => {
+                    if proc.is_some() {
+                        self.kill(now, &uuid, "pool says running, but queue says state=Queued");
+                    } else if priority == 0 {
+                        self.queue.forget(&uuid);
+                    }
+                }
+                ContainerState::Locked => {
+                    if exited_before_poll {
+                        self.requeue(now, &uuid, "crunch-run exited");
+                    } else if matches!(proc, Some(None)) && priority == 0 {
+                        self.kill(now, &uuid, "priority=0");
+                    } else if proc.is_none() && priority == 0 {
+                        self.requeue(now, &uuid, "priority=0");
+                    }
+                }
+            }
+            in_queue.insert(uuid);
+        }
+        for uuid in running.keys() {
+            if !in_queue.contains(uuid) {
+                self.kill(now, uuid, "not in queue");
+            }
+        }
+    }
+
+    /// `updateMetrics()` (§3.2).
+    fn update_metrics(&mut self, now: Timestamp) {
+        let running = self.pool.running();
+        let oldest = self
+            .queue
+            .entries()
+            .values()
+            .filter(|e| {
+                e.container.priority > 0
+                    && matches!(e.container.state, ContainerState::Queued | ContainerState::Locked)
+                    && !running.contains_key(&e.container.uuid)
+            })
+            .map(|e| e.container.created_at)
+            .min();
+        self.metrics.longest_wait_seconds = oldest.map_or(0.0, |t| now.since(t).as_secs_f64());
+    }
+}
+
+/// The failure the core records for an operation whose deadline passed.
+fn timeout_input(op: OpId, pending: &Pending, now: Timestamp) -> Input {
+    let msg = "deadline exceeded (no completion from the adapter)".to_string();
+    let api = || ApiError {
+        status: None,
+        message: msg.clone(),
+    };
+    let cloud = || CloudError {
+        kind: CloudErrorKind::Transient,
+        message: msg.clone(),
+    };
+    let _ = now;
+    match pending {
+        Pending::Poll => Input::QueuePolled { op, result: Err(api()) },
+        Pending::Lock(_) | Pending::Unlock(_) | Pending::Cancel(_) => {
+            Input::ContainerUpdated { op, result: Err(api()) }
+        }
+        Pending::CancelUnsatisfiable(_) => Input::UnsatisfiableCancelled { op, result: Err(api()) },
+        Pending::Create(_) => Input::CreateFinished { op, result: Err(cloud()) },
+        Pending::Destroy(_) => Input::DestroyFinished { op, result: Err(cloud()) },
+        Pending::List { .. } => Input::InstancesListed { op, result: Err(cloud()) },
+        Pending::SetTags(_) => Input::TagsSet { op, result: Err(cloud()) },
+        Pending::Exec(..) => Input::ExecFinished {
+            op,
+            result: Err(ExecError {
+                kind: ExecErrorKind::Timeout,
+                stdout: String::new(),
+                stderr: String::new(),
+                message: msg.clone(),
+            }),
+        },
+    }
+}
