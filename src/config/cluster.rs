@@ -635,7 +635,7 @@ fn count(
         return Ok(0);
     }
     usize::try_from(n)
-        .map_err(|_| ConfigError::invalid(&entry_path(s, key), format!("{n} is too large")))
+        .map_err(|_| ConfigError::invalid(entry_path(s, key), format!("{n} is too large")))
 }
 
 /// `Containers.*`.
@@ -672,7 +672,7 @@ fn read_cloud_vms(s: &Section<'_>, w: &mut Vec<String>) -> Result<CloudVmsConfig
     let driver = s.string("Driver", &d.driver)?;
     if !DRIVERS.contains(&driver.as_str()) {
         return Err(ConfigError::invalid(
-            &entry_path(s, "Driver"),
+            entry_path(s, "Driver"),
             format!("unknown driver {driver:?} (expected ec2, azure or loopback)"),
         ));
     }
@@ -937,7 +937,7 @@ fn read_instance_type(
     if gpu.device_count > 0 {
         if gpu.driver_version.trim().parse::<f64>().is_err() {
             return Err(ConfigError::invalid(
-                &join(&gpu_path, "DriverVersion"),
+                join(&gpu_path, "DriverVersion"),
                 format!(
                     "invalid driver version {:?}: a type with GPUs needs a DriverVersion that is a number, such as \"12.4\"",
                     gpu.driver_version

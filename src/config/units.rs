@@ -261,11 +261,9 @@ pub fn parse_byte_size(text: &str) -> Result<i64, UnitError> {
 
 /// Truncates a byte count given as a float (a YAML number like `1e9`, or a fractional size).
 pub fn bytes_from_f64(value: f64) -> Result<i64, UnitError> {
-    // 2^63 is the first float past i64::MAX.
-    if !value.is_finite()
-        || value >= 9_223_372_036_854_775_808.0
-        || value < -9_223_372_036_854_775_808.0
-    {
+    // 2^63 is the first float past i64::MAX; -2^63 is i64::MIN. NaN is in no range.
+    const LIMIT: f64 = 9_223_372_036_854_775_808.0;
+    if !(-LIMIT..LIMIT).contains(&value) {
         return Err(UnitError::Overflow);
     }
     Ok(value.trunc() as i64)
@@ -281,49 +279,12 @@ pub fn format_bytes(bytes: i64) -> String {
         exp += 1;
     }
     let unit_size = 1u64 << (10 * exp);
-    if magnitude % unit_size == 0 {
+    if magnitude.is_multiple_of(unit_size) {
         let sign = if bytes < 0 { "-" } else { "" };
         format!("{sign}{} {}", magnitude / unit_size, UNITS[exp])
     } else {
         format!("{:.1} {}", bytes as f64 / unit_size as f64, UNITS[exp])
     }
-}
-
-/// Renders nanoseconds the way Arvados prints a duration: `1m`, `1h30m`, `1.5s`, `0s`.
-pub fn format_duration(nanos: u128) -> String {
-    if nanos == 0 {
-        return "0s".into();
-    }
-    let mut out = String::new();
-    let hours = nanos / u128::from(HOUR);
-    let mins = (nanos % u128::from(HOUR)) / u128::from(MINUTE);
-    let rest = nanos % u128::from(MINUTE);
-    if hours > 0 {
-        out.push_str(&format!("{hours}h"));
-    }
-    if mins > 0 {
-        out.push_str(&format!("{mins}m"));
-    }
-    if rest > 0 {
-        let secs = rest / u128::from(SECOND);
-        let sub = rest % u128::from(SECOND);
-        if sub == 0 {
-            out.push_str(&format!("{secs}s"));
-        } else if nanos < u128::from(SECOND) {
-            // Sub-second values read best in the smallest exact unit.
-            if sub % u128::from(MILLISECOND) == 0 {
-                out.push_str(&format!("{}ms", sub / u128::from(MILLISECOND)));
-            } else if sub % u128::from(MICROSECOND) == 0 {
-                out.push_str(&format!("{}us", sub / u128::from(MICROSECOND)));
-            } else {
-                out.push_str(&format!("{sub}ns"));
-            }
-        } else {
-            let frac = format!("{sub:09}");
-            out.push_str(&format!("{secs}.{}s", frac.trim_end_matches('0')));
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -527,17 +488,5 @@ mod tests {
         assert_eq!(format_bytes(128_000_000_000), "119.2 GiB");
         assert_eq!(format_bytes(64_000_000_000), "59.6 GiB");
         assert_eq!(format_bytes(3 << 39), "1.5 TiB");
-    }
-
-    #[test]
-    fn durations_render_like_arvados() {
-        let s = 1_000_000_000u128;
-        assert_eq!(format_duration(0), "0s");
-        assert_eq!(format_duration(60 * s), "1m");
-        assert_eq!(format_duration(5400 * s), "1h30m");
-        assert_eq!(format_duration(3600 * s), "1h");
-        assert_eq!(format_duration(s * 3 / 2), "1.5s");
-        assert_eq!(format_duration(s / 10), "100ms");
-        assert_eq!(format_duration(5), "5ns");
     }
 }
