@@ -185,6 +185,12 @@ impl Pool {
 
     // ----- queries --------------------------------------------------------------------------
 
+    /// The pool's current generation stamp: a list issued now carries it as its threshold, and
+    /// workers not seen since then disappear when the list returns.
+    pub fn stamp(&self) -> u64 {
+        self.stamp
+    }
+
     /// Whether the first cloud listing has loaded.
     pub fn loaded(&self) -> bool {
         self.loaded
@@ -927,7 +933,9 @@ impl Pool {
 
     // ----- probes ---------------------------------------------------------------------------
 
-    fn start_probe(&mut self, now: Timestamp, ops: &mut Ops, id: &str) {
+    /// Starts a probe of `id` now, unless one is in progress (probes are single-flight). The
+    /// probe loop calls this at `MaxProbesPerSecond`; tests and admin tools may call it directly.
+    pub fn probe_now(&mut self, now: Timestamp, ops: &mut Ops, id: &str) {
         let Some(w) = self.workers.get(id) else {
             return;
         };
@@ -1263,7 +1271,7 @@ impl Pool {
         let pace = per_second(self.cfg.cloud_vms.max_probes_per_second, 10.0);
         while !self.probe_queue.is_empty() && now >= self.probe_next_launch {
             let id = self.probe_queue.pop_front().expect("non-empty");
-            self.start_probe(now, ops, &id);
+            self.probe_now(now, ops, &id);
             self.probe_next_launch = now + pace;
         }
         while let Some((t, uuid)) = self.kill_timers.first().cloned() {
