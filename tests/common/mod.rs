@@ -47,3 +47,4 @@ pub fn container(i: usize, state: ContainerState, priority: i64, vcpus: i64, ram
     c.runtime_constraints.ram = ram;
     c
 }
+pub mod world;

@@ -147,11 +147,12 @@ impl World {
     }
 
     fn exec_err(kind: ExecErrorKind, stderr: &str) -> Result<ExecOutput, ExecError> {
+        let message = format!("{kind:?}: {stderr}");
         Err(ExecError {
             kind,
             stdout: String::new(),
             stderr: stderr.into(),
-            message: format!("{kind:?}: {stderr}"),
+            message,
         })
     }
 

@@ -1140,7 +1140,10 @@ impl Pool {
                 tracing::warn!(instance = %id, state = %w.state, since_last_success = ?dur,
                     "{new}instance unresponsive, shutting down");
                 self.shutdown_worker(now, id);
-                if booting {
+                // As Go: only a probe whose boot step failed counts as a boot failure. A
+                // worker that booted but never passed the run probe is counted when it
+                // disappears.
+                if !p.booted {
                     tracing::info!(instance = %id, error = %p.last_error, "boot failed");
                     self.report_boot(id, BootOutcome::Failure);
                 }
