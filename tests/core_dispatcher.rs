@@ -152,7 +152,7 @@ fn queue_lock_unlock_cancel_and_guard() {
     // A lock response during a poll is not overwritten by that poll's older record.
     q.begin_poll(Timestamp(3));
     let locked = ContainerUpdate { state: Locked, priority: 1, locked_by_uuid: Some(ME.into()) };
-    assert!(q.apply_update(&uuid(1), &locked));
+    assert!(q.apply_update(&uuid(1), &locked).0);
     let mut stale = c.clone();
     stale.mounts = None;
     q.apply_poll(Timestamp(4), PollResult { containers: vec![stale.clone()], ..PollResult::default() }, &table, &cfg.containers, 100);

@@ -341,7 +341,9 @@ impl Dispatcher {
                 self.uuid_ops.remove(&uuid);
                 match result {
                     Ok(upd) => {
-                        self.queue.apply_update(&uuid, &upd);
+                        if let (_, Some(cancel)) = self.queue.apply_update(&uuid, &upd) {
+                            self.cancel_unsatisfiable(now, cancel);
+                        }
                         self.dirty = true;
                     }
                     Err(err) => self.api_failed(now, &uuid, &err),
@@ -396,17 +398,8 @@ impl Dispatcher {
                     &self.cfg.containers,
                     self.cfg.tuning.queue_entries_max,
                 );
-                for (uuid, state, message) in fx.cancel_unsatisfiable {
-                    self.issue_uuid_op(now, &uuid, |u| {
-                        (
-                            Pending::CancelUnsatisfiable(u.to_string()),
-                            CommandKind::CancelUnsatisfiable {
-                                uuid: u.to_string(),
-                                lock_first: state == ContainerState::Queued,
-                                message: message.clone(),
-                            },
-                        )
-                    });
+                for cancel in fx.cancel_unsatisfiable {
+                    self.cancel_unsatisfiable(now, cancel);
                 }
                 self.queue_loaded = true;
                 self.dirty = true;
@@ -425,6 +418,19 @@ impl Dispatcher {
                 };
             }
         }
+    }
+
+    fn cancel_unsatisfiable(&mut self, now: Timestamp, (uuid, state, message): (String, ContainerState, String)) {
+        self.issue_uuid_op(now, &uuid, |u| {
+            (
+                Pending::CancelUnsatisfiable(u.to_string()),
+                CommandKind::CancelUnsatisfiable {
+                    uuid: u.to_string(),
+                    lock_first: state == ContainerState::Queued,
+                    message,
+                },
+            )
+        });
     }
 
     /// Issues a per-container API call unless one is in flight (then retry soon). Returns

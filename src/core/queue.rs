@@ -139,6 +139,9 @@ impl Queue {
             if let Some(ent) = self.entries.get_mut(&uuid) {
                 ctr.mounts = None;
                 ent.container = ctr;
+                if let Some(msg) = self.untyped_schedulable(&uuid) {
+                    fx.cancel_unsatisfiable.push(msg);
+                }
                 continue;
             }
             if let Some(err) = mounts_errors.get(uuid.as_str()) {
@@ -187,8 +190,13 @@ impl Queue {
     }
 
     /// A lock, unlock or cancel call succeeded (`updateWithResp`). Returns whether the entry
-    /// is cached.
-    pub fn apply_update(&mut self, uuid: &str, upd: &ContainerUpdate) -> bool {
+    /// is cached, and a cancel-as-unsatisfiable request if the update made an entry with no
+    /// eligible type schedulable.
+    pub fn apply_update(
+        &mut self,
+        uuid: &str,
+        upd: &ContainerUpdate,
+    ) -> (bool, Option<(String, ContainerState, String)>) {
         if let Some(d) = self.dontupdate.as_mut() {
             d.insert(uuid.to_string());
         }
@@ -197,10 +205,24 @@ impl Queue {
                 ent.container.state = upd.state;
                 ent.container.priority = upd.priority;
                 ent.container.locked_by_uuid = upd.locked_by_uuid.clone();
-                true
+                (true, self.untyped_schedulable(uuid))
             }
-            None => false,
+            None => (false, None),
         }
+    }
+
+    /// A Running container whose type selection failed is cached with no types (§9 B1). If it
+    /// is later seen Queued or Locked (the controller requeued it), it can never be scheduled:
+    /// drop it and ask for it to be cancelled, as at first sight.
+    fn untyped_schedulable(&mut self, uuid: &str) -> Option<(String, ContainerState, String)> {
+        let ent = self.entries.get(uuid)?;
+        let state = ent.container.state;
+        if !ent.types.is_empty() || !matches!(state, ContainerState::Queued | ContainerState::Locked) {
+            return None;
+        }
+        self.entries.remove(uuid);
+        tracing::info!(container = %uuid, "cancel container with no suitable instance type");
+        Some((uuid.to_string(), state, super::select::NOT_SATISFIABLE.to_string()))
     }
 
     /// `Forget`: drops the entry only if it is final, or Queued with priority 0.

@@ -1172,6 +1172,13 @@ impl Pool {
             }
             if let Some(r) = w.starting.remove(uuid) {
                 w.running.insert(uuid.clone(), r);
+            } else if let Some(other) = self.runner_index.get(uuid) {
+                // The same container reported on a second instance (a leftover process, or a
+                // probe that raced an exit). The pool keeps one runner per container: the one
+                // it already tracks. This one is adopted once the other is gone.
+                tracing::warn!(instance = %id, container = %uuid, other = %other,
+                    "crunch-run process reported on two instances; not adopting the second");
+                continue;
             } else {
                 tracing::info!(instance = %id, container = %uuid, "crunch-run process detected");
                 w.running.insert(uuid.clone(), Runner::new(uuid, Timestamp::ZERO));
@@ -1189,12 +1196,7 @@ impl Pool {
         let state = w.state;
         let booted_now = p.booted && matches!(state, WorkerState::Unknown | WorkerState::Booting);
         for uuid in adopted {
-            if let Some(other) = self.runner_index.insert(uuid.clone(), id.to_string())
-                && other != id
-            {
-                tracing::warn!(container = %uuid, instance = %id, other = %other,
-                    "crunch-run process reported on two instances");
-            }
+            self.runner_index.insert(uuid.clone(), id.to_string());
             self.exited.remove(&uuid);
         }
         for uuid in &left {
@@ -1418,15 +1420,11 @@ impl Pool {
                 self.runner_index.len()
             ));
         }
+        // Instances listed from an earlier process can push the total past MaxInstances, but
+        // the pool itself never creates beyond it: creates start only below the limit.
         let max = self.cfg.cloud_vms.max_instances;
-        let live = self
-            .workers
-            .values()
-            .filter(|w| w.state != WorkerState::Shutdown)
-            .count()
-            + self.creating.len();
-        if max > 0 && self.creating.len() > 0 && live > max {
-            v.push(format!("{live} instances exceed MaxInstances {max}"));
+        if max > 0 && self.creating.len() > max {
+            v.push(format!("{} creates in flight exceed MaxInstances {max}", self.creating.len()));
         }
         v
     }
