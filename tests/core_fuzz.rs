@@ -1,6 +1,7 @@
 //! Property test: random sequences of inputs, completions (successes, errors, duplicates,
 //! unknown ids, wrong kinds), admin calls and timeouts never panic the core and never break
 //! `check_invariants()`.
+#![allow(clippy::field_reassign_with_default)]
 
 mod common;
 
@@ -10,8 +11,8 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use arvados_dispatch_cloud::core::command::{
-    ApiError, CapacityScope, CloudError, CloudErrorKind, Command, CommandKind, ContainerUpdate, ExecError,
-    ExecErrorKind, ExecOutput, ExecPurpose, Input, PollResult,
+    ApiError, CapacityScope, CloudError, CloudErrorKind, Command, CommandKind, ContainerUpdate,
+    ExecError, ExecErrorKind, ExecOutput, ExecPurpose, Input, PollResult,
 };
 use arvados_dispatch_cloud::core::config::Config;
 use arvados_dispatch_cloud::core::types::{Container, ContainerState, InstanceInfo};
@@ -76,8 +77,8 @@ fn container(n: u8, sel: u8) -> Container {
     };
     c.runtime_constraints.vcpus = i64::from(sel % 3);
     c.runtime_constraints.ram = i64::from(sel % 7) * GIB / 2;
-    c.scheduling_parameters.supervisor = sel % 11 == 0;
-    if sel % 13 == 0 {
+    c.scheduling_parameters.supervisor = sel.is_multiple_of(11);
+    if sel.is_multiple_of(13) {
         c.runtime_constraints.ram = 1 << 45; // unsatisfiable
     }
     if c.state != ContainerState::Queued {
@@ -106,7 +107,7 @@ impl Fuzz {
 
     fn api_err(b: u8) -> ApiError {
         ApiError {
-            status: Some(if b % 2 == 0 { 503 } else { 422 }),
+            status: Some(if b.is_multiple_of(2) { 503 } else { 422 }),
             message: "fuzz".into(),
         }
     }
@@ -116,43 +117,59 @@ impl Fuzz {
             0 => CloudErrorKind::Quota,
             1 => CloudErrorKind::Capacity(CapacityScope::InstanceType),
             2 => CloudErrorKind::Capacity(CapacityScope::QuotaGroup),
-            3 => CloudErrorKind::RateLimited { retry_at: self.now + Duration::from_secs(u64::from(b % 4)) },
+            3 => CloudErrorKind::RateLimited {
+                retry_at: self.now + Duration::from_secs(u64::from(b % 4)),
+            },
             4 => CloudErrorKind::Capacity(CapacityScope::Global),
             _ => CloudErrorKind::Transient,
         };
-        CloudError { kind, message: "fuzz".into() }
+        CloudError {
+            kind,
+            message: "fuzz".into(),
+        }
     }
 
     fn answer(&mut self, cmd: Command, a: u8, b: u8) -> Input {
         let op = cmd.op;
-        let fail = a % 4 == 0;
+        let fail = a.is_multiple_of(4);
         match cmd.kind {
             CommandKind::PollQueue { known, .. } => {
                 if fail {
-                    return Input::QueuePolled { op, result: Err(Self::api_err(b)) };
+                    return Input::QueuePolled {
+                        op,
+                        result: Err(Self::api_err(b)),
+                    };
                 }
                 let mut res = PollResult::default();
                 for i in 0..(b % 6) {
                     let mut c = container(a.wrapping_add(i), b.wrapping_mul(i + 1));
                     if !known.contains(&c.uuid) {
                         if i == 3 {
-                            res.mounts_errors.push((c.uuid.clone(), "json: cannot unmarshal fuzz".into()));
+                            res.mounts_errors
+                                .push((c.uuid.clone(), "json: cannot unmarshal fuzz".into()));
                         } else {
                             c.mounts = Some(BTreeMap::new());
                         }
                     }
                     res.containers.push(c);
                 }
-                if b % 9 == 0 {
+                if b.is_multiple_of(9) {
                     res.deleted.push(uuid(usize::from(a % 8)));
                 }
-                Input::QueuePolled { op, result: Ok(res) }
+                Input::QueuePolled {
+                    op,
+                    result: Ok(res),
+                }
             }
             CommandKind::Lock { .. } | CommandKind::Unlock { .. } | CommandKind::Cancel { .. } => {
                 let result = if fail {
                     Err(Self::api_err(b))
                 } else {
-                    Ok(ContainerUpdate { state: STATES[usize::from(b % 5)], priority: i64::from(b % 3), locked_by_uuid: None })
+                    Ok(ContainerUpdate {
+                        state: STATES[usize::from(b % 5)],
+                        priority: i64::from(b % 3),
+                        locked_by_uuid: None,
+                    })
                 };
                 Input::ContainerUpdated { op, result }
             }
@@ -160,9 +177,16 @@ impl Fuzz {
                 op,
                 result: if fail { Err(Self::api_err(b)) } else { Ok(()) },
             },
-            CommandKind::Create { instance_type, tags, .. } => {
+            CommandKind::Create {
+                instance_type,
+                tags,
+                ..
+            } => {
                 if fail {
-                    return Input::CreateFinished { op, result: Err(self.cloud_err(b)) };
+                    return Input::CreateFinished {
+                        op,
+                        result: Err(self.cloud_err(b)),
+                    };
                 }
                 self.next_vm += 1;
                 let info = InstanceInfo {
@@ -170,62 +194,110 @@ impl Fuzz {
                     address: "10.0.0.1".into(),
                     provider_type: instance_type.provider_type.clone(),
                     tags,
-                    remote_user: if b % 2 == 0 { "root".into() } else { "admin".into() },
+                    remote_user: if b.is_multiple_of(2) {
+                        "root".into()
+                    } else {
+                        "admin".into()
+                    },
                 };
                 self.instances.insert(info.id.clone(), info.clone());
-                Input::CreateFinished { op, result: Ok(info) }
+                Input::CreateFinished {
+                    op,
+                    result: Ok(info),
+                }
             }
             CommandKind::Destroy { instance } => {
                 if !fail {
                     self.instances.remove(&instance);
                 }
-                Input::DestroyFinished { op, result: if fail { Err(self.cloud_err(b)) } else { Ok(()) } }
+                Input::DestroyFinished {
+                    op,
+                    result: if fail { Err(self.cloud_err(b)) } else { Ok(()) },
+                }
             }
             CommandKind::ListInstances { .. } => {
                 if fail {
-                    return Input::InstancesListed { op, result: Err(self.cloud_err(b)) };
+                    return Input::InstancesListed {
+                        op,
+                        result: Err(self.cloud_err(b)),
+                    };
                 }
                 let mut list: Vec<InstanceInfo> = self.instances.values().cloned().collect();
-                if b % 5 == 0 {
+                if b.is_multiple_of(5) {
                     // An instance of ours created by an earlier process, with an unknown type.
                     let tags = BTreeMap::from([
                         ("ArvadosInstanceSetID".to_string(), SET_ID.to_string()),
                         ("ArvadosInstanceType".to_string(), format!("type{}", b % 10)),
-                        ("ArvadosIdleBehavior".to_string(), ["run", "hold", "drain", "bogus"][usize::from(a % 4)].to_string()),
+                        (
+                            "ArvadosIdleBehavior".to_string(),
+                            ["run", "hold", "drain", "bogus"][usize::from(a % 4)].to_string(),
+                        ),
                     ]);
-                    let info = InstanceInfo { id: format!("old-{}", a % 3), address: String::new(), provider_type: "p".into(), tags, remote_user: "root".into() };
+                    let info = InstanceInfo {
+                        id: format!("old-{}", a % 3),
+                        address: String::new(),
+                        provider_type: "p".into(),
+                        tags,
+                        remote_user: "root".into(),
+                    };
                     self.instances.insert(info.id.clone(), info.clone());
                     list.push(info);
                 }
-                if b % 7 == 0 && !list.is_empty() {
+                if b.is_multiple_of(7) && !list.is_empty() {
                     list.remove(usize::from(a) % list.len());
                 }
-                Input::InstancesListed { op, result: Ok(list) }
+                Input::InstancesListed {
+                    op,
+                    result: Ok(list),
+                }
             }
-            CommandKind::SetTags { .. } => Input::TagsSet { op, result: if fail { Err(self.cloud_err(b)) } else { Ok(()) } },
+            CommandKind::SetTags { .. } => Input::TagsSet {
+                op,
+                result: if fail { Err(self.cloud_err(b)) } else { Ok(()) },
+            },
             CommandKind::Exec { purpose, .. } => {
                 if fail {
-                    let kind = [ExecErrorKind::Exit(1), ExecErrorKind::Timeout, ExecErrorKind::Connect, ExecErrorKind::HostKey][usize::from(b % 4)].clone();
-                    return Input::ExecFinished { op, result: Err(ExecError { kind, stdout: String::new(), stderr: "x".into(), message: "fuzz".into() }) };
+                    let kind = [
+                        ExecErrorKind::Exit(1),
+                        ExecErrorKind::Timeout,
+                        ExecErrorKind::Connect,
+                        ExecErrorKind::HostKey,
+                    ][usize::from(b % 4)]
+                    .clone();
+                    return Input::ExecFinished {
+                        op,
+                        result: Err(ExecError {
+                            kind,
+                            stdout: String::new(),
+                            stderr: "x".into(),
+                            message: "fuzz".into(),
+                        }),
+                    };
                 }
                 let stdout = match purpose {
                     ExecPurpose::ListProbe => {
                         let mut s = String::new();
                         for i in 0..(b % 4) {
                             s.push_str(&uuid(usize::from(a.wrapping_add(i) % 8)));
-                            if (a ^ i) % 5 == 0 {
+                            if (a ^ i).is_multiple_of(5) {
                                 s.push_str(" stale");
                             }
                             s.push('\n');
                         }
-                        if b % 17 == 0 {
+                        if b.is_multiple_of(17) {
                             s.push_str("broken\n");
                         }
                         s
                     }
                     _ => String::new(),
                 };
-                Input::ExecFinished { op, result: Ok(ExecOutput { stdout, stderr: String::new() }) }
+                Input::ExecFinished {
+                    op,
+                    result: Ok(ExecOutput {
+                        stdout,
+                        stderr: String::new(),
+                    }),
+                }
             }
         }
     }
@@ -254,11 +326,23 @@ impl Fuzz {
                 }
             }
             Step::Bogus(o, k) => {
-                let op = if k % 2 == 0 { OpId(1_000_000 + o) } else { self.answered.get(o as usize).copied().unwrap_or(OpId(999_999)) };
+                let op = if k.is_multiple_of(2) {
+                    OpId(1_000_000 + o)
+                } else {
+                    self.answered
+                        .get(o as usize)
+                        .copied()
+                        .unwrap_or(OpId(999_999))
+                };
                 let input = match k % 3 {
                     0 => Input::TagsSet { op, result: Ok(()) },
-                    1 => Input::QueuePolled { op, result: Ok(PollResult::default()) },
-                    _ => Input::SshConnected { instance: format!("i-{o}") },
+                    1 => Input::QueuePolled {
+                        op,
+                        result: Ok(PollResult::default()),
+                    },
+                    _ => Input::SshConnected {
+                        instance: format!("i-{o}"),
+                    },
                 };
                 self.d.handle_input(self.now, input);
             }

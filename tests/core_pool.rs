@@ -1,6 +1,7 @@
 //! Worker-pool acceptance tests: the `TestProbeAndUpdate` table of reference-workers.md §2.9,
 //! and the pool tests of §7.6 and reference-scheduler.md §8 (42–44), against the core's pool
 //! with a scripted executor and cloud.
+#![allow(clippy::field_reassign_with_default)]
 
 mod common;
 
@@ -8,18 +9,20 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arvados_dispatch_cloud::core::Timestamp;
 use arvados_dispatch_cloud::core::command::{
-    CapacityScope, CloudError, CloudErrorKind, CommandKind, ExecError, ExecErrorKind, ExecOutput, ExecPurpose,
-    ExecStdin,
+    CapacityScope, CloudError, CloudErrorKind, CommandKind, ExecError, ExecErrorKind, ExecOutput,
+    ExecPurpose, ExecStdin,
 };
 use arvados_dispatch_cloud::core::config::Config;
 use arvados_dispatch_cloud::core::ops::{Ops, Pending};
-use arvados_dispatch_cloud::core::pool::Pool;
 use arvados_dispatch_cloud::core::pool::remote::RunnerSpec;
+use arvados_dispatch_cloud::core::pool::{ExecDone, Pool};
 use arvados_dispatch_cloud::core::rng::Rng;
 use arvados_dispatch_cloud::core::select::TypeTable;
-use arvados_dispatch_cloud::core::types::{Container, IdleBehavior, InstanceInfo, InstanceType, WorkerState};
-use arvados_dispatch_cloud::core::Timestamp;
+use arvados_dispatch_cloud::core::types::{
+    Container, IdleBehavior, InstanceInfo, InstanceType, WorkerState,
+};
 use common::*;
 
 const SET: &str = "zzzzz-gj3su-000000000000000";
@@ -72,7 +75,9 @@ impl Rig {
     }
 
     fn type_id(&self, name: &str) -> arvados_dispatch_cloud::core::select::TypeId {
-        TypeTable::new(&self.cfg.instance_types).id(name).expect("configured")
+        TypeTable::new(&self.cfg.instance_types)
+            .id(name)
+            .expect("configured")
     }
 
     fn info(id: &str, tags: BTreeMap<String, String>, provider: &str) -> InstanceInfo {
@@ -91,9 +96,13 @@ impl Rig {
         let mut creates = Vec::new();
         while let Some(cmd) = self.ops.pop_command() {
             match cmd.kind {
-                CommandKind::Create { tags, init_command, .. } => {
+                CommandKind::Create {
+                    tags, init_command, ..
+                } => {
                     let (pending, _) = self.ops.take(cmd.op).expect("in flight");
-                    let Pending::Create(secret) = pending else { panic!("create") };
+                    let Pending::Create(secret) = pending else {
+                        panic!("create")
+                    };
                     creates.push((secret, tags, init_command));
                 }
                 CommandKind::Destroy { instance } => {
@@ -119,7 +128,8 @@ impl Rig {
         assert!(self.pool.create(now, &mut self.rng, t));
         let (secret, tags, _) = self.flush(now).pop().expect("create issued");
         let provider = self.cfg.instance_types[type_name].provider_type.clone();
-        self.pool.create_finished(now, &secret, Ok(Rig::info(id, tags, &provider)));
+        self.pool
+            .create_finished(now, &secret, Ok(Rig::info(id, tags, &provider)));
         id.to_string()
     }
 
@@ -130,8 +140,14 @@ impl Rig {
         tags.insert("ArvadosInstanceType".to_string(), type_name.to_string());
         tags.insert("ArvadosIdleBehavior".to_string(), "run".to_string());
         tags.insert("ArvadosInstanceSecret".to_string(), "abc".to_string());
-        let provider = self.cfg.instance_types.get(type_name).map(|t| t.provider_type.clone()).unwrap_or_default();
-        self.pool.listed(now, 0, Ok(vec![Rig::info(id, tags, &provider)]));
+        let provider = self
+            .cfg
+            .instance_types
+            .get(type_name)
+            .map(|t| t.provider_type.clone())
+            .unwrap_or_default();
+        self.pool
+            .listed(now, 0, Ok(vec![Rig::info(id, tags, &provider)]));
         id.to_string()
     }
 
@@ -140,25 +156,66 @@ impl Rig {
         self.pool.probe_now(now, &mut self.ops, id);
         let uuids: Vec<String> = (0..s.list.unwrap_or(0)).map(uuid).collect();
         while let Some(cmd) = self.ops.pop_command() {
-            let CommandKind::Exec { instance, purpose, command, stdin } = cmd.kind else {
+            let CommandKind::Exec {
+                instance,
+                purpose,
+                command,
+                stdin,
+            } = cmd.kind
+            else {
                 self.ops.take(cmd.op);
                 continue;
             };
-            self.seen.push((purpose.clone(), command.clone(), stdin.clone()));
-            let fail = |code| Err(ExecError { kind: ExecErrorKind::Exit(code), stdout: String::new(), stderr: "err".into(), message: "exit".into() });
+            self.seen
+                .push((purpose.clone(), command.clone(), stdin.clone()));
+            let fail = |code| {
+                Err(ExecError {
+                    kind: ExecErrorKind::Exit(code),
+                    stdout: String::new(),
+                    stderr: "err".into(),
+                    message: "exit".into(),
+                })
+            };
             let result = match &purpose {
-                ExecPurpose::BootProbe => if s.boot == Ans::Ok { Ok(ExecOutput::default()) } else { fail(1) },
+                ExecPurpose::BootProbe => {
+                    if s.boot == Ans::Ok {
+                        Ok(ExecOutput::default())
+                    } else {
+                        fail(1)
+                    }
+                }
                 ExecPurpose::RunnerMd5 => fail(1),
-                ExecPurpose::RunnerInstall => if s.install == Ans::Ok { Ok(ExecOutput::default()) } else { fail(1) },
+                ExecPurpose::RunnerInstall => {
+                    if s.install == Ans::Ok {
+                        Ok(ExecOutput::default())
+                    } else {
+                        fail(1)
+                    }
+                }
                 ExecPurpose::ListProbe => match s.list {
                     None => fail(1),
-                    Some(_) => Ok(ExecOutput { stdout: uuids.iter().map(|u| format!("{u}\n")).collect(), stderr: String::new() }),
+                    Some(_) => Ok(ExecOutput {
+                        stdout: uuids.iter().map(|u| format!("{u}\n")).collect(),
+                        stderr: String::new(),
+                    }),
                 },
                 _ => Ok(ExecOutput::default()),
             };
             let (pending, issued) = self.ops.take(cmd.op).expect("in flight");
-            let Pending::Exec(_, p) = pending else { panic!("exec") };
-            self.pool.exec_finished(now, &mut self.ops, cmd.op, issued, &instance, p, result);
+            let Pending::Exec(_, p) = pending else {
+                panic!("exec")
+            };
+            self.pool.exec_finished(
+                now,
+                &mut self.ops,
+                ExecDone {
+                    op: cmd.op,
+                    issued,
+                    instance,
+                    purpose: p,
+                    result,
+                },
+            );
         }
     }
 
@@ -169,7 +226,11 @@ impl Rig {
 }
 
 fn ok_list(n: usize) -> Script {
-    Script { boot: Ans::Ok, list: Some(n), install: Ans::Ok }
+    Script {
+        boot: Ans::Ok,
+        list: Some(n),
+        install: Ans::Ok,
+    }
 }
 
 /// Each row: start state, age, boot, run, deploy, other, expected.
@@ -188,39 +249,356 @@ fn probe_and_update_table() {
         want: WorkerState,
         want_running: Option<usize>,
     }
-    let fail_fail = Script { boot: Ans::Fail, list: None, install: Ans::Ok };
+    let fail_fail = Script {
+        boot: Ans::Fail,
+        list: None,
+        install: Ans::Ok,
+    };
     let rows = vec![
-        Row { name: "unknown/0/fail/fail", start: WorkerState::Unknown, age: Duration::ZERO, script: fail_fail.clone(), deploy: false, prior_running: 0, prior_starting: false, want: WorkerState::Unknown, want_running: Some(0) },
-        Row { name: "unknown/0/fail/1", start: WorkerState::Unknown, age: Duration::ZERO, script: Script { boot: Ans::Fail, list: Some(1), install: Ans::Ok }, deploy: false, prior_running: 0, prior_starting: false, want: WorkerState::Unknown, want_running: Some(1) },
-        Row { name: "unknown/0/fail/empty/1 previously", start: WorkerState::Unknown, age: Duration::ZERO, script: Script { boot: Ans::Fail, list: Some(0), install: Ans::Ok }, deploy: false, prior_running: 1, prior_starting: false, want: WorkerState::Unknown, want_running: Some(0) },
-        Row { name: "unknown/>boot/fail/fail", start: WorkerState::Unknown, age: boot + Duration::from_secs(1), script: fail_fail.clone(), deploy: false, prior_running: 0, prior_starting: false, want: WorkerState::Shutdown, want_running: None },
-        Row { name: "unknown/2boot/ok/fail", start: WorkerState::Unknown, age: 2 * boot, script: Script { boot: Ans::Ok, list: None, install: Ans::Ok }, deploy: false, prior_running: 0, prior_starting: false, want: WorkerState::Shutdown, want_running: None },
-        Row { name: "unknown/2boot/fail/empty", start: WorkerState::Unknown, age: 2 * boot, script: Script { boot: Ans::Fail, list: Some(0), install: Ans::Ok }, deploy: false, prior_running: 0, prior_starting: false, want: WorkerState::Shutdown, want_running: None },
-        Row { name: "unknown/2boot/fail/1", start: WorkerState::Unknown, age: 2 * boot, script: Script { boot: Ans::Fail, list: Some(1), install: Ans::Ok }, deploy: false, prior_running: 0, prior_starting: false, want: WorkerState::Unknown, want_running: Some(1) },
-        Row { name: "unknown/0/fail/deployed 1", start: WorkerState::Unknown, age: Duration::ZERO, script: Script { boot: Ans::Fail, list: Some(1), install: Ans::Ok }, deploy: true, prior_running: 0, prior_starting: false, want: WorkerState::Unknown, want_running: Some(1) },
-        Row { name: "unknown/2boot/fail/deployed 1", start: WorkerState::Unknown, age: 2 * boot, script: Script { boot: Ans::Fail, list: Some(1), install: Ans::Ok }, deploy: true, prior_running: 0, prior_starting: false, want: WorkerState::Unknown, want_running: Some(1) },
-        Row { name: "unknown/2boot/fail/deployed empty", start: WorkerState::Unknown, age: 2 * boot, script: Script { boot: Ans::Fail, list: Some(0), install: Ans::Ok }, deploy: true, prior_running: 0, prior_starting: false, want: WorkerState::Shutdown, want_running: None },
-        Row { name: "booting/0/fail/fail", start: WorkerState::Booting, age: Duration::ZERO, script: fail_fail.clone(), deploy: false, prior_running: 0, prior_starting: false, want: WorkerState::Booting, want_running: Some(0) },
-        Row { name: "booting/0/fail/ok(not called)", start: WorkerState::Booting, age: Duration::ZERO, script: Script { boot: Ans::Fail, list: Some(0), install: Ans::Ok }, deploy: false, prior_running: 0, prior_starting: false, want: WorkerState::Booting, want_running: Some(0) },
-        Row { name: "booting/0/ok/fail", start: WorkerState::Booting, age: Duration::ZERO, script: Script { boot: Ans::Ok, list: None, install: Ans::Ok }, deploy: false, prior_running: 0, prior_starting: false, want: WorkerState::Booting, want_running: Some(0) },
-        Row { name: "booting/0/ok/ok", start: WorkerState::Booting, age: Duration::ZERO, script: ok_list(0), deploy: false, prior_running: 0, prior_starting: false, want: WorkerState::Idle, want_running: Some(0) },
-        Row { name: "booting/0/ok/1", start: WorkerState::Booting, age: Duration::ZERO, script: ok_list(1), deploy: false, prior_running: 0, prior_starting: false, want: WorkerState::Running, want_running: Some(1) },
-        Row { name: "booting/2boot/ok/fail", start: WorkerState::Booting, age: 2 * boot, script: Script { boot: Ans::Ok, list: None, install: Ans::Ok }, deploy: false, prior_running: 0, prior_starting: false, want: WorkerState::Shutdown, want_running: None },
-        Row { name: "idle/2probe/1", start: WorkerState::Idle, age: 2 * probe, script: ok_list(1), deploy: false, prior_running: 0, prior_starting: false, want: WorkerState::Running, want_running: Some(1) },
+        Row {
+            name: "unknown/0/fail/fail",
+            start: WorkerState::Unknown,
+            age: Duration::ZERO,
+            script: fail_fail.clone(),
+            deploy: false,
+            prior_running: 0,
+            prior_starting: false,
+            want: WorkerState::Unknown,
+            want_running: Some(0),
+        },
+        Row {
+            name: "unknown/0/fail/1",
+            start: WorkerState::Unknown,
+            age: Duration::ZERO,
+            script: Script {
+                boot: Ans::Fail,
+                list: Some(1),
+                install: Ans::Ok,
+            },
+            deploy: false,
+            prior_running: 0,
+            prior_starting: false,
+            want: WorkerState::Unknown,
+            want_running: Some(1),
+        },
+        Row {
+            name: "unknown/0/fail/empty/1 previously",
+            start: WorkerState::Unknown,
+            age: Duration::ZERO,
+            script: Script {
+                boot: Ans::Fail,
+                list: Some(0),
+                install: Ans::Ok,
+            },
+            deploy: false,
+            prior_running: 1,
+            prior_starting: false,
+            want: WorkerState::Unknown,
+            want_running: Some(0),
+        },
+        Row {
+            name: "unknown/>boot/fail/fail",
+            start: WorkerState::Unknown,
+            age: boot + Duration::from_secs(1),
+            script: fail_fail.clone(),
+            deploy: false,
+            prior_running: 0,
+            prior_starting: false,
+            want: WorkerState::Shutdown,
+            want_running: None,
+        },
+        Row {
+            name: "unknown/2boot/ok/fail",
+            start: WorkerState::Unknown,
+            age: 2 * boot,
+            script: Script {
+                boot: Ans::Ok,
+                list: None,
+                install: Ans::Ok,
+            },
+            deploy: false,
+            prior_running: 0,
+            prior_starting: false,
+            want: WorkerState::Shutdown,
+            want_running: None,
+        },
+        Row {
+            name: "unknown/2boot/fail/empty",
+            start: WorkerState::Unknown,
+            age: 2 * boot,
+            script: Script {
+                boot: Ans::Fail,
+                list: Some(0),
+                install: Ans::Ok,
+            },
+            deploy: false,
+            prior_running: 0,
+            prior_starting: false,
+            want: WorkerState::Shutdown,
+            want_running: None,
+        },
+        Row {
+            name: "unknown/2boot/fail/1",
+            start: WorkerState::Unknown,
+            age: 2 * boot,
+            script: Script {
+                boot: Ans::Fail,
+                list: Some(1),
+                install: Ans::Ok,
+            },
+            deploy: false,
+            prior_running: 0,
+            prior_starting: false,
+            want: WorkerState::Unknown,
+            want_running: Some(1),
+        },
+        Row {
+            name: "unknown/0/fail/deployed 1",
+            start: WorkerState::Unknown,
+            age: Duration::ZERO,
+            script: Script {
+                boot: Ans::Fail,
+                list: Some(1),
+                install: Ans::Ok,
+            },
+            deploy: true,
+            prior_running: 0,
+            prior_starting: false,
+            want: WorkerState::Unknown,
+            want_running: Some(1),
+        },
+        Row {
+            name: "unknown/2boot/fail/deployed 1",
+            start: WorkerState::Unknown,
+            age: 2 * boot,
+            script: Script {
+                boot: Ans::Fail,
+                list: Some(1),
+                install: Ans::Ok,
+            },
+            deploy: true,
+            prior_running: 0,
+            prior_starting: false,
+            want: WorkerState::Unknown,
+            want_running: Some(1),
+        },
+        Row {
+            name: "unknown/2boot/fail/deployed empty",
+            start: WorkerState::Unknown,
+            age: 2 * boot,
+            script: Script {
+                boot: Ans::Fail,
+                list: Some(0),
+                install: Ans::Ok,
+            },
+            deploy: true,
+            prior_running: 0,
+            prior_starting: false,
+            want: WorkerState::Shutdown,
+            want_running: None,
+        },
+        Row {
+            name: "booting/0/fail/fail",
+            start: WorkerState::Booting,
+            age: Duration::ZERO,
+            script: fail_fail.clone(),
+            deploy: false,
+            prior_running: 0,
+            prior_starting: false,
+            want: WorkerState::Booting,
+            want_running: Some(0),
+        },
+        Row {
+            name: "booting/0/fail/ok(not called)",
+            start: WorkerState::Booting,
+            age: Duration::ZERO,
+            script: Script {
+                boot: Ans::Fail,
+                list: Some(0),
+                install: Ans::Ok,
+            },
+            deploy: false,
+            prior_running: 0,
+            prior_starting: false,
+            want: WorkerState::Booting,
+            want_running: Some(0),
+        },
+        Row {
+            name: "booting/0/ok/fail",
+            start: WorkerState::Booting,
+            age: Duration::ZERO,
+            script: Script {
+                boot: Ans::Ok,
+                list: None,
+                install: Ans::Ok,
+            },
+            deploy: false,
+            prior_running: 0,
+            prior_starting: false,
+            want: WorkerState::Booting,
+            want_running: Some(0),
+        },
+        Row {
+            name: "booting/0/ok/ok",
+            start: WorkerState::Booting,
+            age: Duration::ZERO,
+            script: ok_list(0),
+            deploy: false,
+            prior_running: 0,
+            prior_starting: false,
+            want: WorkerState::Idle,
+            want_running: Some(0),
+        },
+        Row {
+            name: "booting/0/ok/1",
+            start: WorkerState::Booting,
+            age: Duration::ZERO,
+            script: ok_list(1),
+            deploy: false,
+            prior_running: 0,
+            prior_starting: false,
+            want: WorkerState::Running,
+            want_running: Some(1),
+        },
+        Row {
+            name: "booting/2boot/ok/fail",
+            start: WorkerState::Booting,
+            age: 2 * boot,
+            script: Script {
+                boot: Ans::Ok,
+                list: None,
+                install: Ans::Ok,
+            },
+            deploy: false,
+            prior_running: 0,
+            prior_starting: false,
+            want: WorkerState::Shutdown,
+            want_running: None,
+        },
+        Row {
+            name: "idle/2probe/1",
+            start: WorkerState::Idle,
+            age: 2 * probe,
+            script: ok_list(1),
+            deploy: false,
+            prior_running: 0,
+            prior_starting: false,
+            want: WorkerState::Running,
+            want_running: Some(1),
+        },
         // Go sets up this row as "idle with 1 running", a state our invariants forbid (an idle
         // worker has no runners); the same situation is a running worker with one container.
-        Row { name: "idle/2probe/fail/1 running", start: WorkerState::Running, age: 2 * probe, script: Script { boot: Ans::Ok, list: None, install: Ans::Ok }, deploy: false, prior_running: 1, prior_starting: false, want: WorkerState::Shutdown, want_running: Some(1) },
-        Row { name: "idle/2probe/fail", start: WorkerState::Idle, age: 2 * probe, script: Script { boot: Ans::Ok, list: None, install: Ans::Ok }, deploy: false, prior_running: 0, prior_starting: false, want: WorkerState::Shutdown, want_running: None },
-        Row { name: "running/0/1/1 running", start: WorkerState::Running, age: Duration::ZERO, script: ok_list(1), deploy: false, prior_running: 1, prior_starting: false, want: WorkerState::Running, want_running: Some(1) },
-        Row { name: "running/0/empty/1 running", start: WorkerState::Running, age: Duration::ZERO, script: ok_list(0), deploy: false, prior_running: 1, prior_starting: false, want: WorkerState::Idle, want_running: Some(0) },
-        Row { name: "running/2probe/empty/1 starting", start: WorkerState::Running, age: 2 * probe, script: ok_list(0), deploy: false, prior_running: 0, prior_starting: true, want: WorkerState::Running, want_running: Some(0) },
-        Row { name: "booting/0/ok/deployed 1", start: WorkerState::Booting, age: Duration::ZERO, script: ok_list(1), deploy: true, prior_running: 0, prior_starting: false, want: WorkerState::Running, want_running: Some(1) },
-        Row { name: "booting/0/ok/deploy fails", start: WorkerState::Booting, age: Duration::ZERO, script: Script { boot: Ans::Ok, list: Some(0), install: Ans::Fail }, deploy: true, prior_running: 0, prior_starting: false, want: WorkerState::Booting, want_running: Some(0) },
-        Row { name: "booting/0/ok/ok/no binary", start: WorkerState::Booting, age: Duration::ZERO, script: Script { boot: Ans::Ok, list: Some(0), install: Ans::Fail }, deploy: false, prior_running: 0, prior_starting: false, want: WorkerState::Idle, want_running: Some(0) },
+        Row {
+            name: "idle/2probe/fail/1 running",
+            start: WorkerState::Running,
+            age: 2 * probe,
+            script: Script {
+                boot: Ans::Ok,
+                list: None,
+                install: Ans::Ok,
+            },
+            deploy: false,
+            prior_running: 1,
+            prior_starting: false,
+            want: WorkerState::Shutdown,
+            want_running: Some(1),
+        },
+        Row {
+            name: "idle/2probe/fail",
+            start: WorkerState::Idle,
+            age: 2 * probe,
+            script: Script {
+                boot: Ans::Ok,
+                list: None,
+                install: Ans::Ok,
+            },
+            deploy: false,
+            prior_running: 0,
+            prior_starting: false,
+            want: WorkerState::Shutdown,
+            want_running: None,
+        },
+        Row {
+            name: "running/0/1/1 running",
+            start: WorkerState::Running,
+            age: Duration::ZERO,
+            script: ok_list(1),
+            deploy: false,
+            prior_running: 1,
+            prior_starting: false,
+            want: WorkerState::Running,
+            want_running: Some(1),
+        },
+        Row {
+            name: "running/0/empty/1 running",
+            start: WorkerState::Running,
+            age: Duration::ZERO,
+            script: ok_list(0),
+            deploy: false,
+            prior_running: 1,
+            prior_starting: false,
+            want: WorkerState::Idle,
+            want_running: Some(0),
+        },
+        Row {
+            name: "running/2probe/empty/1 starting",
+            start: WorkerState::Running,
+            age: 2 * probe,
+            script: ok_list(0),
+            deploy: false,
+            prior_running: 0,
+            prior_starting: true,
+            want: WorkerState::Running,
+            want_running: Some(0),
+        },
+        Row {
+            name: "booting/0/ok/deployed 1",
+            start: WorkerState::Booting,
+            age: Duration::ZERO,
+            script: ok_list(1),
+            deploy: true,
+            prior_running: 0,
+            prior_starting: false,
+            want: WorkerState::Running,
+            want_running: Some(1),
+        },
+        Row {
+            name: "booting/0/ok/deploy fails",
+            start: WorkerState::Booting,
+            age: Duration::ZERO,
+            script: Script {
+                boot: Ans::Ok,
+                list: Some(0),
+                install: Ans::Fail,
+            },
+            deploy: true,
+            prior_running: 0,
+            prior_starting: false,
+            want: WorkerState::Booting,
+            want_running: Some(0),
+        },
+        Row {
+            name: "booting/0/ok/ok/no binary",
+            start: WorkerState::Booting,
+            age: Duration::ZERO,
+            script: Script {
+                boot: Ans::Ok,
+                list: Some(0),
+                install: Ans::Fail,
+            },
+            deploy: false,
+            prior_running: 0,
+            prior_starting: false,
+            want: WorkerState::Idle,
+            want_running: Some(0),
+        },
     ];
     for row in rows {
         let runner = if row.deploy {
-            RunnerSpec::deployed("/tmp/arvados-crunch-run", "0123456789abcdef0123456789abcdef")
+            RunnerSpec::deployed(
+                "/tmp/arvados-crunch-run",
+                "0123456789abcdef0123456789abcdef",
+            )
         } else {
             RunnerSpec::installed("crunch-run")
         };
@@ -235,19 +613,39 @@ fn probe_and_update_table() {
                 rig.probe(T0, &id, &ok_list(row.prior_running));
             }
             WorkerState::Unknown if row.prior_running > 0 => {
-                rig.probe(T0, &id, &Script { boot: Ans::Fail, list: Some(row.prior_running), install: Ans::Ok });
+                rig.probe(
+                    T0,
+                    &id,
+                    &Script {
+                        boot: Ans::Fail,
+                        list: Some(row.prior_running),
+                        install: Ans::Ok,
+                    },
+                );
             }
             _ => {}
         }
         if row.prior_starting {
-            let c = Container { uuid: uuid(9), ..Container::default() };
-            assert!(rig.pool.start_container(T0, &mut rig.ops, &id, &c), "{}", row.name);
+            let c = Container {
+                uuid: uuid(9),
+                ..Container::default()
+            };
+            assert!(
+                rig.pool.start_container(T0, &mut rig.ops, &id, &c),
+                "{}",
+                row.name
+            );
             while let Some(cmd) = rig.ops.pop_command() {
                 // The --detach call never returns during this test.
                 let _ = cmd;
             }
         }
-        assert_eq!(rig.pool.workers()[&id].state, row.start, "{}: setup", row.name);
+        assert_eq!(
+            rig.pool.workers()[&id].state,
+            row.start,
+            "{}: setup",
+            row.name
+        );
         rig.seen.clear();
         rig.probe(T0 + row.age, &id, &row.script);
         let (state, running) = rig.worker(&id);
@@ -256,21 +654,43 @@ fn probe_and_update_table() {
             assert_eq!(running, n, "{}: running count", row.name);
         }
         if row.name == "booting/0/fail/ok(not called)" {
-            assert!(!rig.seen.iter().any(|(p, ..)| *p == ExecPurpose::ListProbe), "run probe must not be called");
+            assert!(
+                !rig.seen.iter().any(|(p, ..)| *p == ExecPurpose::ListProbe),
+                "run probe must not be called"
+            );
         }
         if row.deploy && row.name.starts_with("unknown/0") {
-            let install = rig.seen.iter().find(|(p, ..)| *p == ExecPurpose::RunnerInstall).expect("copied");
+            let install = rig
+                .seen
+                .iter()
+                .find(|(p, ..)| *p == ExecPurpose::RunnerInstall)
+                .expect("copied");
             assert_eq!(install.2, ExecStdin::RunnerBinary, "stdin is the binary");
-            let list = rig.seen.iter().find(|(p, ..)| *p == ExecPurpose::ListProbe).expect("listed");
-            assert_eq!(list.1, "/tmp/arvados-crunch-run/crunch-run~0123456789abcdef0123456789abcdef --list");
+            let list = rig
+                .seen
+                .iter()
+                .find(|(p, ..)| *p == ExecPurpose::ListProbe)
+                .expect("listed");
+            assert_eq!(
+                list.1,
+                "/tmp/arvados-crunch-run/crunch-run~0123456789abcdef0123456789abcdef --list"
+            );
         }
-        assert!(rig.pool.check_invariants(&rig.ops).is_empty(), "{}", row.name);
+        assert!(
+            rig.pool.check_invariants(&rig.ops).is_empty(),
+            "{}",
+            row.name
+        );
     }
 }
 
 #[test]
 fn drain() {
-    for (b, ok) in [(IdleBehavior::Run, true), (IdleBehavior::Hold, false), (IdleBehavior::Drain, false)] {
+    for (b, ok) in [
+        (IdleBehavior::Run, true),
+        (IdleBehavior::Hold, false),
+        (IdleBehavior::Drain, false),
+    ] {
         let mut cfg = base_config();
         cfg.cloud_vms.timeout_idle = Duration::from_secs(3600);
         let mut rig = Rig::new(cfg, RunnerSpec::installed("crunch-run"));
@@ -284,8 +704,15 @@ fn drain() {
             rig.pool.set_idle_behavior(T0, &id, b).expect("exists");
             assert_eq!(rig.worker(&id).0, WorkerState::Shutdown);
         }
-        let c = Container { uuid: uuid(1), ..Container::default() };
-        assert_eq!(rig.pool.start_container(T0, &mut rig.ops, &id, &c), ok, "{b:?}");
+        let c = Container {
+            uuid: uuid(1),
+            ..Container::default()
+        };
+        assert_eq!(
+            rig.pool.start_container(T0, &mut rig.ops, &id, &c),
+            ok,
+            "{b:?}"
+        );
     }
 }
 
@@ -303,13 +730,22 @@ fn create_unalloc_shutdown() {
     // Pending creates show up at once, before the cloud answers.
     let views = rig.pool.instances();
     assert_eq!(views.len(), 4);
-    assert!(views.iter().all(|v| v.instance.is_empty() && v.worker_state == WorkerState::Booting));
+    assert!(
+        views
+            .iter()
+            .all(|v| v.instance.is_empty() && v.worker_state == WorkerState::Booting)
+    );
     let creates = rig.flush(T0);
     assert_eq!(creates.len(), 4);
     let init = &creates[0].2;
     let (head, tail) = init.split_once('\n').expect("two lines");
-    assert!(head.starts_with("umask 0177 && echo -n \"") && head.ends_with("\" >/var/run/arvados-instance-secret"), "{init}");
-    let secret = &head["umask 0177 && echo -n \"".len()..head.len() - "\" >/var/run/arvados-instance-secret".len()];
+    assert!(
+        head.starts_with("umask 0177 && echo -n \"")
+            && head.ends_with("\" >/var/run/arvados-instance-secret"),
+        "{init}"
+    );
+    let secret = &head["umask 0177 && echo -n \"".len()
+        ..head.len() - "\" >/var/run/arvados-instance-secret".len()];
     assert!(secret.len() == 40 && secret.bytes().all(|b| b.is_ascii_hexdigit()));
     assert_eq!(tail, "echo 'instance init command goes here'");
     let mut ids = BTreeMap::new();
@@ -317,13 +753,24 @@ fn create_unalloc_shutdown() {
         let t = tags["ArvadosInstanceType"].clone();
         let id = format!("i-{i}");
         let provider = format!("provider{t}");
-        rig.pool.create_finished(T0, &secret, Ok(Rig::info(&id, tags, &provider)));
+        rig.pool
+            .create_finished(T0, &secret, Ok(Rig::info(&id, tags, &provider)));
         ids.entry(t).or_insert_with(Vec::new).push(id);
     }
     let t3 = ids["type3"][0].clone();
-    rig.pool.set_idle_behavior(T0, &t3, IdleBehavior::Hold).expect("exists");
+    rig.pool
+        .set_idle_behavior(T0, &t3, IdleBehavior::Hold)
+        .expect("exists");
     assert!(!rig.pool.shutdown(T0, &t3), "hold refuses Shutdown");
-    assert_eq!(rig.pool.instances().iter().find(|v| v.instance == t3).expect("t3").idle_behavior, IdleBehavior::Hold);
+    assert_eq!(
+        rig.pool
+            .instances()
+            .iter()
+            .find(|v| v.instance == t3)
+            .expect("t3")
+            .idle_behavior,
+        IdleBehavior::Hold
+    );
     let all: Vec<String> = ids.values().flatten().cloned().collect();
     let listing = |rig: &Rig, gone: &[String]| -> Vec<InstanceInfo> {
         all.iter()
@@ -342,7 +789,11 @@ fn create_unalloc_shutdown() {
     let l = listing(&rig, &gone);
     let th = rig.pool.stamp();
     rig.pool.listed(T0, th, Ok(l));
-    assert_eq!(rig.pool.workers().len(), 2, "the type2 VMs disappeared after a sync");
+    assert_eq!(
+        rig.pool.workers().len(),
+        2,
+        "the type2 VMs disappeared after a sync"
+    );
     let t1 = ids["type1"][0].clone();
     assert!(rig.pool.shutdown(T0, &t1));
     gone.push(t1);
@@ -350,8 +801,12 @@ fn create_unalloc_shutdown() {
     let th = rig.pool.stamp();
     rig.pool.listed(T0, th, Ok(l));
     assert_eq!(rig.pool.workers().len(), 1);
-    rig.pool.set_idle_behavior(T0, &t3, IdleBehavior::Run).expect("exists");
-    rig.pool.set_idle_behavior(T0, &t3, IdleBehavior::Drain).expect("exists");
+    rig.pool
+        .set_idle_behavior(T0, &t3, IdleBehavior::Run)
+        .expect("exists");
+    rig.pool
+        .set_idle_behavior(T0, &t3, IdleBehavior::Drain)
+        .expect("exists");
     assert_eq!(rig.worker(&t3).0, WorkerState::Shutdown);
     let th = rig.pool.stamp();
     rig.pool.listed(T0, th, Ok(vec![]));
@@ -365,7 +820,10 @@ fn node_create_throttle() {
     let mut rig = Rig::new(cfg, RunnerSpec::installed("crunch-run"));
     let t1 = rig.type_id("type1");
     assert!(rig.pool.create(T0, &mut rig.rng, t1));
-    assert!(!rig.pool.create(T0, &mut rig.rng, t1), "limit 1: second create refused");
+    assert!(
+        !rig.pool.create(T0, &mut rig.rng, t1),
+        "limit 1: second create refused"
+    );
     // The refusal holds creates for 5 s even after raising the limit.
     let mut cfg2 = base_config();
     cfg2.cloud_vms.max_concurrent_instance_create_ops = 2;
@@ -378,7 +836,11 @@ fn node_create_throttle() {
     for _ in 0..5 {
         assert!(rig0.pool.create(T0, &mut rig0.rng, t1), "0 = unlimited");
     }
-    assert!(!rig.pool.create(T0 + Duration::from_secs(4), &mut rig.rng, t1), "holdoff still active");
+    assert!(
+        !rig.pool
+            .create(T0 + Duration::from_secs(4), &mut rig.rng, t1),
+        "holdoff still active"
+    );
 }
 
 #[test]
@@ -386,7 +848,15 @@ fn instance_quota_group() {
     // The stub driver's quota group: first letter of ProviderType, plus "-p" if preemptible.
     let mut cfg = base_config();
     let mut ts = BTreeMap::new();
-    for (name, provider, pre) in [("a1", "a1", false), ("a2", "a2", false), ("a1p", "a1", true), ("b3", "b3", false), ("b3p", "b3", true), ("b4", "b4", false), ("b4p", "b4", true)] {
+    for (name, provider, pre) in [
+        ("a1", "a1", false),
+        ("a2", "a2", false),
+        ("a1p", "a1", true),
+        ("b3", "b3", false),
+        ("b3p", "b3", true),
+        ("b4", "b4", false),
+        ("b4p", "b4", true),
+    ] {
         let t = InstanceType {
             name: name.into(),
             provider_type: provider.into(),
@@ -405,11 +875,21 @@ fn instance_quota_group() {
         let tid = rig.type_id(name);
         assert!(rig.pool.create(T0, &mut rig.rng, tid));
         let (secret, ..) = rig.flush(T0).pop().expect("create");
-        rig.pool.create_finished(T0, &secret, Err(CloudError { kind: CloudErrorKind::Capacity(scope), message: "no capacity".into() }));
+        rig.pool.create_finished(
+            T0,
+            &secret,
+            Err(CloudError {
+                kind: CloudErrorKind::Capacity(scope),
+                message: "no capacity".into(),
+            }),
+        );
     };
     fail(&mut rig, "a1", CapacityScope::QuotaGroup);
     let at_cap = |rig: &Rig, name: &str| rig.pool.at_capacity(&rig.cfg.instance_types[name], T0);
-    assert!(at_cap(&rig, "a1") && at_cap(&rig, "a2"), "group a is at capacity");
+    assert!(
+        at_cap(&rig, "a1") && at_cap(&rig, "a2"),
+        "group a is at capacity"
+    );
     assert!(!at_cap(&rig, "a1p"), "group a-p is not");
     fail(&mut rig, "b4p", CapacityScope::InstanceType);
     assert!(at_cap(&rig, "b4p"));
@@ -419,7 +899,10 @@ fn instance_quota_group() {
         assert!(rig.pool.create(T0, &mut rig.rng, tid), "{t} can be created");
     }
     // The errors expire after a minute.
-    assert!(!rig.pool.at_capacity(&rig.cfg.instance_types["a2"], T0 + Duration::from_secs(61)));
+    assert!(
+        !rig.pool
+            .at_capacity(&rig.cfg.instance_types["a2"], T0 + Duration::from_secs(61))
+    );
 }
 
 #[test]
@@ -429,7 +912,14 @@ fn quota_error_memory() {
     // With no instances: at quota for one minute.
     assert!(rig.pool.create(T0, &mut rig.rng, t1));
     let (secret, ..) = rig.flush(T0).pop().expect("create");
-    rig.pool.create_finished(T0, &secret, Err(CloudError { kind: CloudErrorKind::Quota, message: "quota".into() }));
+    rig.pool.create_finished(
+        T0,
+        &secret,
+        Err(CloudError {
+            kind: CloudErrorKind::Quota,
+            message: "quota".into(),
+        }),
+    );
     assert!(rig.pool.at_quota(T0));
     assert!(!rig.pool.create(T0, &mut rig.rng, t1));
     assert!(!rig.pool.at_quota(T0 + Duration::from_secs(61)));
@@ -439,8 +929,18 @@ fn quota_error_memory() {
     let t = T0 + Duration::from_secs(62);
     assert!(rig.pool.create(t, &mut rig.rng, t1));
     let (secret, ..) = rig.flush(t).pop().expect("create");
-    rig.pool.create_finished(t, &secret, Err(CloudError { kind: CloudErrorKind::Quota, message: "quota".into() }));
-    assert!(rig.pool.at_quota(t + Duration::from_secs(3600)), "until fewer instances");
+    rig.pool.create_finished(
+        t,
+        &secret,
+        Err(CloudError {
+            kind: CloudErrorKind::Quota,
+            message: "quota".into(),
+        }),
+    );
+    assert!(
+        rig.pool.at_quota(t + Duration::from_secs(3600)),
+        "until fewer instances"
+    );
     let keep = rig.pool.workers()[&a].info.clone();
     assert!(rig.pool.shutdown(t, &b));
     let th = rig.pool.stamp();

@@ -1,17 +1,22 @@
 //! The scheduler acceptance scenarios of reference-scheduler.md §8 (tests 1–21), each named
 //! after its Go test, run against the pure `plan` with a stub pool and queue of the same
 //! semantics as the Go fixtures.
+#![allow(clippy::field_reassign_with_default)]
 
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use arvados_dispatch_cloud::core::Timestamp;
 use arvados_dispatch_cloud::core::config::Config;
 use arvados_dispatch_cloud::core::queue::QueueEntry;
-use arvados_dispatch_cloud::core::scheduler::{Action, Plan, PoolLimits, SchedState, Snapshot, Status, plan};
+use arvados_dispatch_cloud::core::scheduler::{
+    Action, Plan, PoolLimits, SchedState, Snapshot, Status, plan,
+};
 use arvados_dispatch_cloud::core::select::{TypeTable, choose_instance_types, resources_needed};
-use arvados_dispatch_cloud::core::types::{Container, ContainerState, IdleBehavior, InstanceView, WorkerState};
-use arvados_dispatch_cloud::core::Timestamp;
+use arvados_dispatch_cloud::core::types::{
+    Container, ContainerState, IdleBehavior, InstanceView, WorkerState,
+};
 use common::*;
 
 use ContainerState::{Locked, Queued, Running};
@@ -85,7 +90,8 @@ impl Stub {
     }
 
     fn add(&mut self, mut c: Container) {
-        let types = choose_instance_types(&self.table, &self.cfg.containers, &c).expect("satisfiable");
+        let types =
+            choose_instance_types(&self.table, &self.cfg.containers, &c).expect("satisfiable");
         let resources = resources_needed(&self.cfg.containers, &c);
         c.created_at = NOW;
         self.queue.insert(
@@ -102,7 +108,9 @@ impl Stub {
     fn vm(&mut self, type_n: i64, state: WorkerState, running: &[usize]) -> String {
         self.next_id += 1;
         let id = format!("i-{:07}", self.next_id);
-        let it = self.table.get(self.table.id(&format!("type{type_n}")).expect("configured"));
+        let it = self
+            .table
+            .get(self.table.id(&format!("type{type_n}")).expect("configured"));
         let uuids: Vec<String> = running.iter().map(|k| uuid(*k)).collect();
         for u in &uuids {
             self.running.insert(u.clone(), None);
@@ -123,7 +131,11 @@ impl Stub {
     }
 
     fn set(&mut self, id: &str, f: impl FnOnce(&mut InstanceView)) {
-        f(self.instances.iter_mut().find(|v| v.instance == id).expect("instance"));
+        f(self
+            .instances
+            .iter_mut()
+            .find(|v| v.instance == id)
+            .expect("instance"));
     }
 
     /// One pass; applies its actions and returns each container's status.
@@ -149,7 +161,12 @@ impl Stub {
             supervisor_fraction: self.cfg.cloud_vms.supervisor_fraction,
         };
         let p: Plan<'_> = plan(&snap, NOW);
-        let statuses = p.order.iter().map(|e| e.container.uuid.clone()).zip(p.statuses.iter().copied()).collect();
+        let statuses = p
+            .order
+            .iter()
+            .map(|e| e.container.uuid.clone())
+            .zip(p.statuses.iter().copied())
+            .collect();
         let (actions, state, attempts) = (p.actions.clone(), p.state, p.create_attempts.clone());
         self.state = state;
         for (t, ok) in &attempts {
@@ -175,14 +192,19 @@ impl Stub {
             }
             Action::Start { instance, uuid } => {
                 self.set(&instance, |v| {
-                    v.running_container_uuids.as_mut().expect("real").push(uuid.clone());
+                    v.running_container_uuids
+                        .as_mut()
+                        .expect("real")
+                        .push(uuid.clone());
                     v.worker_state = WorkerState::Running;
                 });
                 self.running.insert(uuid.clone(), None);
                 self.starts.push(uuid);
             }
             Action::Create { type_id, .. } => {
-                let n: i64 = self.table.get(type_id).name["type".len()..].parse().expect("typeN");
+                let n: i64 = self.table.get(type_id).name["type".len()..]
+                    .parse()
+                    .expect("typeN");
                 self.creates.push(format!("type{n}"));
                 self.vm(n, WorkerState::Booting, &[]);
             }
@@ -220,7 +242,16 @@ fn use_idle_workers() {
     s.run();
     assert_eq!(s.starts, names(&[4]));
     assert_eq!(s.creates, creates(&[1, 1, 1]));
-    assert!(s.instances.iter().find(|v| v.instance == t1).expect("vm").running_container_uuids.as_ref().expect("real").contains(&uuid(4)));
+    assert!(
+        s.instances
+            .iter()
+            .find(|v| v.instance == t1)
+            .expect("vm")
+            .running_container_uuids
+            .as_ref()
+            .expect("real")
+            .contains(&uuid(4))
+    );
 }
 
 #[test]
@@ -300,7 +331,13 @@ fn pack_containers_instance_state_unknown() {
     assert_eq!(s.creates, creates(&[2]));
     assert!(s.starts.is_empty());
     // Pass 2: the new instance is still booting.
-    let i2 = s.instances.iter().find(|v| v.instance != i1).expect("i-2").instance.clone();
+    let i2 = s
+        .instances
+        .iter()
+        .find(|v| v.instance != i1)
+        .expect("i-2")
+        .instance
+        .clone();
     s.run();
     assert_eq!(s.creates, creates(&[2]));
     assert!(s.starts.is_empty());
@@ -309,7 +346,13 @@ fn pack_containers_instance_state_unknown() {
     s.run();
     assert_eq!(s.starts, names(&[4, 3]));
     assert_eq!(s.creates, creates(&[2]));
-    let on_i2 = s.instances.iter().find(|v| v.instance == i2).expect("i-2").running_container_uuids.clone();
+    let on_i2 = s
+        .instances
+        .iter()
+        .find(|v| v.instance == i2)
+        .expect("i-2")
+        .running_container_uuids
+        .clone();
     assert_eq!(on_i2, Some(names(&[4, 3])));
 }
 
@@ -338,7 +381,13 @@ fn pack_containers_resources() {
     }
     s.run();
     let on = |t: &str| {
-        s.instances.iter().find(|v| v.arvados_instance_type == t).expect("vm").running_container_uuids.clone().expect("real")
+        s.instances
+            .iter()
+            .find(|v| v.arvados_instance_type == t)
+            .expect("vm")
+            .running_container_uuids
+            .clone()
+            .expect("real")
     };
     assert_eq!(on("type1"), names(&[8, 7, 6, 5]));
     assert_eq!(on("type16"), names(&[4]));
@@ -359,7 +408,11 @@ fn pack_containers_0_vcpus() {
         v.worker_state = WorkerState::Idle;
     }
     s.run();
-    let runs: Vec<Vec<String>> = s.instances.iter().map(|v| v.running_container_uuids.clone().expect("real")).collect();
+    let runs: Vec<Vec<String>> = s
+        .instances
+        .iter()
+        .map(|v| v.running_container_uuids.clone().expect("real"))
+        .collect();
     assert_eq!(runs, vec![names(&[6]), names(&[5, 4, 3, 2, 1])]);
 }
 
@@ -381,7 +434,11 @@ fn shutdown_at_quota_1_and_2() {
         assert!(s.starts.is_empty(), "quota {quota}");
         assert_eq!(s.shutdowns.len(), 2, "quota {quota}");
         assert!(s.creates.is_empty(), "quota {quota}");
-        assert_eq!(s.unlocked, names(&[2]), "quota {quota}: only C2 is unlocked; C3, first in line, stays Locked");
+        assert_eq!(
+            s.unlocked,
+            names(&[2]),
+            "quota {quota}: only C2 is unlocked; C3, first in line, stays Locked"
+        );
     }
 }
 
@@ -494,7 +551,10 @@ fn equal_priority_containers() {
     for u in &s.unlocked {
         *counts.entry(u).or_default() += 1;
     }
-    assert!(counts.values().all(|n| *n <= 1), "unlocked more than once: {counts:?}");
+    assert!(
+        counts.values().all(|n| *n <= 1),
+        "unlocked more than once: {counts:?}"
+    );
 }
 
 #[test]
@@ -513,8 +573,19 @@ fn start_while_creating() {
     let i4 = s.vm(2, WorkerState::Idle, &[]);
     s.run();
     assert_eq!(s.starts, names(&[6, 3]));
-    assert_eq!(s.creates, vec!["type2!".to_string(), "type1!".to_string()], "C4's and C1's creates fail");
-    let on = |id: &str| s.instances.iter().find(|v| v.instance == id).expect("vm").running_container_uuids.clone();
+    assert_eq!(
+        s.creates,
+        vec!["type2!".to_string(), "type1!".to_string()],
+        "C4's and C1's creates fail"
+    );
+    let on = |id: &str| {
+        s.instances
+            .iter()
+            .find(|v| v.instance == id)
+            .expect("vm")
+            .running_container_uuids
+            .clone()
+    };
     assert_eq!(on(&i4), Some(names(&[6])));
     assert_eq!(on(&i2), Some(names(&[3])));
 }
@@ -546,7 +617,11 @@ fn containers_metrics() {
             supervisor_fraction: 0.2,
         };
         let p = plan(&snap, NOW);
-        (p.allocated_not_started, p.not_allocated_over_quota, p.actions.clone())
+        (
+            p.allocated_not_started,
+            p.not_allocated_over_quota,
+            p.actions.clone(),
+        )
     };
     let (alloc, over, _) = run(&s);
     assert_eq!((alloc, over), (1, 0));
@@ -585,13 +660,37 @@ fn status_strings_are_byte_exact() {
     s.add(container(1, Queued, 0, 1, GIB));
     let e = s.queue.values().next().expect("entry").clone();
     let t = |st: Status| st.text(&e, &s.table);
-    assert_eq!(t(Status::Preparing), "Container is allocated to an instance and preparing to run.");
-    assert_eq!(t(Status::PriorityZero(Queued)), "This container will not be scheduled to run because its priority is 0 and state is Queued.");
-    assert_eq!(t(Status::SupervisorLimit(3)), "Waiting in workflow queue at position 3.  Cluster is at capacity and cannot start any new workflows right now.");
-    assert_eq!(t(Status::WaitingPreviousAttempt), "Waiting for previous container attempt to exit.");
-    assert_eq!(t(Status::WaitingNewInstance(s.table.id("type1").expect("t1"))), "Waiting for a type1 instance to boot and be ready to accept work.");
-    assert_eq!(t(Status::WaitingInstanceType(1)), "Waiting in queue at position 1.  Cluster is at capacity for all eligible instance types (type1) and cannot start a new instance right now.");
-    assert_eq!(t(Status::WaitingCloudResources(2)), "Waiting in queue at position 2.  Cluster is at cloud account limits and cannot start any new instances right now.");
-    assert_eq!(t(Status::WaitingClusterCapacity(4)), "Waiting in queue at position 4.  Cluster is at capacity and cannot start any new instances right now.");
+    assert_eq!(
+        t(Status::Preparing),
+        "Container is allocated to an instance and preparing to run."
+    );
+    assert_eq!(
+        t(Status::PriorityZero(Queued)),
+        "This container will not be scheduled to run because its priority is 0 and state is Queued."
+    );
+    assert_eq!(
+        t(Status::SupervisorLimit(3)),
+        "Waiting in workflow queue at position 3.  Cluster is at capacity and cannot start any new workflows right now."
+    );
+    assert_eq!(
+        t(Status::WaitingPreviousAttempt),
+        "Waiting for previous container attempt to exit."
+    );
+    assert_eq!(
+        t(Status::WaitingNewInstance(s.table.id("type1").expect("t1"))),
+        "Waiting for a type1 instance to boot and be ready to accept work."
+    );
+    assert_eq!(
+        t(Status::WaitingInstanceType(1)),
+        "Waiting in queue at position 1.  Cluster is at capacity for all eligible instance types (type1) and cannot start a new instance right now."
+    );
+    assert_eq!(
+        t(Status::WaitingCloudResources(2)),
+        "Waiting in queue at position 2.  Cluster is at cloud account limits and cannot start any new instances right now."
+    );
+    assert_eq!(
+        t(Status::WaitingClusterCapacity(4)),
+        "Waiting in queue at position 4.  Cluster is at capacity and cannot start any new instances right now."
+    );
     assert_eq!(t(Status::None), "");
 }

@@ -1,5 +1,6 @@
 //! Instance-type selection scenarios of reference-scheduler.md §8 (tests 24–32,
 //! `node_size_test.go`) and the worked examples of §5.
+#![allow(clippy::field_reassign_with_default)]
 
 mod common;
 
@@ -7,7 +8,8 @@ use std::collections::BTreeMap;
 
 use arvados_dispatch_cloud::core::config::ContainersConfig;
 use arvados_dispatch_cloud::core::select::{
-    NOT_SATISFIABLE, SelectError, TypeTable, choose_instance_types, estimate_scratch_space, resources_needed,
+    NOT_SATISFIABLE, SelectError, TypeTable, choose_instance_types, estimate_scratch_space,
+    resources_needed,
 };
 use arvados_dispatch_cloud::core::types::{Container, GpuSpec, InstanceType, Mount, Resources};
 use common::*;
@@ -26,11 +28,16 @@ fn it(name: &str, vcpus: i64, ram: i64, scratch: i64, price: f64) -> InstanceTyp
 }
 
 fn table(types: Vec<InstanceType>) -> TypeTable {
-    let m: BTreeMap<String, InstanceType> = types.into_iter().map(|t| (t.name.clone(), t)).collect();
+    let m: BTreeMap<String, InstanceType> =
+        types.into_iter().map(|t| (t.name.clone(), t)).collect();
     TypeTable::new(&m)
 }
 
-fn chosen(t: &TypeTable, cfg: &ContainersConfig, c: &Container) -> Result<Vec<String>, SelectError> {
+fn chosen(
+    t: &TypeTable,
+    cfg: &ContainersConfig,
+    c: &Container,
+) -> Result<Vec<String>, SelectError> {
     choose_instance_types(t, cfg, c).map(|v| v.iter().map(|id| t.get(*id).name.clone()).collect())
 }
 
@@ -65,20 +72,33 @@ fn choose_config(bufs: i64, factor: f64) -> ContainersConfig {
 
 #[test]
 fn ram_need_matches_the_worked_examples() {
-    assert_eq!(resources_needed(&choose_config(1, 1.0), &choose_container()).ram, 1850392406);
-    assert_eq!(resources_needed(&choose_config(16, 1.0), &choose_container()).ram, 4181542418);
+    assert_eq!(
+        resources_needed(&choose_config(1, 1.0), &choose_container()).ram,
+        1850392406
+    );
+    assert_eq!(
+        resources_needed(&choose_config(16, 1.0), &choose_container()).ram,
+        4181542418
+    );
     let mut c = Container::default();
     c.runtime_constraints.vcpus = 2;
     c.runtime_constraints.ram = 4 * GIB;
-    assert_eq!(resources_needed(&ContainersConfig::default(), &c).ram, 5526326648);
+    assert_eq!(
+        resources_needed(&ContainersConfig::default(), &c).ram,
+        5526326648
+    );
 }
 
 #[test]
 fn no_types_configured() {
     let t = table(vec![]);
-    let err = choose_instance_types(&t, &ContainersConfig::default(), &Container::default()).unwrap_err();
+    let err =
+        choose_instance_types(&t, &ContainersConfig::default(), &Container::default()).unwrap_err();
     assert_eq!(err, SelectError::NoInstanceTypes);
-    assert_eq!(err.to_string(), "site configuration does not list any instance types");
+    assert_eq!(
+        err.to_string(),
+        "site configuration does not list any instance types"
+    );
 }
 
 #[test]
@@ -105,17 +125,38 @@ fn unsatisfiable() {
     cases.push(c);
     for c in cases {
         let err = choose_instance_types(&t, &cfg, &c).unwrap_err();
-        assert_eq!(err, SelectError::NotSatisfiable(NOT_SATISFIABLE.into()), "{c:?}");
+        assert_eq!(
+            err,
+            SelectError::NotSatisfiable(NOT_SATISFIABLE.into()),
+            "{c:?}"
+        );
     }
 }
 
 #[test]
 fn choose() {
     let menus = vec![
-        vec![it("costly", 4, 4_000_000_000, 4 * GIB, 4.0), it("best", 2, 2_000_000_000, 2 * GIB, 2.0), it("small", 1, 1_000_000_000, 2 * GIB, 1.0)],
-        vec![it("costly", 4, 4_000_000_000, 4 * GIB, 4.0), it("goodenough", 2, 1_900_000_000, 2 * GIB, 2.0), it("best", 2, 2_000_000_000, 2 * GIB, 2.0), it("small", 1, 1_000_000_000, 2 * GIB, 1.0)],
-        vec![it("small", 1, 1_000_000_000, 2 * GIB, 1.0), it("nearly", 2, 2_000_000_000, GIB, 1.5), it("best", 2, 2_000_000_000, 2 * GIB, 2.0)],
-        vec![it("lowram", 2, 1_800_000_000, 2 * GIB, 1.5), it("best", 2, 2_000_000_000, 2 * GIB, 2.0), it("costly", 4, 4_000_000_000, 4 * GIB, 4.0)],
+        vec![
+            it("costly", 4, 4_000_000_000, 4 * GIB, 4.0),
+            it("best", 2, 2_000_000_000, 2 * GIB, 2.0),
+            it("small", 1, 1_000_000_000, 2 * GIB, 1.0),
+        ],
+        vec![
+            it("costly", 4, 4_000_000_000, 4 * GIB, 4.0),
+            it("goodenough", 2, 1_900_000_000, 2 * GIB, 2.0),
+            it("best", 2, 2_000_000_000, 2 * GIB, 2.0),
+            it("small", 1, 1_000_000_000, 2 * GIB, 1.0),
+        ],
+        vec![
+            it("small", 1, 1_000_000_000, 2 * GIB, 1.0),
+            it("nearly", 2, 2_000_000_000, GIB, 1.5),
+            it("best", 2, 2_000_000_000, 2 * GIB, 2.0),
+        ],
+        vec![
+            it("lowram", 2, 1_800_000_000, 2 * GIB, 1.5),
+            it("best", 2, 2_000_000_000, 2 * GIB, 2.0),
+            it("costly", 4, 4_000_000_000, 4 * GIB, 4.0),
+        ],
         vec![it("best", 2, 2_000_000_000, 2 * GIB, 2.0)],
     ];
     let cfg = choose_config(1, 1.0);
@@ -125,9 +166,16 @@ fn choose() {
         assert_eq!(got[0], "best", "{got:?}");
         let p0 = t.get(t.id(&got[0]).expect("named")).price;
         for name in &got {
-            assert_eq!(t.get(t.id(name).expect("named")).price, p0, "factor 1: same price only");
+            assert_eq!(
+                t.get(t.id(name).expect("named")).price,
+                p0,
+                "factor 1: same price only"
+            );
         }
-        assert!(!got.iter().any(|n| n == "nearly" || n == "lowram" || n == "small"));
+        assert!(
+            !got.iter()
+                .any(|n| n == "nearly" || n == "lowram" || n == "small")
+        );
     }
 }
 
@@ -169,7 +217,10 @@ fn choose_with_blob_buffers_overhead() {
         it("nearly", 4, 4_000_000_000, 4 * GIB, 1.0),
         it("best", 8, 8_000_000_000, 4 * GIB, 2.0),
     ]);
-    assert_eq!(chosen(&t, &choose_config(16, 1.0), &choose_container()).expect("ok"), ["best"]);
+    assert_eq!(
+        chosen(&t, &choose_config(16, 1.0), &choose_container()).expect("ok"),
+        ["best"]
+    );
 }
 
 #[test]
@@ -182,7 +233,10 @@ fn choose_preemptible() {
     let t = table(vec![best, cheaper, same]);
     let mut c = choose_container();
     c.scheduling_parameters.preemptible = true;
-    assert_eq!(chosen(&t, &choose_config(1, 1.0), &c).expect("ok"), ["best"]);
+    assert_eq!(
+        chosen(&t, &choose_config(1, 1.0), &c).expect("ok"),
+        ["best"]
+    );
 }
 
 #[test]
@@ -198,7 +252,15 @@ fn scratch_for_docker_image() {
     assert_eq!(estimate_scratch_space(&c), 0);
 }
 
-fn gpu_type(name: &str, stack: &str, n: i64, target: &str, driver: &str, vram: i64, price: f64) -> InstanceType {
+fn gpu_type(
+    name: &str,
+    stack: &str,
+    n: i64,
+    target: &str,
+    driver: &str,
+    vram: i64,
+    price: f64,
+) -> InstanceType {
     let mut t = it(name, 4, 8 * GIB, 8 * GIB, price);
     t.gpu = GpuSpec {
         stack: stack.into(),
@@ -214,12 +276,28 @@ fn gpu_type(name: &str, stack: &str, n: i64, target: &str, driver: &str, vram: i
 fn choose_gpu() {
     let t = table(vec![
         gpu_type("costly", "cuda", 2, "9.0", "11.0", 2_000_000_000, 4.0),
-        gpu_type("low_capability", "cuda", 1, "8.0", "11.0", 2_000_000_000, 1.5),
+        gpu_type(
+            "low_capability",
+            "cuda",
+            1,
+            "8.0",
+            "11.0",
+            2_000_000_000,
+            1.5,
+        ),
         gpu_type("best", "cuda", 1, "9.0", "11.0", 2_000_000_000, 2.0),
         gpu_type("low_driver", "cuda", 1, "9.0", "10.0", 2_000_000_000, 1.5),
         gpu_type("more_vram", "cuda", 1, "8.0", "10.0", 8_000_000_000, 3.0),
         gpu_type("gpu_rocm", "rocm", 1, "gfx1100", "6.2", 2_000_000_000, 2.0),
-        gpu_type("cheap_gpu_rocm", "rocm", 1, "gfx1103", "6.2", 2_000_000_000, 1.5),
+        gpu_type(
+            "cheap_gpu_rocm",
+            "rocm",
+            1,
+            "gfx1103",
+            "6.2",
+            2_000_000_000,
+            1.5,
+        ),
         gpu_type("rocm_novram", "rocm", 1, "gfx1104", "6.2", 0, 1.0),
         it("non_gpu", 4, 8 * GIB, 8 * GIB, 1.0),
     ]);
@@ -238,19 +316,40 @@ fn choose_gpu() {
         c.runtime_constraints.gpu.vram = vram;
         chosen(&t, &cfg, &c).map(|v| v[0].clone())
     };
-    assert_eq!(req("cuda", 1, &["9.0"], "11.0", 2_000_000_000).expect("ok"), "best");
-    assert_eq!(req("cuda", 2, &["9.0"], "11.0", 2_000_000_000).expect("ok"), "costly");
-    assert_eq!(req("cuda", 1, &["8.0"], "11.0", 2_000_000_000).expect("ok"), "low_capability");
-    assert_eq!(req("cuda", 1, &["9.0"], "10.0", 2_000_000_000).expect("ok"), "low_driver");
+    assert_eq!(
+        req("cuda", 1, &["9.0"], "11.0", 2_000_000_000).expect("ok"),
+        "best"
+    );
+    assert_eq!(
+        req("cuda", 2, &["9.0"], "11.0", 2_000_000_000).expect("ok"),
+        "costly"
+    );
+    assert_eq!(
+        req("cuda", 1, &["8.0"], "11.0", 2_000_000_000).expect("ok"),
+        "low_capability"
+    );
+    assert_eq!(
+        req("cuda", 1, &["9.0"], "10.0", 2_000_000_000).expect("ok"),
+        "low_driver"
+    );
     assert!(req("cuda", 1, &[], "10.0", 2_000_000_000).is_err());
-    assert_eq!(req("rocm", 1, &["gfx1100"], "6.2", 2_000_000_000).expect("ok"), "gpu_rocm");
-    assert_eq!(req("rocm", 1, &["gfx1100", "gfx1103"], "6.2", 2_000_000_000).expect("ok"), "cheap_gpu_rocm");
+    assert_eq!(
+        req("rocm", 1, &["gfx1100"], "6.2", 2_000_000_000).expect("ok"),
+        "gpu_rocm"
+    );
+    assert_eq!(
+        req("rocm", 1, &["gfx1100", "gfx1103"], "6.2", 2_000_000_000).expect("ok"),
+        "cheap_gpu_rocm"
+    );
     assert!(req("rocm", 1, &["gfx1104"], "6.2", 2_000_000_000).is_err());
     assert_eq!(req("", 0, &[], "", 0).expect("ok"), "non_gpu");
     // The Go table's `more_vram` row: its driver (10.0) is older than requested (11.0).
     assert!(req("cuda", 1, &["8.0"], "11.0", 8_000_000_000).is_err());
     let bad = req("opencl", 1, &[], "1", 0).unwrap_err();
-    assert_eq!(bad.to_string(), "Invalid GPU stack \"opencl\", expected to be blank or one of 'cuda' or 'rocm'");
+    assert_eq!(
+        bad.to_string(),
+        "Invalid GPU stack \"opencl\", expected to be blank or one of 'cuda' or 'rocm'"
+    );
 }
 
 #[test]

@@ -206,7 +206,11 @@ impl Config {
     pub fn types_by_price(&self) -> Vec<&InstanceType> {
         let mut v: Vec<&InstanceType> = self.instance_types.values().collect();
         // Name is unique, so the order is total.
-        v.sort_by(|a, b| a.price.total_cmp(&b.price).then_with(|| a.name.cmp(&b.name)));
+        v.sort_by(|a, b| {
+            a.price
+                .total_cmp(&b.price)
+                .then_with(|| a.name.cmp(&b.name))
+        });
         v
     }
 }

@@ -29,7 +29,7 @@ use super::config::Config;
 use super::metrics::PoolMetrics;
 use super::ops::{Ops, Pending};
 use super::pool::remote::RunnerSpec;
-use super::pool::{AdminError, Pool};
+use super::pool::{AdminError, ExecDone, Pool};
 use super::queue::{Queue, QueueEntry};
 use super::rng::Rng;
 use super::scheduler::{self, Action, PoolLimits, SchedState, Snapshot, Status};
@@ -281,7 +281,12 @@ impl Dispatcher {
     // ----- inputs -----------------------------------------------------------------------------
 
     fn advance(&mut self, now: Timestamp) {
-        assert!(now >= self.now, "time went backwards: {} after {}", now, self.now);
+        assert!(
+            now >= self.now,
+            "time went backwards: {} after {}",
+            now,
+            self.now
+        );
         self.now = now;
     }
 
@@ -331,9 +336,18 @@ impl Dispatcher {
         self.after_event(now);
     }
 
-    fn complete(&mut self, now: Timestamp, op: OpId, pending: Pending, issued: Timestamp, input: Input) {
+    fn complete(
+        &mut self,
+        now: Timestamp,
+        op: OpId,
+        pending: Pending,
+        issued: Timestamp,
+        input: Input,
+    ) {
         match (pending, input) {
-            (Pending::Poll, Input::QueuePolled { result, .. }) => self.poll_finished(now, issued, result),
+            (Pending::Poll, Input::QueuePolled { result, .. }) => {
+                self.poll_finished(now, issued, result)
+            }
             (
                 Pending::Lock(uuid) | Pending::Unlock(uuid) | Pending::Cancel(uuid),
                 Input::ContainerUpdated { result, .. },
@@ -364,10 +378,21 @@ impl Dispatcher {
             (Pending::List { threshold }, Input::InstancesListed { result, .. }) => {
                 self.pool.listed(now, threshold, result)
             }
-            (Pending::SetTags(id), Input::TagsSet { result, .. }) => self.pool.tags_set(&id, result),
+            (Pending::SetTags(id), Input::TagsSet { result, .. }) => {
+                self.pool.tags_set(&id, result)
+            }
             (Pending::Exec(id, purpose), Input::ExecFinished { result, .. }) => {
-                self.pool
-                    .exec_finished(now, &mut self.ops, op, issued, &id, purpose, result)
+                self.pool.exec_finished(
+                    now,
+                    &mut self.ops,
+                    ExecDone {
+                        op,
+                        issued,
+                        instance: id,
+                        purpose,
+                        result,
+                    },
+                )
             }
             (pending, input) => {
                 self.ignored_completions += 1;
@@ -385,7 +410,12 @@ impl Dispatcher {
         tracing::warn!(container = %uuid, error = %err, "container API call failed");
     }
 
-    fn poll_finished(&mut self, now: Timestamp, issued: Timestamp, result: Result<super::command::PollResult, ApiError>) {
+    fn poll_finished(
+        &mut self,
+        now: Timestamp,
+        issued: Timestamp,
+        result: Result<super::command::PollResult, ApiError>,
+    ) {
         self.poll_op = None;
         let interval = self.cfg.cloud_vms.poll_interval;
         let took = now.since(issued);
@@ -420,7 +450,11 @@ impl Dispatcher {
         }
     }
 
-    fn cancel_unsatisfiable(&mut self, now: Timestamp, (uuid, state, message): (String, ContainerState, String)) {
+    fn cancel_unsatisfiable(
+        &mut self,
+        now: Timestamp,
+        (uuid, state, message): (String, ContainerState, String),
+    ) {
         self.issue_uuid_op(now, &uuid, |u| {
             (
                 Pending::CancelUnsatisfiable(u.to_string()),
@@ -447,14 +481,21 @@ impl Dispatcher {
             return false;
         }
         let (pending, kind) = make(uuid);
-        let op = self.ops.issue(now, self.cfg.tuning.api_call_timeout, pending, kind);
+        let op = self
+            .ops
+            .issue(now, self.cfg.tuning.api_call_timeout, pending, kind);
         self.uuid_ops.insert(uuid.to_string(), op);
         true
     }
 
     // ----- admin ------------------------------------------------------------------------------
 
-    fn admin_behavior(&mut self, now: Timestamp, id: &str, b: IdleBehavior) -> Result<(), AdminError> {
+    fn admin_behavior(
+        &mut self,
+        now: Timestamp,
+        id: &str,
+        b: IdleBehavior,
+    ) -> Result<(), AdminError> {
         self.advance(now);
         let r = self.pool.set_idle_behavior(now, id, b);
         self.after_event(now);
@@ -477,7 +518,12 @@ impl Dispatcher {
     }
 
     /// Destroys an instance now.
-    pub fn kill_instance(&mut self, now: Timestamp, id: &str, reason: &str) -> Result<(), AdminError> {
+    pub fn kill_instance(
+        &mut self,
+        now: Timestamp,
+        id: &str,
+        reason: &str,
+    ) -> Result<(), AdminError> {
         self.advance(now);
         let r = self.pool.kill_instance(now, id, reason);
         self.after_event(now);
@@ -485,7 +531,12 @@ impl Dispatcher {
     }
 
     /// Sends SIGTERM to a container's crunch-run ("via management API: <reason>").
-    pub fn kill_container(&mut self, now: Timestamp, uuid: &str, reason: &str) -> Result<(), AdminError> {
+    pub fn kill_container(
+        &mut self,
+        now: Timestamp,
+        uuid: &str,
+        reason: &str,
+    ) -> Result<(), AdminError> {
         self.advance(now);
         let ok = self.pool.kill_container(
             now,
@@ -494,7 +545,11 @@ impl Dispatcher {
             &format!("via management API: {reason}"),
         );
         self.after_event(now);
-        if ok { Ok(()) } else { Err(AdminError::ContainerNotFound) }
+        if ok {
+            Ok(())
+        } else {
+            Err(AdminError::ContainerNotFound)
+        }
     }
 
     // ----- scheduling -------------------------------------------------------------------------
@@ -543,7 +598,10 @@ impl Dispatcher {
             .queue
             .entries()
             .values()
-            .filter(|e| e.container.state == ContainerState::Locked && !running.contains_key(&e.container.uuid))
+            .filter(|e| {
+                e.container.state == ContainerState::Locked
+                    && !running.contains_key(&e.container.uuid)
+            })
             .map(|e| e.container.uuid.clone())
             .collect();
         if stale.is_empty() {
@@ -556,7 +614,12 @@ impl Dispatcher {
         for uuid in stale {
             tracing::info!(container = %uuid, "unlocking stale lock");
             self.issue_uuid_op(now, &uuid, |u| {
-                (Pending::Unlock(u.to_string()), CommandKind::Unlock { uuid: u.to_string() })
+                (
+                    Pending::Unlock(u.to_string()),
+                    CommandKind::Unlock {
+                        uuid: u.to_string(),
+                    },
+                )
             });
         }
         self.stale = StalePhase::Done;
@@ -627,15 +690,32 @@ impl Dispatcher {
     fn apply(&mut self, now: Timestamp, action: Action) {
         match action {
             Action::Lock(uuid) => {
-                if self.queue.get(&uuid).is_some_and(|e| e.container.state == ContainerState::Queued) {
+                if self
+                    .queue
+                    .get(&uuid)
+                    .is_some_and(|e| e.container.state == ContainerState::Queued)
+                {
                     self.issue_uuid_op(now, &uuid, |u| {
-                        (Pending::Lock(u.to_string()), CommandKind::Lock { uuid: u.to_string() })
+                        (
+                            Pending::Lock(u.to_string()),
+                            CommandKind::Lock {
+                                uuid: u.to_string(),
+                            },
+                        )
                     });
                 }
             }
             Action::Start { instance, uuid } => {
-                let ctr = self.queue.get(&uuid).expect("planned from the queue").container.clone();
-                if !self.pool.start_container(now, &mut self.ops, &instance, &ctr) {
+                let ctr = self
+                    .queue
+                    .get(&uuid)
+                    .expect("planned from the queue")
+                    .container
+                    .clone();
+                if !self
+                    .pool
+                    .start_container(now, &mut self.ops, &instance, &ctr)
+                {
                     tracing::warn!(container = %uuid, %instance, "BUG? planned start was refused");
                 }
             }
@@ -650,7 +730,12 @@ impl Dispatcher {
             }
             Action::Unlock(uuid) => {
                 self.issue_uuid_op(now, &uuid, |u| {
-                    (Pending::Unlock(u.to_string()), CommandKind::Unlock { uuid: u.to_string() })
+                    (
+                        Pending::Unlock(u.to_string()),
+                        CommandKind::Unlock {
+                            uuid: u.to_string(),
+                        },
+                    )
                 });
             }
             Action::Shutdown(id) => {
@@ -667,14 +752,24 @@ impl Dispatcher {
     fn cancel(&mut self, now: Timestamp, uuid: &str, reason: &str) {
         tracing::info!(container = %uuid, reason, "cancelling container");
         self.issue_uuid_op(now, uuid, |u| {
-            (Pending::Cancel(u.to_string()), CommandKind::Cancel { uuid: u.to_string() })
+            (
+                Pending::Cancel(u.to_string()),
+                CommandKind::Cancel {
+                    uuid: u.to_string(),
+                },
+            )
         });
     }
 
     fn requeue(&mut self, now: Timestamp, uuid: &str, reason: &str) {
         tracing::info!(container = %uuid, reason, "requeueing container");
         self.issue_uuid_op(now, uuid, |u| {
-            (Pending::Unlock(u.to_string()), CommandKind::Unlock { uuid: u.to_string() })
+            (
+                Pending::Unlock(u.to_string()),
+                CommandKind::Unlock {
+                    uuid: u.to_string(),
+                },
+            )
         });
     }
 
@@ -687,7 +782,13 @@ impl Dispatcher {
             .queue
             .entries()
             .values()
-            .map(|e| (e.container.uuid.clone(), e.container.state, e.container.priority))
+            .map(|e| {
+                (
+                    e.container.uuid.clone(),
+                    e.container.state,
+                    e.container.priority,
+                )
+            })
             .collect();
         let mut in_queue = BTreeSet::new();
         for (uuid, state, priority) in entries {
@@ -747,7 +848,10 @@ impl Dispatcher {
             .values()
             .filter(|e| {
                 e.container.priority > 0
-                    && matches!(e.container.state, ContainerState::Queued | ContainerState::Locked)
+                    && matches!(
+                        e.container.state,
+                        ContainerState::Queued | ContainerState::Locked
+                    )
                     && !running.contains_key(&e.container.uuid)
             })
             .map(|e| e.container.created_at)
@@ -769,15 +873,34 @@ fn timeout_input(op: OpId, pending: &Pending, now: Timestamp) -> Input {
     };
     let _ = now;
     match pending {
-        Pending::Poll => Input::QueuePolled { op, result: Err(api()) },
-        Pending::Lock(_) | Pending::Unlock(_) | Pending::Cancel(_) => {
-            Input::ContainerUpdated { op, result: Err(api()) }
-        }
-        Pending::CancelUnsatisfiable(_) => Input::UnsatisfiableCancelled { op, result: Err(api()) },
-        Pending::Create(_) => Input::CreateFinished { op, result: Err(cloud()) },
-        Pending::Destroy(_) => Input::DestroyFinished { op, result: Err(cloud()) },
-        Pending::List { .. } => Input::InstancesListed { op, result: Err(cloud()) },
-        Pending::SetTags(_) => Input::TagsSet { op, result: Err(cloud()) },
+        Pending::Poll => Input::QueuePolled {
+            op,
+            result: Err(api()),
+        },
+        Pending::Lock(_) | Pending::Unlock(_) | Pending::Cancel(_) => Input::ContainerUpdated {
+            op,
+            result: Err(api()),
+        },
+        Pending::CancelUnsatisfiable(_) => Input::UnsatisfiableCancelled {
+            op,
+            result: Err(api()),
+        },
+        Pending::Create(_) => Input::CreateFinished {
+            op,
+            result: Err(cloud()),
+        },
+        Pending::Destroy(_) => Input::DestroyFinished {
+            op,
+            result: Err(cloud()),
+        },
+        Pending::List { .. } => Input::InstancesListed {
+            op,
+            result: Err(cloud()),
+        },
+        Pending::SetTags(_) => Input::TagsSet {
+            op,
+            result: Err(cloud()),
+        },
         Pending::Exec(..) => Input::ExecFinished {
             op,
             result: Err(ExecError {

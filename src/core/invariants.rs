@@ -19,14 +19,19 @@ impl Dispatcher {
         for w in self.pool().workers().values() {
             for uuid in w.running.keys().chain(w.starting.keys()) {
                 if let Some(other) = seen.insert(uuid.as_str(), w.id.as_str()) {
-                    v.push(format!("container {uuid} has runners on {other} and {}", w.id));
+                    v.push(format!(
+                        "container {uuid} has runners on {other} and {}",
+                        w.id
+                    ));
                 }
             }
         }
         // Per-container operations and the poll are really in flight (each op completes once).
         for (uuid, op) in self.uuid_ops() {
             if !self.ops().contains(*op) {
-                v.push(format!("operation {op} for container {uuid} is not in flight"));
+                v.push(format!(
+                    "operation {op} for container {uuid} is not in flight"
+                ));
             }
         }
         if let Some(op) = self.poll_op()
@@ -36,8 +41,15 @@ impl Dispatcher {
         }
         // Queued and Locked entries have eligible types.
         for e in self.queue().entries().values() {
-            if matches!(e.container.state, ContainerState::Queued | ContainerState::Locked) && e.types.is_empty() {
-                v.push(format!("container {} is {} with no eligible instance type", e.container.uuid, e.container.state));
+            if matches!(
+                e.container.state,
+                ContainerState::Queued | ContainerState::Locked
+            ) && e.types.is_empty()
+            {
+                v.push(format!(
+                    "container {} is {} with no eligible instance type",
+                    e.container.uuid, e.container.state
+                ));
             }
         }
         v

@@ -5,6 +5,8 @@
 //! (`crate::runtime`) and the simulator (`dispatch-sim`). `clippy.toml` forbids the clock and the
 //! OS random source here, and `cargo build --no-default-features` proves the core builds alone.
 
+#![deny(clippy::disallowed_methods, clippy::disallowed_types)]
+
 pub mod config;
 pub mod rng;
 pub mod time;
@@ -13,14 +15,14 @@ pub mod types;
 pub use config::Config;
 pub use time::Timestamp;
 pub mod command;
+pub mod dispatcher;
+pub mod invariants;
 pub mod metrics;
 pub mod ops;
 pub mod pool;
 pub mod queue;
-pub mod select;
 pub mod scheduler;
-pub mod dispatcher;
-pub mod invariants;
+pub mod select;
 
 pub use command::{Command, CommandKind, Input, OpId};
 pub use dispatcher::{Dispatcher, Options};

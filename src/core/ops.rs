@@ -71,7 +71,10 @@ impl Ops {
         pending: Pending,
         kind: CommandKind,
     ) -> OpId {
-        assert!(self.records.len() < OPS_IN_FLIGHT_MAX, "too many operations in flight");
+        assert!(
+            self.records.len() < OPS_IN_FLIGHT_MAX,
+            "too many operations in flight"
+        );
         self.next += 1;
         let op = OpId(self.next);
         let deadline = now + timeout;

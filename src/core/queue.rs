@@ -168,7 +168,8 @@ impl Queue {
                     if matches!(ctr.state, ContainerState::Queued | ContainerState::Locked) {
                         tracing::info!(container = %uuid, error = %err,
                             "cancel container with no suitable instance type");
-                        fx.cancel_unsatisfiable.push((uuid.clone(), ctr.state, message(&err)));
+                        fx.cancel_unsatisfiable
+                            .push((uuid.clone(), ctr.state, message(&err)));
                         continue;
                     }
                     Vec::new()
@@ -217,12 +218,18 @@ impl Queue {
     fn untyped_schedulable(&mut self, uuid: &str) -> Option<(String, ContainerState, String)> {
         let ent = self.entries.get(uuid)?;
         let state = ent.container.state;
-        if !ent.types.is_empty() || !matches!(state, ContainerState::Queued | ContainerState::Locked) {
+        if !ent.types.is_empty()
+            || !matches!(state, ContainerState::Queued | ContainerState::Locked)
+        {
             return None;
         }
         self.entries.remove(uuid);
         tracing::info!(container = %uuid, "cancel container with no suitable instance type");
-        Some((uuid.to_string(), state, super::select::NOT_SATISFIABLE.to_string()))
+        Some((
+            uuid.to_string(),
+            state,
+            super::select::NOT_SATISFIABLE.to_string(),
+        ))
     }
 
     /// `Forget`: drops the entry only if it is final, or Queued with priority 0.

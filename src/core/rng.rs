@@ -123,7 +123,10 @@ mod tests {
     fn hex_has_the_requested_length_and_alphabet() {
         let s = Rng::new(1).hex(20);
         assert_eq!(s.len(), 40);
-        assert!(s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+        assert!(
+            s.bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        );
     }
 
     #[test]

@@ -95,7 +95,9 @@ impl InstanceType {
 }
 
 /// Resources a container needs, or an instance has left (`InstanceResources` in Go).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub struct Resources {
     /// Virtual CPUs.
     #[serde(rename = "VCPUs")]
@@ -153,7 +155,9 @@ impl Resources {
 }
 
 /// Container states as the controller reports them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 pub enum ContainerState {
     /// Waiting for a dispatcher.
     #[default]

@@ -27,7 +27,9 @@ pub fn type_n(i: i64) -> InstanceType {
 
 /// Types `typeN` for each n.
 pub fn types(ns: &[i64]) -> BTreeMap<String, InstanceType> {
-    ns.iter().map(|n| (format!("type{n}"), type_n(*n))).collect()
+    ns.iter()
+        .map(|n| (format!("type{n}"), type_n(*n)))
+        .collect()
 }
 
 /// `test.ContainerUUID(i)`.
@@ -36,7 +38,13 @@ pub fn uuid(i: usize) -> String {
 }
 
 /// A container with the given shape.
-pub fn container(i: usize, state: ContainerState, priority: i64, vcpus: i64, ram: i64) -> Container {
+pub fn container(
+    i: usize,
+    state: ContainerState,
+    priority: i64,
+    vcpus: i64,
+    ram: i64,
+) -> Container {
     let mut c = Container {
         uuid: uuid(i),
         state,

@@ -20,6 +20,9 @@ use arvados_dispatch_cloud::core::{Dispatcher, Options, Timestamp};
 pub const ME: &str = "zzzzz-gj3su-000000000000000";
 pub const SET_ID: &str = "zzzzz-gj3su-000000000000000";
 
+/// Customises each new VM: (vm, sequence number, now, rng).
+pub type SetupVm = Box<dyn FnMut(&mut Vm, usize, Timestamp, &mut Rng)>;
+
 /// A fake crunch-run process.
 #[derive(Clone, Debug)]
 pub struct Proc {
@@ -67,7 +70,7 @@ pub struct World {
     pub payload_starts: BTreeMap<String, usize>,
     pub creates: Vec<String>,
     pub commands: Vec<Command>,
-    pub setup_vm: Option<Box<dyn FnMut(&mut Vm, usize, Timestamp, &mut Rng)>>,
+    pub setup_vm: Option<SetupVm>,
     pub mounts: BTreeMap<String, String>,
     pub steps: u64,
 }
@@ -196,7 +199,10 @@ impl World {
                         }
                     }
                 }
-                Input::QueuePolled { op, result: Ok(res) }
+                Input::QueuePolled {
+                    op,
+                    result: Ok(res),
+                }
             }
             CommandKind::Lock { uuid } => {
                 let result = match self.api_err() {
@@ -204,12 +210,19 @@ impl World {
                     None => {
                         let c = &self.db[&uuid];
                         if c.state != ContainerState::Queued {
-                            Err(ApiError { status: Some(422), message: format!("cannot lock when {}", c.state) })
+                            Err(ApiError {
+                                status: Some(422),
+                                message: format!("cannot lock when {}", c.state),
+                            })
                         } else if c.priority <= 0 {
-                            Err(ApiError { status: Some(422), message: "cannot lock when priority<=0".into() })
+                            Err(ApiError {
+                                status: Some(422),
+                                message: "cannot lock when priority<=0".into(),
+                            })
                         } else {
                             self.change(&uuid, ContainerState::Locked);
-                            self.db.get_mut(&uuid).expect("exists").locked_by_uuid = Some(ME.into());
+                            self.db.get_mut(&uuid).expect("exists").locked_by_uuid =
+                                Some(ME.into());
                             *self.lock_count.entry(uuid.clone()).or_default() += 1;
                             Ok(self.update_of(&uuid))
                         }
@@ -223,7 +236,10 @@ impl World {
                     None => {
                         let c = &self.db[&uuid];
                         if c.state != ContainerState::Locked {
-                            Err(ApiError { status: Some(422), message: format!("cannot unlock when {}", c.state) })
+                            Err(ApiError {
+                                status: Some(422),
+                                message: format!("cannot unlock when {}", c.state),
+                            })
                         } else {
                             let n = self.lock_count.get(&uuid).copied().unwrap_or(0);
                             if n >= self.max_dispatch_attempts {
@@ -255,20 +271,43 @@ impl World {
                 }
                 Input::UnsatisfiableCancelled { op, result: Ok(()) }
             }
-            CommandKind::Create { instance_type, tags, .. } => {
+            CommandKind::Create {
+                instance_type,
+                tags,
+                ..
+            } => {
                 if self.hold_cloud {
-                    self.held.push(Command { op, deadline: cmd.deadline, kind: CommandKind::Create { instance_type, image_id: String::new(), tags, init_command: String::new(), install_public_key: true } });
+                    self.held.push(Command {
+                        op,
+                        deadline: cmd.deadline,
+                        kind: CommandKind::Create {
+                            instance_type,
+                            image_id: String::new(),
+                            tags,
+                            init_command: String::new(),
+                            install_public_key: true,
+                        },
+                    });
                     return None;
                 }
                 self.creates.push(instance_type.name.clone());
                 let live = self.vms.len();
-                let err = |kind, message: &str| CloudError { kind, message: message.into() };
+                let err = |kind, message: &str| CloudError {
+                    kind,
+                    message: message.into(),
+                };
                 let result = if self.rng.unit_f64() < self.create_error_rate {
                     Err(err(CloudErrorKind::Transient, "random create error"))
                 } else if live >= self.quota_max {
                     Err(err(CloudErrorKind::Quota, "quota"))
-                } else if self.capacity_error_providers.contains(&instance_type.provider_type) {
-                    Err(err(CloudErrorKind::Capacity(CapacityScope::InstanceType), "no capacity"))
+                } else if self
+                    .capacity_error_providers
+                    .contains(&instance_type.provider_type)
+                {
+                    Err(err(
+                        CloudErrorKind::Capacity(CapacityScope::InstanceType),
+                        "no capacity",
+                    ))
                 } else {
                     self.next_vm += 1;
                     let id = format!("inst{},{}", self.next_vm, instance_type.provider_type);
@@ -300,7 +339,10 @@ impl World {
             }
             CommandKind::Destroy { instance } => {
                 let result = if self.rng.unit_f64() < self.destroy_error_rate {
-                    Err(CloudError { kind: CloudErrorKind::Transient, message: "instance could not be destroyed".into() })
+                    Err(CloudError {
+                        kind: CloudErrorKind::Transient,
+                        message: "instance could not be destroyed".into(),
+                    })
                 } else {
                     self.vms.remove(&instance);
                     Ok(())
@@ -317,11 +359,16 @@ impl World {
                         vm.info.tags = tags;
                         Ok(())
                     }
-                    None => Err(CloudError { kind: CloudErrorKind::NotFound, message: "no such instance".into() }),
+                    None => Err(CloudError {
+                        kind: CloudErrorKind::NotFound,
+                        message: "no such instance".into(),
+                    }),
                 };
                 Input::TagsSet { op, result }
             }
-            CommandKind::Exec { instance, purpose, .. } => {
+            CommandKind::Exec {
+                instance, purpose, ..
+            } => {
                 let result = self.exec(&instance, purpose);
                 Input::ExecFinished { op, result }
             }
@@ -339,7 +386,12 @@ impl World {
         if vm.broken_at.is_some_and(|t| now >= t) {
             return Self::exec_err(ExecErrorKind::Exit(2), "cannot fork");
         }
-        let crunch = matches!(purpose, ExecPurpose::ListProbe | ExecPurpose::StartRunner { .. } | ExecPurpose::KillRunner { .. });
+        let crunch = matches!(
+            purpose,
+            ExecPurpose::ListProbe
+                | ExecPurpose::StartRunner { .. }
+                | ExecPurpose::KillRunner { .. }
+        );
         if crunch && vm.crunch_run_missing {
             return Self::exec_err(ExecErrorKind::Exit(1), "crunch-run: command not found");
         }
@@ -358,7 +410,10 @@ impl World {
                 if vm.report_broken_at.is_some_and(|t| now >= t) {
                     out.push_str("broken\n");
                 }
-                Ok(ExecOutput { stdout: out, stderr: String::new() })
+                Ok(ExecOutput {
+                    stdout: out,
+                    stderr: String::new(),
+                })
             }
             ExecPurpose::StartRunner { uuid } => {
                 let crash = self.rng.unit_f64() < vm.crash_rate;
@@ -367,13 +422,26 @@ impl World {
                 if vm.procs.contains_key(&uuid) {
                     return Self::exec_err(ExecErrorKind::Exit(1), "already running");
                 }
-                vm.procs.insert(uuid.clone(), Proc {
-                    finish_at: now + if crash { Duration::from_millis(1) } else { self.run_time },
-                    stale_until: None,
-                    exited: false,
-                    crash_before_running: early,
-                });
-                if !early && self.db.get(&uuid).is_some_and(|c| c.state == ContainerState::Locked) {
+                vm.procs.insert(
+                    uuid.clone(),
+                    Proc {
+                        finish_at: now
+                            + if crash {
+                                Duration::from_millis(1)
+                            } else {
+                                self.run_time
+                            },
+                        stale_until: None,
+                        exited: false,
+                        crash_before_running: early,
+                    },
+                );
+                if !early
+                    && self
+                        .db
+                        .get(&uuid)
+                        .is_some_and(|c| c.state == ContainerState::Locked)
+                {
                     self.change(&uuid, ContainerState::Running);
                     *self.payload_starts.entry(uuid).or_default() += 1;
                 }
@@ -383,7 +451,11 @@ impl World {
                 let vm = self.vms.get_mut(id).expect("exists");
                 if vm.procs.get(&uuid).is_some_and(|p| !p.exited) {
                     vm.procs.remove(&uuid);
-                    if self.db.get(&uuid).is_some_and(|c| c.state == ContainerState::Running) {
+                    if self
+                        .db
+                        .get(&uuid)
+                        .is_some_and(|c| c.state == ContainerState::Running)
+                    {
                         self.change(&uuid, ContainerState::Cancelled);
                     }
                 }
@@ -411,14 +483,28 @@ impl World {
             let _ = deadlock;
         }
         for (id, uuid, early) in done {
-            if !early && self.db.get(&uuid).is_some_and(|c| c.state == ContainerState::Running) {
+            if !early
+                && self
+                    .db
+                    .get(&uuid)
+                    .is_some_and(|c| c.state == ContainerState::Running)
+            {
                 self.change(&uuid, ContainerState::Complete);
             }
             let deadlock = self.vms.get(&id).map(|v| v.deadlock_rate).unwrap_or(0.0);
-            if deadlock > 0.0 && self.rng.unit_f64() < deadlock
+            if deadlock > 0.0
+                && self.rng.unit_f64() < deadlock
                 && let Some(vm) = self.vms.get_mut(&id)
             {
-                vm.procs.insert(uuid, Proc { finish_at: now, stale_until: Some(Timestamp(u64::MAX)), exited: true, crash_before_running: false });
+                vm.procs.insert(
+                    uuid,
+                    Proc {
+                        finish_at: now,
+                        stale_until: Some(Timestamp(u64::MAX)),
+                        exited: true,
+                        crash_before_running: false,
+                    },
+                );
             }
         }
     }
@@ -471,14 +557,21 @@ impl World {
             if stop(self) {
                 return true;
             }
-            let t = [self.d.poll_timeout(), self.next_proc_event()].into_iter().flatten().min();
+            let t = [self.d.poll_timeout(), self.next_proc_event()]
+                .into_iter()
+                .flatten()
+                .min();
             let Some(t) = t else { return false };
             if t > end {
                 self.now = end;
                 return false;
             }
             self.steps += 1;
-            assert!(self.steps < 5_000_000, "too many steps; stuck at {}", self.now);
+            assert!(
+                self.steps < 5_000_000,
+                "too many steps; stuck at {}",
+                self.now
+            );
             self.now = self.now.max(t);
             self.tick_procs();
             self.d.handle_timeout(self.now);

@@ -28,7 +28,9 @@ use super::ops::{Ops, Pending};
 use super::rng::Rng;
 use super::select::{TypeId, TypeTable};
 use super::time::Timestamp;
-use super::types::{Container, IdleBehavior, InstanceInfo, InstanceType, InstanceView, WorkerState};
+use super::types::{
+    Container, IdleBehavior, InstanceInfo, InstanceType, InstanceView, WorkerState,
+};
 use remote::RunnerSpec;
 use worker::{Probe, ProbeStep, Runner, Worker};
 
@@ -53,6 +55,21 @@ pub enum AdminError {
     /// `KillContainer` on a UUID with no runner.
     #[error("container not found")]
     ContainerNotFound,
+}
+
+/// A finished remote command, as the pool needs it.
+#[derive(Clone, Debug)]
+pub struct ExecDone {
+    /// The command's id.
+    pub op: OpId,
+    /// When it was issued (for the run-probe duration metric).
+    pub issued: Timestamp,
+    /// Cloud ID.
+    pub instance: String,
+    /// What it was for.
+    pub purpose: ExecPurpose,
+    /// How it ended.
+    pub result: Result<ExecOutput, ExecError>,
 }
 
 /// A cloud call waiting for the rate limiter.
@@ -171,7 +188,10 @@ impl Pool {
         nonzero(self.cfg.cloud_vms.timeout_term, Duration::from_secs(120))
     }
     fn timeout_stale_run_lock(&self) -> Duration {
-        nonzero(self.cfg.cloud_vms.timeout_stale_run_lock, Duration::from_secs(5))
+        nonzero(
+            self.cfg.cloud_vms.timeout_stale_run_lock,
+            Duration::from_secs(5),
+        )
     }
     fn sync_interval(&self) -> Duration {
         nonzero(self.cfg.cloud_vms.sync_interval, Duration::from_secs(60))
@@ -269,13 +289,18 @@ impl Pool {
 
     /// Whether any worker is `unknown`.
     pub fn any_unknown(&self) -> bool {
-        self.workers.values().any(|w| w.state == WorkerState::Unknown)
+        self.workers
+            .values()
+            .any(|w| w.state == WorkerState::Unknown)
     }
 
     /// `Running()`: every UUID with a runner (`None`) or an exit placeholder (`Some(exit)`).
     pub fn running(&self) -> BTreeMap<String, Option<Timestamp>> {
-        let mut r: BTreeMap<String, Option<Timestamp>> =
-            self.exited.iter().map(|(u, t)| (u.clone(), Some(*t))).collect();
+        let mut r: BTreeMap<String, Option<Timestamp>> = self
+            .exited
+            .iter()
+            .map(|(u, t)| (u.clone(), Some(*t)))
+            .collect();
         for uuid in self.runner_index.keys() {
             r.insert(uuid.clone(), None);
         }
@@ -368,7 +393,13 @@ impl Pool {
     }
 
     /// `StartContainer(id, ctr)`: the worker must be idle or running with behaviour `run`.
-    pub fn start_container(&mut self, now: Timestamp, ops: &mut Ops, id: &str, ctr: &Container) -> bool {
+    pub fn start_container(
+        &mut self,
+        now: Timestamp,
+        ops: &mut Ops,
+        id: &str,
+        ctr: &Container,
+    ) -> bool {
         let Some(w) = self.workers.get(id) else {
             return false;
         };
@@ -378,8 +409,17 @@ impl Pool {
         {
             return false;
         }
-        let mut args = vec![format!("--runtime-engine={}", self.cfg.containers.runtime_engine)];
-        args.extend(self.cfg.containers.crunch_run_arguments_list.iter().cloned());
+        let mut args = vec![format!(
+            "--runtime-engine={}",
+            self.cfg.containers.runtime_engine
+        )];
+        args.extend(
+            self.cfg
+                .containers
+                .crunch_run_arguments_list
+                .iter()
+                .cloned(),
+        );
         let command =
             remote::start_command(&self.runner.command, &w.info.remote_user, &args, &ctr.uuid);
         let stdin = ExecStdin::ConfigData {
@@ -390,10 +430,17 @@ impl Pool {
         let op = ops.issue(
             now,
             self.cfg.tuning.exec_timeout,
-            Pending::Exec(id.to_string(), ExecPurpose::StartRunner { uuid: ctr.uuid.clone() }),
+            Pending::Exec(
+                id.to_string(),
+                ExecPurpose::StartRunner {
+                    uuid: ctr.uuid.clone(),
+                },
+            ),
             CommandKind::Exec {
                 instance: id.to_string(),
-                purpose: ExecPurpose::StartRunner { uuid: ctr.uuid.clone() },
+                purpose: ExecPurpose::StartRunner {
+                    uuid: ctr.uuid.clone(),
+                },
                 command,
                 stdin,
             },
@@ -414,12 +461,21 @@ impl Pool {
     }
 
     /// `KillContainer(uuid, reason)`: starts the SIGTERM loop if a runner exists.
-    pub fn kill_container(&mut self, now: Timestamp, ops: &mut Ops, uuid: &str, reason: &str) -> bool {
+    pub fn kill_container(
+        &mut self,
+        now: Timestamp,
+        ops: &mut Ops,
+        uuid: &str,
+        reason: &str,
+    ) -> bool {
         let Some(id) = self.runner_index.get(uuid).cloned() else {
             return false;
         };
         let term = self.timeout_term();
-        let w = self.workers.get_mut(&id).expect("runner index is consistent");
+        let w = self
+            .workers
+            .get_mut(&id)
+            .expect("runner index is consistent");
         let r = w.runner_mut(uuid).expect("runner index is consistent");
         if r.stopping {
             return true;
@@ -438,7 +494,12 @@ impl Pool {
     }
 
     /// `KillInstance(id, reason)`: destroys the VM whatever its state or behaviour.
-    pub fn kill_instance(&mut self, now: Timestamp, id: &str, reason: &str) -> Result<(), AdminError> {
+    pub fn kill_instance(
+        &mut self,
+        now: Timestamp,
+        id: &str,
+        reason: &str,
+    ) -> Result<(), AdminError> {
         if !self.workers.contains_key(id) {
             return Err(AdminError::InstanceNotFound);
         }
@@ -449,7 +510,12 @@ impl Pool {
     }
 
     /// `SetIdleBehavior(id, b)`.
-    pub fn set_idle_behavior(&mut self, now: Timestamp, id: &str, b: IdleBehavior) -> Result<(), AdminError> {
+    pub fn set_idle_behavior(
+        &mut self,
+        now: Timestamp,
+        id: &str,
+        b: IdleBehavior,
+    ) -> Result<(), AdminError> {
         let w = self.workers.get_mut(id).ok_or(AdminError::NoSuchInstance)?;
         tracing::info!(instance = %id, idle_behavior = %b, "set idle behavior");
         w.idle_behavior = b;
@@ -494,7 +560,10 @@ impl Pool {
             return;
         }
         if self.cloud_queue.len() >= CLOUD_QUEUE_MAX && !matches!(req, CloudReq::Create(_)) {
-            tracing::warn!(?req, "cloud call queue full; dropping request until the next sync");
+            tracing::warn!(
+                ?req,
+                "cloud call queue full; dropping request until the next sync"
+            );
             return;
         }
         self.cloud_queue.push_back(req);
@@ -512,7 +581,10 @@ impl Pool {
             WorkerState::Idle => draining || now.since(w.busy) >= self.timeout_idle(),
             WorkerState::Running => {
                 draining
-                    && w.running.values().chain(w.starting.values()).all(|r| r.givenup)
+                    && w.running
+                        .values()
+                        .chain(w.starting.values())
+                        .all(|r| r.givenup)
             }
             WorkerState::Unknown => {
                 w.runner_count() == 0 && now.since(w.appeared) >= self.timeout_booting()
@@ -538,7 +610,10 @@ impl Pool {
     fn desired_tags(&self, w: &Worker) -> BTreeMap<String, String> {
         let mut tags = w.info.tags.clone();
         tags.insert(self.tag("InstanceType"), w.itype.name.clone());
-        tags.insert(self.tag("IdleBehavior"), w.idle_behavior.as_str().to_string());
+        tags.insert(
+            self.tag("IdleBehavior"),
+            w.idle_behavior.as_str().to_string(),
+        );
         tags
     }
 
@@ -578,7 +653,11 @@ impl Pool {
     fn update_worker(&mut self, now: Timestamp, info: InstanceInfo, secret_hint: Option<&str>) {
         self.stamp += 1;
         let stamp = self.stamp;
-        let type_name = info.tags.get(&self.tag("InstanceType")).cloned().unwrap_or_default();
+        let type_name = info
+            .tags
+            .get(&self.tag("InstanceType"))
+            .cloned()
+            .unwrap_or_default();
         if let Some(w) = self.workers.get_mut(&info.id) {
             w.info = info;
             w.seen = stamp;
@@ -673,14 +752,22 @@ impl Pool {
     // ----- completions ----------------------------------------------------------------------
 
     /// A create finished (or the core gave up on it).
-    pub fn create_finished(&mut self, now: Timestamp, secret: &str, result: Result<InstanceInfo, CloudError>) {
+    pub fn create_finished(
+        &mut self,
+        now: Timestamp,
+        secret: &str,
+        result: Result<InstanceInfo, CloudError>,
+    ) {
         self.metrics.driver_op("Create", result.is_err());
         match result {
             Ok(info) => {
                 self.update_worker(now, info, Some(secret));
             }
             Err(err) => {
-                let it = self.creating.get(secret).map(|c| self.types.get(c.type_id).clone());
+                let it = self
+                    .creating
+                    .get(secret)
+                    .map(|c| self.types.get(c.type_id).clone());
                 tracing::error!(error = %err, instance_type = it.as_ref().map(|t| t.name.as_str()).unwrap_or(""),
                     is_quota_error = matches!(err.kind, CloudErrorKind::Quota),
                     is_capacity_error = matches!(err.kind, CloudErrorKind::Capacity(_)),
@@ -751,7 +838,12 @@ impl Pool {
     }
 
     /// A list finished: reconcile workers with the cloud (`sync`, §1.8).
-    pub fn listed(&mut self, now: Timestamp, threshold: u64, result: Result<Vec<InstanceInfo>, CloudError>) {
+    pub fn listed(
+        &mut self,
+        now: Timestamp,
+        threshold: u64,
+        result: Result<Vec<InstanceInfo>, CloudError>,
+    ) {
         self.metrics.driver_op("List", result.is_err());
         self.list_busy = false;
         let list = match result {
@@ -772,7 +864,9 @@ impl Pool {
         let mut seen_ids = BTreeSet::new();
         for info in list {
             // Drivers may ignore the tag filter; apply it here.
-            if info.tags.get(&set_key) != Some(&self.instance_set_id) || !seen_ids.insert(info.id.clone()) {
+            if info.tags.get(&set_key) != Some(&self.instance_set_id)
+                || !seen_ids.insert(info.id.clone())
+            {
                 continue;
             }
             let id = info.id.clone();
@@ -813,21 +907,22 @@ impl Pool {
             && w.first_ssh.is_none()
         {
             w.first_ssh = Some(now);
-            self.metrics.time_to_ssh.observe(now, now.since(w.appeared).as_secs_f64());
+            self.metrics
+                .time_to_ssh
+                .observe(now, now.since(w.appeared).as_secs_f64());
         }
     }
 
     /// A remote command finished.
-    pub fn exec_finished(
-        &mut self,
-        now: Timestamp,
-        ops: &mut Ops,
-        op: OpId,
-        issued: Timestamp,
-        id: &str,
-        purpose: ExecPurpose,
-        result: Result<ExecOutput, ExecError>,
-    ) {
+    pub fn exec_finished(&mut self, now: Timestamp, ops: &mut Ops, done: ExecDone) {
+        let ExecDone {
+            op,
+            issued,
+            instance,
+            purpose,
+            result,
+        } = done;
+        let id = instance.as_str();
         match purpose {
             ExecPurpose::StartRunner { uuid } => self.start_finished(now, id, &uuid, op, result),
             ExecPurpose::KillRunner { uuid } => self.kill_finished(now, ops, id, &uuid, op, result),
@@ -835,7 +930,14 @@ impl Pool {
         }
     }
 
-    fn start_finished(&mut self, now: Timestamp, id: &str, uuid: &str, op: OpId, result: Result<ExecOutput, ExecError>) {
+    fn start_finished(
+        &mut self,
+        now: Timestamp,
+        id: &str,
+        uuid: &str,
+        op: OpId,
+        result: Result<ExecOutput, ExecError>,
+    ) {
         if let Err(err) = &result {
             tracing::warn!(instance = %id, container = %uuid, error = %err.message,
                 stderr = %err.stderr, "error starting crunch-run process");
@@ -864,7 +966,11 @@ impl Pool {
 
     fn kill_step(&mut self, now: Timestamp, ops: &mut Ops, id: &str, uuid: &str) {
         let signal = self.timeout_signal();
-        let exec_timeout = self.cfg.tuning.exec_timeout.min(signal.max(Duration::from_secs(1)));
+        let exec_timeout = self
+            .cfg
+            .tuning
+            .exec_timeout
+            .min(signal.max(Duration::from_secs(1)));
         let runner_cmd = self.runner.command.clone();
         let Some(w) = self.workers.get_mut(id) else {
             return;
@@ -893,10 +999,17 @@ impl Pool {
         let op = ops.issue(
             now,
             exec_timeout,
-            Pending::Exec(id.to_string(), ExecPurpose::KillRunner { uuid: uuid.to_string() }),
+            Pending::Exec(
+                id.to_string(),
+                ExecPurpose::KillRunner {
+                    uuid: uuid.to_string(),
+                },
+            ),
             CommandKind::Exec {
                 instance: id.to_string(),
-                purpose: ExecPurpose::KillRunner { uuid: uuid.to_string() },
+                purpose: ExecPurpose::KillRunner {
+                    uuid: uuid.to_string(),
+                },
                 command: remote::kill_command(&runner_cmd, &user, uuid),
                 stdin: ExecStdin::Empty,
             },
@@ -905,7 +1018,15 @@ impl Pool {
         self.kill_timers.insert((now + signal, uuid.to_string()));
     }
 
-    fn kill_finished(&mut self, now: Timestamp, ops: &mut Ops, id: &str, uuid: &str, op: OpId, result: Result<ExecOutput, ExecError>) {
+    fn kill_finished(
+        &mut self,
+        now: Timestamp,
+        ops: &mut Ops,
+        id: &str,
+        uuid: &str,
+        op: OpId,
+        result: Result<ExecOutput, ExecError>,
+    ) {
         let Some(w) = self.workers.get_mut(id) else {
             return;
         };
@@ -945,7 +1066,11 @@ impl Pool {
         let s0 = w.state;
         let v0 = w.version;
         let ready = matches!(s0, WorkerState::Idle | WorkerState::Running);
-        let step = if ready { ProbeStep::List } else { ProbeStep::Boot };
+        let step = if ready {
+            ProbeStep::List
+        } else {
+            ProbeStep::Boot
+        };
         let op = self.issue_probe_step(now, ops, id, step);
         let w = self.workers.get_mut(id).expect("checked");
         w.probe = Some(Probe {
@@ -970,7 +1095,12 @@ impl Pool {
                 } else {
                     self.cfg.cloud_vms.boot_probe_command.clone()
                 };
-                (ExecPurpose::BootProbe, cmd, ExecStdin::Empty, self.cfg.tuning.exec_timeout)
+                (
+                    ExecPurpose::BootProbe,
+                    cmd,
+                    ExecStdin::Empty,
+                    self.cfg.tuning.exec_timeout,
+                )
             }
             ProbeStep::Md5 => (
                 ExecPurpose::RunnerMd5,
@@ -1006,7 +1136,11 @@ impl Pool {
 
     fn advance_probe(&mut self, now: Timestamp, ops: &mut Ops, id: &str, step: ProbeStep) {
         let op = self.issue_probe_step(now, ops, id, step);
-        let p = self.workers.get_mut(id).and_then(|w| w.probe.as_mut()).expect("probe in progress");
+        let p = self
+            .workers
+            .get_mut(id)
+            .and_then(|w| w.probe.as_mut())
+            .expect("probe in progress");
         p.op = op;
         p.step = step;
     }
@@ -1021,7 +1155,15 @@ impl Pool {
         }
     }
 
-    fn probe_step_finished(&mut self, now: Timestamp, ops: &mut Ops, op: OpId, issued: Timestamp, id: &str, result: Result<ExecOutput, ExecError>) {
+    fn probe_step_finished(
+        &mut self,
+        now: Timestamp,
+        ops: &mut Ops,
+        op: OpId,
+        issued: Timestamp,
+        id: &str,
+        result: Result<ExecOutput, ExecError>,
+    ) {
         let Some(w) = self.workers.get_mut(id) else {
             return;
         };
@@ -1038,7 +1180,12 @@ impl Pool {
                 let mut should_copy = p.booted || p.s0 == WorkerState::Unknown;
                 if let Err(err) = &result {
                     p.last_error = err.message.clone();
-                    if matches!(err.kind, crate::core::command::ExecErrorKind::Auth | crate::core::command::ExecErrorKind::HostKey | crate::core::command::ExecErrorKind::Other) {
+                    if matches!(
+                        err.kind,
+                        crate::core::command::ExecErrorKind::Auth
+                            | crate::core::command::ExecErrorKind::HostKey
+                            | crate::core::command::ExecErrorKind::Other
+                    ) {
                         tracing::warn!(instance = %id, error = %err.message, "boot probe failed");
                     } else {
                         tracing::debug!(instance = %id, error = %err.message, "boot probe failed");
@@ -1093,7 +1240,12 @@ impl Pool {
     }
 
     /// The end of `probeAndUpdate` (§2.4 steps 4–6). `list` is `None` when no run probe ran.
-    fn finish_probe(&mut self, now: Timestamp, id: &str, list: Option<Result<ExecOutput, ExecError>>) {
+    fn finish_probe(
+        &mut self,
+        now: Timestamp,
+        id: &str,
+        list: Option<Result<ExecOutput, ExecError>>,
+    ) {
         let stale_timeout = self.timeout_stale_run_lock();
         let cluster_id = self.cfg.cluster_id.clone();
         let Some(w) = self.workers.get_mut(id) else {
@@ -1134,8 +1286,15 @@ impl Pool {
             }
             let dur = p.started.since(w.probed);
             let booting = matches!(w.state, WorkerState::Unknown | WorkerState::Booting);
-            let threshold = if booting { timeout_booting } else { timeout_probe };
-            if w.idle_behavior != IdleBehavior::Hold && w.state != WorkerState::Shutdown && dur >= threshold {
+            let threshold = if booting {
+                timeout_booting
+            } else {
+                timeout_probe
+            };
+            if w.idle_behavior != IdleBehavior::Hold
+                && w.state != WorkerState::Shutdown
+                && dur >= threshold
+            {
                 let new = if booting { "new " } else { "" };
                 tracing::warn!(instance = %id, state = %w.state, since_last_success = ?dur,
                     "{new}instance unresponsive, shutting down");
@@ -1181,7 +1340,8 @@ impl Pool {
                 continue;
             } else {
                 tracing::info!(instance = %id, container = %uuid, "crunch-run process detected");
-                w.running.insert(uuid.clone(), Runner::new(uuid, Timestamp::ZERO));
+                w.running
+                    .insert(uuid.clone(), Runner::new(uuid, Timestamp::ZERO));
                 adopted.push(uuid.clone());
             }
             changed = true;
@@ -1208,7 +1368,9 @@ impl Pool {
             if state == WorkerState::Booting
                 && let Some(t) = first_ssh
             {
-                self.metrics.time_to_ready.observe(now, now.since(t).as_secs_f64());
+                self.metrics
+                    .time_to_ready
+                    .observe(now, now.since(t).as_secs_f64());
             }
             w.state = WorkerState::Idle;
             changed = true;
@@ -1220,7 +1382,11 @@ impl Pool {
             tracing::info!(instance = %id, "crunch-run probe succeeded, but boot probe is still failing");
         }
         if matches!(w.state, WorkerState::Idle | WorkerState::Running) {
-            w.state = if w.runner_count() > 0 { WorkerState::Running } else { WorkerState::Idle };
+            w.state = if w.runner_count() > 0 {
+                WorkerState::Running
+            } else {
+                WorkerState::Idle
+            };
         }
         self.stamp += 1;
         w.version = self.stamp;
@@ -1328,28 +1494,47 @@ impl Pool {
                     let mut tags = self.cfg.cloud_vms.resource_tags.clone();
                     tags.insert(self.tag("InstanceSetID"), self.instance_set_id.clone());
                     tags.insert(self.tag("InstanceType"), it.name.clone());
-                    tags.insert(self.tag("IdleBehavior"), IdleBehavior::Run.as_str().to_string());
+                    tags.insert(
+                        self.tag("IdleBehavior"),
+                        IdleBehavior::Run.as_str().to_string(),
+                    );
                     tags.insert(self.tag("InstanceSecret"), secret.clone());
-                    let init_command = remote::init_command(&secret, &self.cfg.cloud_vms.instance_init_command);
-                    ops.issue(now, timeout, Pending::Create(secret), CommandKind::Create {
-                        instance_type: it,
-                        image_id: self.cfg.cloud_vms.image_id.clone(),
-                        tags,
-                        init_command,
-                        install_public_key: self.cfg.cloud_vms.deploy_public_key,
-                    });
+                    let init_command =
+                        remote::init_command(&secret, &self.cfg.cloud_vms.instance_init_command);
+                    ops.issue(
+                        now,
+                        timeout,
+                        Pending::Create(secret),
+                        CommandKind::Create {
+                            instance_type: it,
+                            image_id: self.cfg.cloud_vms.image_id.clone(),
+                            tags,
+                            init_command,
+                            install_public_key: self.cfg.cloud_vms.deploy_public_key,
+                        },
+                    );
                 }
                 CloudReq::Destroy(id) => {
                     if !self.workers.contains_key(&id) {
                         continue;
                     }
-                    ops.issue(now, timeout, Pending::Destroy(id.clone()), CommandKind::Destroy { instance: id });
+                    ops.issue(
+                        now,
+                        timeout,
+                        Pending::Destroy(id.clone()),
+                        CommandKind::Destroy { instance: id },
+                    );
                 }
                 CloudReq::List => {
                     let threshold = self.stamp;
                     let mut tags = BTreeMap::new();
                     tags.insert(self.tag("InstanceSetID"), self.instance_set_id.clone());
-                    ops.issue(now, timeout, Pending::List { threshold }, CommandKind::ListInstances { tags });
+                    ops.issue(
+                        now,
+                        timeout,
+                        Pending::List { threshold },
+                        CommandKind::ListInstances { tags },
+                    );
                 }
                 CloudReq::SetTags(id) => {
                     let Some(w) = self.workers.get(&id) else {
@@ -1357,7 +1542,12 @@ impl Pool {
                     };
                     let tags = self.desired_tags(w);
                     self.workers.get_mut(&id).expect("exists").tags_sent = Some(tags.clone());
-                    ops.issue(now, timeout, Pending::SetTags(id.clone()), CommandKind::SetTags { instance: id, tags });
+                    ops.issue(
+                        now,
+                        timeout,
+                        Pending::SetTags(id.clone()),
+                        CommandKind::SetTags { instance: id, tags },
+                    );
                 }
             }
         }
@@ -1399,7 +1589,10 @@ impl Pool {
             }
             for uuid in w.running.keys() {
                 if w.starting.contains_key(uuid) {
-                    v.push(format!("runner {uuid} on {} is both starting and running", w.id));
+                    v.push(format!(
+                        "runner {uuid} on {} is both starting and running",
+                        w.id
+                    ));
                 }
             }
             if w.state == WorkerState::Shutdown && !w.starting.is_empty() {
@@ -1408,7 +1601,10 @@ impl Pool {
             if let Some(p) = &w.probe
                 && !ops.contains(p.op)
             {
-                v.push(format!("probe of {} waits for {} which is not in flight", w.id, p.op));
+                v.push(format!(
+                    "probe of {} waits for {} which is not in flight",
+                    w.id, p.op
+                ));
             }
             if matches!(w.state, WorkerState::Idle) && w.runner_count() > 0 {
                 v.push(format!("idle instance {} has runners", w.id));
@@ -1424,7 +1620,10 @@ impl Pool {
         // the pool itself never creates beyond it: creates start only below the limit.
         let max = self.cfg.cloud_vms.max_instances;
         if max > 0 && self.creating.len() > max {
-            v.push(format!("{} creates in flight exceed MaxInstances {max}", self.creating.len()));
+            v.push(format!(
+                "{} creates in flight exceed MaxInstances {max}",
+                self.creating.len()
+            ));
         }
         v
     }

@@ -170,7 +170,11 @@ mod tests {
 
     #[test]
     fn install_command_is_wrapped_for_non_root() {
-        let root = install_command("/tmp/arvados-crunch-run", "/tmp/arvados-crunch-run/crunch-run~ab", "root");
+        let root = install_command(
+            "/tmp/arvados-crunch-run",
+            "/tmp/arvados-crunch-run/crunch-run~ab",
+            "root",
+        );
         assert_eq!(
             root,
             "set -e; dstdir=\"/tmp/arvados-crunch-run/\"; dstfile=\"/tmp/arvados-crunch-run/crunch-run~ab\"; mkdir -p \"$dstdir\"; touch \"$dstfile\"; chmod 0755 \"$dstdir\" \"$dstfile\"; cat >\"$dstfile\""
@@ -191,7 +195,10 @@ mod tests {
 
     #[test]
     fn other_commands_are_exact() {
-        assert_eq!(kill_command("crunch-run", "admin", "u1"), "sudo crunch-run --kill 15 u1");
+        assert_eq!(
+            kill_command("crunch-run", "admin", "u1"),
+            "sudo crunch-run --kill 15 u1"
+        );
         assert_eq!(list_command("crunch-run", "root"), "crunch-run --list");
         assert_eq!(md5_command("/d/crunch-run~x"), "md5sum /d/crunch-run~x");
         assert_eq!(md5_expected("/d/c", "ab"), "ab  /d/c\n");
@@ -199,6 +206,9 @@ mod tests {
             init_command("abc", "echo hi"),
             "umask 0177 && echo -n \"abc\" >/var/run/arvados-instance-secret\necho hi"
         );
-        assert_eq!(RunnerSpec::deployed("/tmp/d/", "ff").command, "/tmp/d/crunch-run~ff");
+        assert_eq!(
+            RunnerSpec::deployed("/tmp/d/", "ff").command,
+            "/tmp/d/crunch-run~ff"
+        );
     }
 }
