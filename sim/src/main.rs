@@ -1,2 +1,118 @@
-//! `dispatch-sim`: the deterministic simulator (filled by the simulator issue).
-fn main() {}
+//! `dispatch-sim`: run scenario simulations of the dispatcher on a simulated cloud.
+//!
+//! `dispatch-sim run SCENARIO.yaml [--seed N] [--json FILE] [--log FILE]` prints a summary and
+//! exits 0 when the run passed (no invariant violation, every `expect:` line held), 1 when it did
+//! not, 2 when the scenario could not be loaded.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+
+/// Deterministic simulations of the Arvados cloud dispatcher.
+#[derive(Debug, Parser)]
+#[command(name = "dispatch-sim", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one scenario and print its summary.
+    Run {
+        /// The scenario file.
+        scenario: PathBuf,
+        /// Root seed (default: the scenario's).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Write the summary as JSON here.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Write the canonical event log here.
+        #[arg(long, value_name = "FILE")]
+        log: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run {
+            scenario,
+            seed,
+            json,
+            log,
+        } => run(scenario, seed, json, log),
+    }
+}
+
+fn run(
+    scenario: PathBuf,
+    seed: Option<u64>,
+    json: Option<PathBuf>,
+    log: Option<PathBuf>,
+) -> ExitCode {
+    let log_out: Option<Box<dyn std::io::Write>> = match &log {
+        Some(p) => match std::fs::File::create(p) {
+            Ok(f) => Some(Box::new(std::io::BufWriter::new(f))),
+            Err(e) => {
+                eprintln!("error: --log {}: {e}", p.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    let start = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let mut shown = false;
+    let progress = |now: u64, end: u64| {
+        if tty && start.elapsed().as_secs_f64() > 2.0 {
+            let frac = (now as f64 / end.max(1) as f64).min(1.0);
+            let bar = (frac * 40.0) as usize;
+            eprint!(
+                "\r[{}{}] {:5.1}% of simulated time",
+                "#".repeat(bar),
+                ".".repeat(40 - bar),
+                frac * 100.0
+            );
+            shown = true;
+        }
+    };
+    let result = dispatch_sim::run_file(
+        &scenario,
+        seed,
+        log_out,
+        || start.elapsed().as_secs_f64(),
+        progress,
+    );
+    if tty {
+        eprint!("\r{:60}\r", "");
+    }
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    print!("{}", dispatch_sim::report::text(&report));
+    if let Some(p) = json {
+        let text = serde_json::to_string_pretty(&report).expect("the report serialises");
+        if let Err(e) = std::fs::write(&p, text + "\n") {
+            eprintln!("error: --json {}: {e}", p.display());
+            return ExitCode::from(2);
+        }
+    }
+    if !report.passed {
+        let seed = report.seed;
+        eprintln!(
+            "replay: cargo run --release -p dispatch-sim -- run {} --seed {seed} --log events.log",
+            scenario.display()
+        );
+        return ExitCode::from(1);
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,327 @@
+//! The simulated Arvados controller: the container table and the server-side rules the
+//! dispatcher depends on (reference-scheduler.md §4.7): lock needs Queued and priority > 0 and
+//! counts `lock_count`; unlock past `MaxDispatchAttempts` cancels; a user cancel drops the
+//! priority to 0 (a Queued container is then cancelled by the server); crunch-run moves Locked
+//! to Running and Running to Complete. 503 windows answer every call with 503.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet};
+
+use arvados_dispatch_cloud::core::command::{ApiError, ContainerUpdate, PollResult};
+use arvados_dispatch_cloud::core::types::{Container, ContainerState};
+
+use crate::scenario::Window;
+
+/// The dispatcher's token UUID (`locked_by_uuid`).
+pub const DISPATCHER_TOKEN_UUID: &str = "zzzzz-gj3su-dispatchersimul0";
+
+/// Go's `queuedContainersTarget` and page size.
+const AVAIL_PAGE: usize = 1000;
+const AVAIL_TARGET: usize = 100;
+
+/// One row of the container table, with the simulator's bookkeeping.
+#[derive(Clone, Debug)]
+pub struct Row {
+    /// The record.
+    pub c: Container,
+    /// Locks so far.
+    pub lock_count: i64,
+    /// When crunch-run reported Running.
+    pub running_at: Option<u64>,
+    /// When it ended.
+    pub ended_at: Option<u64>,
+    /// Why it was cancelled.
+    pub cancel_reason: Option<String>,
+}
+
+/// The controller.
+#[derive(Debug)]
+pub struct Controller {
+    /// The table.
+    pub rows: BTreeMap<String, Row>,
+    queued: BTreeSet<(Reverse<i64>, String)>,
+    mine: BTreeSet<String>,
+    max_dispatch_attempts: i64,
+    outages: Vec<Window>,
+    /// Calls answered with 503.
+    pub count_503: u64,
+    /// Containers not yet ended.
+    pub open: usize,
+}
+
+fn err(status: u16, message: String) -> ApiError {
+    ApiError {
+        status: Some(status),
+        message,
+    }
+}
+
+impl Controller {
+    /// An empty table.
+    pub fn new(max_dispatch_attempts: i64, outages: Vec<Window>) -> Controller {
+        Controller {
+            rows: BTreeMap::new(),
+            queued: BTreeSet::new(),
+            mine: BTreeSet::new(),
+            max_dispatch_attempts,
+            outages,
+            count_503: 0,
+            open: 0,
+        }
+    }
+
+    fn reindex(&mut self, uuid: &str, before: Option<(ContainerState, i64, bool)>) {
+        if let Some((s, p, _)) = before
+            && s == ContainerState::Queued
+        {
+            self.queued.remove(&(Reverse(p), uuid.to_string()));
+        }
+        let row = &self.rows[uuid];
+        if row.c.state == ContainerState::Queued && row.c.priority > 0 {
+            self.queued
+                .insert((Reverse(row.c.priority), uuid.to_string()));
+        }
+        if row.c.locked_by_uuid.is_some() {
+            self.mine.insert(uuid.to_string());
+        } else {
+            self.mine.remove(uuid);
+        }
+    }
+
+    fn snapshot(&self, uuid: &str) -> Option<(ContainerState, i64, bool)> {
+        self.rows
+            .get(uuid)
+            .map(|r| (r.c.state, r.c.priority, r.c.locked_by_uuid.is_some()))
+    }
+
+    /// Adds a new Queued container.
+    pub fn submit(&mut self, now: u64, mut c: Container) {
+        c.state = ContainerState::Queued;
+        c.created_at = arvados_dispatch_cloud::core::Timestamp(now);
+        c.locked_by_uuid = None;
+        let uuid = c.uuid.clone();
+        self.rows.insert(
+            uuid.clone(),
+            Row {
+                c,
+                lock_count: 0,
+                running_at: None,
+                ended_at: None,
+                cancel_reason: None,
+            },
+        );
+        self.open += 1;
+        self.reindex(&uuid, None);
+    }
+
+    /// Changes a container's state (crunch-run or server rules). Returns false for a transition
+    /// the server refuses.
+    pub fn set_state(&mut self, now: u64, uuid: &str, to: ContainerState, reason: &str) -> bool {
+        let Some(before) = self.snapshot(uuid) else {
+            return false;
+        };
+        let from = before.0;
+        use ContainerState::*;
+        let ok = matches!(
+            (from, to),
+            (Queued, Locked)
+                | (Queued, Cancelled)
+                | (Locked, Queued)
+                | (Locked, Running)
+                | (Locked, Cancelled)
+                | (Running, Complete)
+                | (Running, Cancelled)
+        );
+        if !ok {
+            return false;
+        }
+        let row = self.rows.get_mut(uuid).expect("exists");
+        row.c.state = to;
+        match to {
+            Locked => row.c.locked_by_uuid = Some(DISPATCHER_TOKEN_UUID.into()),
+            Queued | Complete | Cancelled => row.c.locked_by_uuid = None,
+            Running => {
+                row.running_at = Some(now);
+            }
+        }
+        if to.is_final() {
+            row.ended_at = Some(now);
+            if to == Cancelled {
+                row.cancel_reason = Some(reason.to_string());
+            }
+            self.open -= 1;
+        }
+        self.reindex(uuid, Some(before));
+        true
+    }
+
+    /// The user cancels: priority 0; a Queued container is cancelled by the server at once.
+    pub fn user_cancel(&mut self, now: u64, uuid: &str) {
+        let Some(before) = self.snapshot(uuid) else {
+            return;
+        };
+        if before.0.is_final() {
+            return;
+        }
+        self.rows.get_mut(uuid).expect("exists").c.priority = 0;
+        self.reindex(uuid, Some(before));
+        if before.0 == ContainerState::Queued {
+            self.set_state(now, uuid, ContainerState::Cancelled, "cancelled by user");
+        }
+    }
+
+    fn outage(&mut self, now: u64) -> Option<ApiError> {
+        if self.outages.iter().any(|w| w.contains(now)) {
+            self.count_503 += 1;
+            return Some(err(503, "503 Service Unavailable".into()));
+        }
+        None
+    }
+
+    fn update(&self, uuid: &str) -> ContainerUpdate {
+        let r = &self.rows[uuid];
+        ContainerUpdate {
+            state: r.c.state,
+            priority: r.c.priority,
+            locked_by_uuid: r.c.locked_by_uuid.clone(),
+        }
+    }
+
+    fn record(&self, uuid: &str) -> Container {
+        let mut c = self.rows[uuid].c.clone();
+        c.mounts = None;
+        c
+    }
+
+    /// One poll (reference-scheduler.md §4.2): "avail" pages by priority until 100 non-supervisor
+    /// containers, "mine", then the missing re-fetch, and mounts for new containers.
+    pub fn poll(
+        &mut self,
+        now: u64,
+        known: &[String],
+        missing: &[String],
+    ) -> Result<PollResult, ApiError> {
+        if let Some(e) = self.outage(now) {
+            return Err(e);
+        }
+        let mut res = PollResult::default();
+        let mut seen = BTreeSet::new();
+        let mut non_supervisors = 0usize;
+        let mut page = 0usize;
+        for (_, uuid) in &self.queued {
+            if page == AVAIL_PAGE {
+                if non_supervisors >= AVAIL_TARGET {
+                    break;
+                }
+                page = 0;
+            }
+            page += 1;
+            if !self.rows[uuid].c.scheduling_parameters.supervisor {
+                non_supervisors += 1;
+            }
+            seen.insert(uuid.clone());
+            res.containers.push(self.record(uuid));
+        }
+        for uuid in &self.mine {
+            if seen.insert(uuid.clone()) {
+                res.containers.push(self.record(uuid));
+            }
+        }
+        for uuid in missing {
+            if seen.contains(uuid) {
+                continue;
+            }
+            if self.rows.contains_key(uuid) {
+                seen.insert(uuid.clone());
+                res.containers.push(self.record(uuid));
+            } else {
+                res.deleted.push(uuid.clone());
+            }
+        }
+        let known: BTreeSet<&String> = known.iter().collect();
+        for c in &mut res.containers {
+            if !known.contains(&c.uuid) {
+                c.mounts = Some(BTreeMap::new());
+            }
+        }
+        Ok(res)
+    }
+
+    /// `POST …/lock`.
+    pub fn lock(&mut self, now: u64, uuid: &str) -> Result<ContainerUpdate, ApiError> {
+        if let Some(e) = self.outage(now) {
+            return Err(e);
+        }
+        let Some(r) = self.rows.get(uuid) else {
+            return Err(err(404, "not found".into()));
+        };
+        if r.c.state != ContainerState::Queued {
+            return Err(err(422, format!("cannot lock when {}", r.c.state)));
+        }
+        if r.c.priority <= 0 {
+            return Err(err(422, "cannot lock when priority<=0".into()));
+        }
+        self.set_state(now, uuid, ContainerState::Locked, "");
+        self.rows.get_mut(uuid).expect("exists").lock_count += 1;
+        Ok(self.update(uuid))
+    }
+
+    /// `POST …/unlock`: past MaxDispatchAttempts the container is cancelled instead.
+    pub fn unlock(&mut self, now: u64, uuid: &str) -> Result<ContainerUpdate, ApiError> {
+        if let Some(e) = self.outage(now) {
+            return Err(e);
+        }
+        let Some(r) = self.rows.get(uuid) else {
+            return Err(err(404, "not found".into()));
+        };
+        if r.c.state != ContainerState::Locked {
+            return Err(err(422, format!("cannot unlock when {}", r.c.state)));
+        }
+        if r.lock_count >= self.max_dispatch_attempts {
+            let reason = format!(
+                "Failed to start container.  Cancelled after exceeding 'Containers.MaxDispatchAttempts' (lock_count={})",
+                r.lock_count
+            );
+            self.set_state(now, uuid, ContainerState::Cancelled, &reason);
+        } else {
+            self.set_state(now, uuid, ContainerState::Queued, "");
+        }
+        Ok(self.update(uuid))
+    }
+
+    /// `PUT …` state=Cancelled by the dispatcher.
+    pub fn cancel(&mut self, now: u64, uuid: &str) -> Result<ContainerUpdate, ApiError> {
+        if let Some(e) = self.outage(now) {
+            return Err(e);
+        }
+        if !self.rows.contains_key(uuid) {
+            return Err(err(404, "not found".into()));
+        }
+        let state = self.rows[uuid].c.state;
+        if !state.is_final() {
+            self.set_state(
+                now,
+                uuid,
+                ContainerState::Cancelled,
+                "cancelled by dispatcher",
+            );
+        }
+        Ok(self.update(uuid))
+    }
+
+    /// Lock if needed, record the error, cancel.
+    pub fn cancel_unsatisfiable(
+        &mut self,
+        now: u64,
+        uuid: &str,
+        message: &str,
+    ) -> Result<(), ApiError> {
+        if let Some(e) = self.outage(now) {
+            return Err(e);
+        }
+        if self.rows.get(uuid).is_some_and(|r| !r.c.state.is_final()) {
+            self.set_state(now, uuid, ContainerState::Cancelled, message);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,573 @@
+//! The simulated cloud and its VMs: instances with prices, latencies, quota, capacity and
+//! rate-limit errors, boot and SSH readiness, broken nodes, spot reclaims, a lagging list, and
+//! billing per instance-second from create to disappearance. Each VM runs a fake crunch-run with
+//! the command-line semantics the dispatcher relies on (reference-workers.md §2.8).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use arvados_dispatch_cloud::core::Timestamp;
+use arvados_dispatch_cloud::core::command::{
+    CapacityScope, CloudError, CloudErrorKind, ExecError, ExecErrorKind, ExecOutput,
+};
+use arvados_dispatch_cloud::core::rng::Rng;
+use arvados_dispatch_cloud::core::types::{InstanceInfo, InstanceType};
+
+use crate::dist::exponential;
+use crate::scenario::CloudSpec;
+
+/// Never.
+pub const NEVER: u64 = u64::MAX / 4;
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+/// A fake crunch-run process.
+#[derive(Clone, Debug)]
+pub struct Proc {
+    /// Distinguishes this process from an earlier one for the same container.
+    pub token: u64,
+    /// Exited (possibly still listed as stale).
+    pub exited: bool,
+    /// While exited, listed as stale until then.
+    pub stale_until: u64,
+    /// Ignores SIGTERM.
+    pub ignore_term: bool,
+}
+
+/// One simulated instance.
+#[derive(Clone, Debug)]
+pub struct Instance {
+    /// What List returns.
+    pub info: InstanceInfo,
+    /// Configured type name.
+    pub type_name: String,
+    /// Hourly price.
+    pub price: f64,
+    /// VCPUs.
+    pub vcpus: i64,
+    /// Quota group.
+    pub quota_group: String,
+    /// Billing starts (the create call returned).
+    pub created_at: u64,
+    /// SSH accepts connections from then.
+    pub ssh_at: u64,
+    /// The boot probe passes from then.
+    pub boot_at: u64,
+    /// Every command fails from then.
+    pub broken_at: u64,
+    /// `--list` says `broken` from then.
+    pub report_broken_at: u64,
+    /// A first SSH connection was reported.
+    pub ssh_reported: bool,
+    /// The deployed runner binary is in place.
+    pub runner_installed: bool,
+    /// crunch-run processes by container.
+    pub procs: BTreeMap<String, Proc>,
+}
+
+/// Billing totals.
+#[derive(Clone, Debug, Default)]
+pub struct Billing {
+    /// Dollars.
+    pub cost_usd: f64,
+    /// Instance-seconds per type.
+    pub seconds_by_type: BTreeMap<String, f64>,
+    /// VCPU-seconds paid for.
+    pub vcpu_seconds: f64,
+}
+
+/// The cloud.
+#[derive(Debug)]
+pub struct Cloud {
+    spec: CloudSpec,
+    /// Live instances.
+    pub instances: BTreeMap<String, Instance>,
+    next_id: u64,
+    last_create: Option<u64>,
+    last_list: Option<u64>,
+    /// Billing so far (closed intervals).
+    pub billing: Billing,
+    /// Instances created.
+    pub created: usize,
+    /// Most instances alive at once.
+    pub peak: usize,
+    /// Spot reclaims.
+    pub reclaims: usize,
+}
+
+impl Cloud {
+    /// An empty cloud.
+    pub fn new(spec: CloudSpec) -> Cloud {
+        Cloud {
+            spec,
+            instances: BTreeMap::new(),
+            next_id: 0,
+            last_create: None,
+            last_list: None,
+            billing: Billing::default(),
+            created: 0,
+            peak: 0,
+            reclaims: 0,
+        }
+    }
+
+    fn bill(&mut self, inst: &Instance, until: u64) {
+        let secs = until.saturating_sub(inst.created_at) as f64 / 1000.0;
+        self.billing.cost_usd += inst.price * secs / 3600.0;
+        *self
+            .billing
+            .seconds_by_type
+            .entry(inst.type_name.clone())
+            .or_default() += secs;
+        self.billing.vcpu_seconds += inst.vcpus as f64 * secs;
+    }
+
+    /// Cost including the instances still running at `now`.
+    pub fn cost_at(&self, now: u64) -> Billing {
+        let mut b = self.billing.clone();
+        for i in self.instances.values() {
+            let secs = now.saturating_sub(i.created_at) as f64 / 1000.0;
+            b.cost_usd += i.price * secs / 3600.0;
+            *b.seconds_by_type.entry(i.type_name.clone()).or_default() += secs;
+            b.vcpu_seconds += i.vcpus as f64 * secs;
+        }
+        b
+    }
+
+    fn live_vcpus(&self, group: Option<&str>) -> i64 {
+        self.instances
+            .values()
+            .filter(|i| group.is_none_or(|g| i.quota_group == g))
+            .map(|i| i.vcpus)
+            .sum()
+    }
+
+    /// A create call issued at `now` that returns at `done`. On success the instance exists
+    /// (and bills) from `done`. Returns the result and, for a preemptible instance, when the
+    /// cloud will reclaim it.
+    pub fn create(
+        &mut self,
+        now: u64,
+        done: u64,
+        it: &InstanceType,
+        tags: BTreeMap<String, String>,
+        rng: &mut Rng,
+    ) -> (Result<InstanceInfo, CloudError>, Option<u64>) {
+        let fail = |kind, message: String| (Err(CloudError { kind, message }), None);
+        let gap = ms(self.spec.min_time_between_creates.0);
+        if let Some(last) = self.last_create
+            && gap > 0
+            && now < last + gap
+        {
+            return fail(
+                CloudErrorKind::RateLimited {
+                    retry_at: Timestamp(last + gap),
+                },
+                "RequestLimitExceeded: request rate exceeded".into(),
+            );
+        }
+        self.last_create = Some(now);
+        if rng.unit_f64() < self.spec.create_error_rate {
+            return fail(
+                CloudErrorKind::Transient,
+                "InternalError: random create failure".into(),
+            );
+        }
+        let q = &self.spec.quota;
+        if q.max_instances.is_some_and(|m| self.instances.len() >= m) {
+            return fail(
+                CloudErrorKind::Quota,
+                "InstanceLimitExceeded: instance quota reached".into(),
+            );
+        }
+        if q.max_vcpus
+            .is_some_and(|m| self.live_vcpus(None) + it.vcpus > m)
+        {
+            return fail(
+                CloudErrorKind::Quota,
+                "VcpuLimitExceeded: vCPU quota reached".into(),
+            );
+        }
+        if let Some(m) = q.group_max_vcpus.get(&it.quota_group)
+            && self.live_vcpus(Some(&it.quota_group)) + it.vcpus > *m
+        {
+            return fail(
+                CloudErrorKind::Capacity(CapacityScope::QuotaGroup),
+                format!(
+                    "VcpuLimitExceeded: quota group {:?} vCPU limit reached",
+                    it.quota_group
+                ),
+            );
+        }
+        for cap in &self.spec.capacity {
+            if cap.window.is_some_and(|w| !w.contains(now)) {
+                continue;
+            }
+            let by_type = cap
+                .instance_type
+                .as_ref()
+                .is_some_and(|t| *t == it.name || *t == it.provider_type);
+            let by_group = cap
+                .quota_group
+                .as_ref()
+                .is_some_and(|g| *g == it.quota_group);
+            if (by_type || by_group) && rng.unit_f64() < cap.probability {
+                let scope = if by_group {
+                    CapacityScope::QuotaGroup
+                } else {
+                    CapacityScope::InstanceType
+                };
+                return fail(
+                    CloudErrorKind::Capacity(scope),
+                    format!(
+                        "InsufficientInstanceCapacity: no capacity for {}",
+                        it.provider_type
+                    ),
+                );
+            }
+        }
+        self.next_id += 1;
+        let id = format!("i-{:08x}", self.next_id);
+        let info = InstanceInfo {
+            id: id.clone(),
+            address: format!(
+                "10.{}.{}.{}",
+                (self.next_id >> 16) & 255,
+                (self.next_id >> 8) & 255,
+                self.next_id & 255
+            ),
+            provider_type: it.provider_type.clone(),
+            tags,
+            remote_user: "root".into(),
+        };
+        let ssh = ms(self.spec.ssh_ready.draw(rng));
+        let boot = ms(self.spec.boot_time.draw(rng)).max(ssh);
+        let never = rng.unit_f64() < self.spec.never_boot_rate;
+        let broken = rng.unit_f64() < self.spec.broken_rate;
+        let broken_after = ms(self.spec.broken_after.draw(rng));
+        let report_broken = rng.unit_f64() < self.spec.report_broken_rate;
+        let report_after = ms(self.spec.broken_after.draw(rng));
+        let boot_at = if never { NEVER } else { done + boot };
+        let inst = Instance {
+            info: info.clone(),
+            type_name: it.name.clone(),
+            price: it.price,
+            vcpus: it.vcpus,
+            quota_group: it.quota_group.clone(),
+            created_at: done,
+            ssh_at: if never { NEVER } else { done + ssh },
+            boot_at,
+            broken_at: if broken {
+                boot_at.saturating_add(broken_after)
+            } else {
+                NEVER
+            },
+            report_broken_at: if report_broken {
+                boot_at.saturating_add(report_after)
+            } else {
+                NEVER
+            },
+            ssh_reported: false,
+            runner_installed: false,
+            procs: BTreeMap::new(),
+        };
+        self.instances.insert(id, inst);
+        self.created += 1;
+        self.peak = self.peak.max(self.instances.len());
+        let reclaim = (it.preemptible && self.spec.spot_reclaims_per_hour > 0.0).then(|| {
+            done + exponential(rng, 3_600_000.0 / self.spec.spot_reclaims_per_hour) as u64
+        });
+        (Ok(info), reclaim)
+    }
+
+    /// Removes an instance (destroy or reclaim); returns the containers whose crunch-run died.
+    pub fn remove(&mut self, now: u64, id: &str) -> Vec<String> {
+        let Some(inst) = self.instances.remove(id) else {
+            return Vec::new();
+        };
+        self.bill(&inst, now.max(inst.created_at));
+        inst.procs
+            .into_iter()
+            .filter(|(_, p)| !p.exited)
+            .map(|(u, _)| u)
+            .collect()
+    }
+
+    /// A destroy call. `Ok(procs killed)` on success.
+    pub fn destroy(
+        &mut self,
+        now: u64,
+        id: &str,
+        rng: &mut Rng,
+    ) -> Result<Vec<String>, CloudError> {
+        if rng.unit_f64() < self.spec.destroy_error_rate {
+            return Err(CloudError {
+                kind: CloudErrorKind::Transient,
+                message: "instance could not be destroyed".into(),
+            });
+        }
+        if !self.instances.contains_key(id) {
+            return Err(CloudError {
+                kind: CloudErrorKind::NotFound,
+                message: format!("InvalidInstanceID.NotFound: {id}"),
+            });
+        }
+        Ok(self.remove(now, id))
+    }
+
+    /// A list call (with the configured lag and rate limit).
+    pub fn list(
+        &mut self,
+        now: u64,
+        filter: &BTreeMap<String, String>,
+    ) -> Result<Vec<InstanceInfo>, CloudError> {
+        let gap = ms(self.spec.min_time_between_lists.0);
+        if let Some(last) = self.last_list
+            && gap > 0
+            && now < last + gap
+        {
+            return Err(CloudError {
+                kind: CloudErrorKind::RateLimited {
+                    retry_at: Timestamp(last + gap),
+                },
+                message: "RequestLimitExceeded".into(),
+            });
+        }
+        self.last_list = Some(now);
+        let lag = ms(self.spec.list_lag.0);
+        Ok(self
+            .instances
+            .values()
+            .filter(|i| i.created_at + lag <= now)
+            .filter(|i| filter.iter().all(|(k, v)| i.info.tags.get(k) == Some(v)))
+            .map(|i| i.info.clone())
+            .collect())
+    }
+
+    /// A set-tags call.
+    pub fn set_tags(&mut self, id: &str, tags: BTreeMap<String, String>) -> Result<(), CloudError> {
+        match self.instances.get_mut(id) {
+            Some(i) => {
+                i.info.tags = tags;
+                Ok(())
+            }
+            None => Err(CloudError {
+                kind: CloudErrorKind::NotFound,
+                message: format!("InvalidInstanceID.NotFound: {id}"),
+            }),
+        }
+    }
+}
+
+/// What a remote command did, besides its output.
+#[derive(Debug, Default)]
+pub struct ExecEffects {
+    /// The first SSH connection to this instance happened.
+    pub ssh_connected: bool,
+    /// A crunch-run process was started for this container (with this token).
+    pub started: Option<(String, u64)>,
+    /// A crunch-run process exited on SIGTERM.
+    pub killed: Option<String>,
+}
+
+fn exec_err(kind: ExecErrorKind, stderr: &str) -> Result<ExecOutput, ExecError> {
+    Err(ExecError {
+        message: format!("remote command failed: {stderr}"),
+        kind,
+        stdout: String::new(),
+        stderr: stderr.to_string(),
+    })
+}
+
+impl Instance {
+    /// Runs one remote command at `now` (the wire strings of reference-workers.md §2).
+    pub fn exec(
+        &mut self,
+        now: u64,
+        command: &str,
+        token: u64,
+        ignore_term: bool,
+    ) -> (Result<ExecOutput, ExecError>, ExecEffects) {
+        let mut fx = ExecEffects::default();
+        if now < self.ssh_at {
+            return (exec_err(ExecErrorKind::Connect, "connection refused"), fx);
+        }
+        if !self.ssh_reported {
+            self.ssh_reported = true;
+            fx.ssh_connected = true;
+        }
+        if now >= self.broken_at {
+            return (exec_err(ExecErrorKind::Exit(2), "cannot fork"), fx);
+        }
+        let cmd = command.strip_prefix("sudo ").unwrap_or(command);
+        if let Some(path) = cmd.strip_prefix("md5sum ") {
+            return if self.runner_installed {
+                let md5 = path.rsplit_once('~').map(|(_, m)| m).unwrap_or("");
+                (
+                    Ok(ExecOutput {
+                        stdout: format!("{md5}  {path}\n"),
+                        stderr: String::new(),
+                    }),
+                    fx,
+                )
+            } else {
+                (
+                    exec_err(
+                        ExecErrorKind::Exit(1),
+                        &format!("md5sum: {path}: No such file or directory"),
+                    ),
+                    fx,
+                )
+            };
+        }
+        if cmd.starts_with("set -e; dstdir=") || cmd.starts_with("sh -c 'set -e; dstdir=") {
+            self.runner_installed = true;
+            return (Ok(ExecOutput::default()), fx);
+        }
+        let mut words = cmd.split(' ');
+        let prog = words.next().unwrap_or("");
+        if !prog.contains("crunch-run") {
+            // The boot probe.
+            return if now >= self.boot_at {
+                (Ok(ExecOutput::default()), fx)
+            } else {
+                (
+                    exec_err(ExecErrorKind::Exit(1), "System is booting up."),
+                    fx,
+                )
+            };
+        }
+        if now < self.boot_at {
+            return (
+                exec_err(ExecErrorKind::Exit(127), "crunch-run: command not found"),
+                fx,
+            );
+        }
+        match words.next() {
+            Some("--list") => {
+                let mut out = String::new();
+                for (u, p) in &self.procs {
+                    if !p.exited {
+                        out.push_str(u);
+                        out.push('\n');
+                    } else if p.stale_until > now {
+                        out.push_str(u);
+                        out.push_str(" stale\n");
+                    }
+                }
+                if now >= self.report_broken_at {
+                    out.push_str("broken\n");
+                }
+                (
+                    Ok(ExecOutput {
+                        stdout: out,
+                        stderr: String::new(),
+                    }),
+                    fx,
+                )
+            }
+            Some("--detach") => {
+                let uuid = cmd
+                    .rsplit(' ')
+                    .next()
+                    .unwrap_or("")
+                    .trim_matches('\'')
+                    .to_string();
+                if let Some(p) = self.procs.get(&uuid)
+                    && (!p.exited || p.stale_until > now)
+                {
+                    return (
+                        exec_err(
+                            ExecErrorKind::Exit(1),
+                            "container is already running (lock held)",
+                        ),
+                        fx,
+                    );
+                }
+                self.procs.insert(
+                    uuid.clone(),
+                    Proc {
+                        token,
+                        exited: false,
+                        stale_until: 0,
+                        ignore_term,
+                    },
+                );
+                fx.started = Some((uuid.clone(), token));
+                let out = format!("{{\"UUID\":\"{uuid}\",\"PID\":{token}}}\n");
+                (
+                    Ok(ExecOutput {
+                        stdout: out,
+                        stderr: String::new(),
+                    }),
+                    fx,
+                )
+            }
+            Some("--kill") => {
+                let uuid = cmd.rsplit(' ').next().unwrap_or("").to_string();
+                match self.procs.get_mut(&uuid) {
+                    Some(p) if !p.exited => {
+                        if p.ignore_term {
+                            (
+                                exec_err(
+                                    ExecErrorKind::Exit(1),
+                                    "sent signal 15 but process is still alive",
+                                ),
+                                fx,
+                            )
+                        } else {
+                            p.exited = true;
+                            p.stale_until = 0;
+                            fx.killed = Some(uuid);
+                            (Ok(ExecOutput::default()), fx)
+                        }
+                    }
+                    _ => (Ok(ExecOutput::default()), fx),
+                }
+            }
+            _ => (exec_err(ExecErrorKind::Exit(2), "usage: crunch-run"), fx),
+        }
+    }
+
+    /// Ends a process (payload done or crashed) unless a later one replaced it. Returns whether
+    /// it was this process.
+    pub fn exit_proc(&mut self, uuid: &str, token: u64, stale_until: u64) -> bool {
+        match self.procs.get_mut(uuid) {
+            Some(p) if p.token == token && !p.exited => {
+                p.exited = true;
+                p.stale_until = stale_until;
+                if stale_until == 0 {
+                    self.procs.remove(uuid);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Drops stale entries whose time has passed.
+    pub fn gc(&mut self, now: u64) {
+        self.procs.retain(|_, p| !p.exited || p.stale_until > now);
+    }
+
+    /// Whether a live process runs this container.
+    pub fn runs(&self, uuid: &str) -> bool {
+        self.procs.get(uuid).is_some_and(|p| !p.exited)
+    }
+}
+
+/// Containers with a live crunch-run on more than one instance.
+pub fn double_runs(cloud: &Cloud) -> Vec<String> {
+    let mut seen = BTreeSet::new();
+    let mut dup = Vec::new();
+    for inst in cloud.instances.values() {
+        for (u, p) in &inst.procs {
+            if !p.exited && !seen.insert(u.clone()) {
+                dup.push(u.clone());
+            }
+        }
+    }
+    dup
+}

@@ -1,0 +1,792 @@
+//! The world: virtual time, the event heap, and the routing of the core's commands to the
+//! simulated controller, cloud and VMs.
+//!
+//! Events are ordered by (time, sequence); the sequence is assigned at scheduling time, so the
+//! order is total and the run is a pure function of the scenario and the seed. There are no
+//! threads, no sleeping and no wall clock. Every input delivered to the dispatcher, every command
+//! it emits and every timer firing becomes one line of the canonical event log, hashed with
+//! FNV-1a; the same seed gives the same log byte for byte.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::io::Write;
+use std::time::Duration;
+
+use arvados_dispatch_cloud::config::Loaded;
+use arvados_dispatch_cloud::core::command::{Command, CommandKind, Input};
+use arvados_dispatch_cloud::core::metrics::PoolMetrics;
+use arvados_dispatch_cloud::core::pool::remote::RunnerSpec;
+use arvados_dispatch_cloud::core::rng::Rng;
+use arvados_dispatch_cloud::core::types::ContainerState;
+use arvados_dispatch_cloud::core::{Dispatcher, Options, Timestamp};
+
+use crate::api::Controller;
+use crate::check::Checker;
+use crate::cloud::{Cloud, NEVER};
+use crate::log::EventLog;
+use crate::scenario::Scenario;
+use crate::workload::{Submission, from_shape};
+
+/// The InstanceSetID of the simulated dispatcher.
+pub const INSTANCE_SET_ID: &str = "zzzzz-gj3su-dispatchersimul0";
+
+/// Hard bound on steps, whatever the scenario says.
+pub const STEPS_MAX: u64 = 2_000_000_000;
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
+}
+
+#[derive(Debug)]
+enum Ev {
+    /// A completion for dispatcher generation `gen`.
+    Deliver { generation: u32, input: Input },
+    /// The dispatcher asked to be woken (`gen`, timer number).
+    Timer { generation: u32, n: u64 },
+    /// Workload submission number `i`.
+    Arrive(usize),
+    /// crunch-run finished setting up; the container goes Running.
+    Setup {
+        inst: String,
+        uuid: String,
+        token: u64,
+    },
+    /// crunch-run exits (payload done, or crash).
+    Exit {
+        inst: String,
+        uuid: String,
+        token: u64,
+        crash: bool,
+    },
+    /// The user cancels a container.
+    UserCancel(String),
+    /// A workflow supervisor submits child `n`.
+    Child { parent: String, n: usize },
+    /// The cloud reclaims a spot instance.
+    Reclaim(String),
+    /// The dispatcher restarts.
+    Restart,
+}
+
+struct Item {
+    at: u64,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Item {
+    fn eq(&self, o: &Item) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Item {}
+impl PartialOrd for Item {
+    fn partial_cmp(&self, o: &Item) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Item {
+    fn cmp(&self, o: &Item) -> std::cmp::Ordering {
+        (self.at, self.seq).cmp(&(o.at, o.seq))
+    }
+}
+
+/// Per-container facts the simulator tracks for workflows and payloads.
+#[derive(Clone, Debug)]
+struct Payload {
+    runtime: Duration,
+    workflow: Option<crate::scenario::WorkflowSpec>,
+    children_left: usize,
+    children_total: usize,
+    parent: Option<String>,
+}
+
+/// Streams of randomness, one per consumer.
+struct Streams {
+    cloud: Rng,
+    api: Rng,
+    vm: Rng,
+    workload: Rng,
+}
+
+/// Run-time totals the report needs.
+#[derive(Clone, Debug, Default)]
+pub struct Totals {
+    /// Events processed.
+    pub events: u64,
+    /// Pool metrics summed over dispatcher generations.
+    pub pool: PoolMetrics,
+    /// Highest `max_concurrent_containers` seen.
+    pub max_concurrent_seen: usize,
+    /// Whether `last_503_time` was ever non-zero.
+    pub saw_503: bool,
+    /// Whether `containers_not_allocated_over_quota` was ever non-zero.
+    pub saw_over_quota: bool,
+    /// Scheduling passes.
+    pub passes: u64,
+    /// Completions the cores ignored as late or unknown.
+    pub ignored_completions: u64,
+    /// Dispatcher restarts done.
+    pub restarts: usize,
+}
+
+/// The simulation.
+pub struct World {
+    /// The scenario.
+    pub scenario: Scenario,
+    /// The loaded cluster config.
+    pub loaded: Loaded,
+    /// Root seed.
+    pub seed: u64,
+    /// Virtual now, ms.
+    pub now: u64,
+    heap: BinaryHeap<Reverse<Item>>,
+    seq: u64,
+    /// The dispatcher under test.
+    pub d: Dispatcher,
+    generation: u32,
+    timer_n: u64,
+    timer_at: Option<u64>,
+    /// The controller.
+    pub api: Controller,
+    /// The cloud.
+    pub cloud: Cloud,
+    rng: Streams,
+    submissions: Vec<Submission>,
+    payloads: BTreeMap<String, Payload>,
+    next_uuid: u64,
+    next_token: u64,
+    /// The event log.
+    pub log: EventLog,
+    /// Ground-truth checks.
+    pub checker: Checker,
+    /// Totals.
+    pub totals: Totals,
+    /// Check the core's invariants every this many steps (1 = every step).
+    pub check_every: u64,
+    ended_all_at: Option<u64>,
+    end: u64,
+}
+
+/// Why a world could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct WorldError(pub String);
+
+impl World {
+    /// Builds the world for `scenario` (whose file lives in `dir`) with `seed`.
+    pub fn new(
+        scenario: Scenario,
+        dir: &std::path::Path,
+        seed: u64,
+        log_out: Option<Box<dyn Write>>,
+    ) -> Result<World, WorldError> {
+        let text = serde_yaml::to_string(&scenario.config)
+            .map_err(|e| WorldError(format!("config: {e}")))?;
+        let mut loaded = arvados_dispatch_cloud::config::load_str(&text, "config")
+            .map_err(|e| WorldError(format!("config: {e}")))?;
+        if let Some(d) = scenario.tuning.schedule_min_interval {
+            loaded.core.tuning.schedule_min_interval = d.0;
+        }
+        let mut workload_rng = Rng::derive(seed, "workload");
+        let mut submissions = crate::workload::expand(&scenario.workload, dir, &mut workload_rng)
+            .map_err(|e| WorldError(e.to_string()))?;
+        let cluster = loaded.core.cluster_id.clone();
+        let max_attempts = scenario
+            .controller
+            .max_dispatch_attempts
+            .unwrap_or(loaded.core.containers.max_dispatch_attempts);
+        let mut w = World {
+            api: Controller::new(max_attempts, scenario.controller.outages.clone()),
+            cloud: Cloud::new(scenario.cloud.clone()),
+            d: new_dispatcher(&loaded, seed, 0, 0),
+            generation: 0,
+            timer_n: 0,
+            timer_at: None,
+            seed,
+            now: 0,
+            heap: BinaryHeap::new(),
+            seq: 0,
+            rng: Streams {
+                cloud: Rng::derive(seed, "cloud"),
+                api: Rng::derive(seed, "api"),
+                vm: Rng::derive(seed, "vm"),
+                workload: workload_rng,
+            },
+            submissions: Vec::new(),
+            payloads: BTreeMap::new(),
+            next_uuid: 0,
+            next_token: 0,
+            log: EventLog::new(log_out),
+            checker: Checker::default(),
+            totals: Totals::default(),
+            check_every: 1,
+            ended_all_at: None,
+            end: ms(scenario.duration.0),
+            loaded,
+            scenario,
+        };
+        for (i, s) in submissions.iter_mut().enumerate() {
+            w.next_uuid += 1;
+            s.container.uuid = format!("{cluster}-dz642-{:015}", w.next_uuid);
+            w.push(s.at, Ev::Arrive(i));
+        }
+        w.submissions = submissions;
+        for r in w.scenario.restarts.clone() {
+            w.push(ms(r.0), Ev::Restart);
+        }
+        w.d.handle_timeout(Timestamp(0));
+        w.after_core();
+        Ok(w)
+    }
+
+    fn push(&mut self, at: u64, ev: Ev) {
+        self.seq += 1;
+        self.heap.push(Reverse(Item {
+            at,
+            seq: self.seq,
+            ev,
+        }));
+    }
+
+    fn deliver(&mut self, at: u64, input: Input) {
+        let generation = self.generation;
+        self.push(at, Ev::Deliver { generation, input });
+    }
+
+    /// Routes the dispatcher's commands and re-arms its timer.
+    fn after_core(&mut self) {
+        while let Some(cmd) = self.d.poll_command() {
+            self.log.command(self.now, &cmd);
+            self.route(cmd);
+        }
+        if let Some(t) = self.d.poll_timeout() {
+            let t = t.0.max(self.now);
+            if self.timer_at.is_none_or(|cur| t < cur || cur < self.now) {
+                self.timer_n += 1;
+                self.timer_at = Some(t);
+                let (generation, n) = (self.generation, self.timer_n);
+                self.push(t, Ev::Timer { generation, n });
+            }
+        }
+        let s = self.d.sched_metrics();
+        self.totals.max_concurrent_seen = self
+            .totals
+            .max_concurrent_seen
+            .max(s.max_concurrent_containers);
+        self.totals.saw_503 |= s.last_503_time > 0.0;
+        self.totals.saw_over_quota |= s.not_allocated_over_quota > 0;
+    }
+
+    fn api_latency(&mut self) -> u64 {
+        ms(self
+            .scenario
+            .controller
+            .request_latency
+            .draw(&mut self.rng.api))
+    }
+
+    fn route(&mut self, cmd: Command) {
+        let now = self.now;
+        let op = cmd.op;
+        match cmd.kind {
+            CommandKind::PollQueue { known, missing } => {
+                let at = now + self.api_latency();
+                let result = self.api.poll(now, &known, &missing);
+                self.deliver(at, Input::QueuePolled { op, result });
+            }
+            CommandKind::Lock { uuid } => {
+                let at = now + self.api_latency();
+                let result = self.api.lock(now, &uuid);
+                self.deliver(at, Input::ContainerUpdated { op, result });
+            }
+            CommandKind::Unlock { uuid } => {
+                let at = now + self.api_latency();
+                let result = self.api.unlock(now, &uuid);
+                self.deliver(at, Input::ContainerUpdated { op, result });
+            }
+            CommandKind::Cancel { uuid } => {
+                let at = now + self.api_latency();
+                let result = self.api.cancel(now, &uuid);
+                self.deliver(at, Input::ContainerUpdated { op, result });
+            }
+            CommandKind::CancelUnsatisfiable { uuid, message, .. } => {
+                let at = now + 3 * self.api_latency();
+                let result = self.api.cancel_unsatisfiable(now, &uuid, &message);
+                self.deliver(at, Input::UnsatisfiableCancelled { op, result });
+            }
+            CommandKind::Create {
+                instance_type,
+                tags,
+                ..
+            } => {
+                let done = now + ms(self.scenario.cloud.create_latency.draw(&mut self.rng.cloud));
+                let (result, reclaim) =
+                    self.cloud
+                        .create(now, done, &instance_type, tags, &mut self.rng.cloud);
+                let max = self.loaded.core.cloud_vms.max_instances;
+                if max > 0 && self.cloud.instances.len() > max {
+                    self.checker.violation(
+                        now,
+                        format!(
+                            "the cloud has {} instances, more than MaxInstances {max}",
+                            self.cloud.instances.len()
+                        ),
+                    );
+                }
+                if let (Ok(info), Some(t)) = (&result, reclaim) {
+                    self.push(t, Ev::Reclaim(info.id.clone()));
+                }
+                self.deliver(done, Input::CreateFinished { op, result });
+            }
+            CommandKind::Destroy { instance } => {
+                let at = now
+                    + ms(self
+                        .scenario
+                        .cloud
+                        .destroy_latency
+                        .draw(&mut self.rng.cloud));
+                let result = self.cloud.destroy(now, &instance, &mut self.rng.cloud);
+                if let Ok(procs) = &result {
+                    for uuid in procs {
+                        self.checker.proc_stopped(uuid);
+                    }
+                }
+                self.deliver(
+                    at,
+                    Input::DestroyFinished {
+                        op,
+                        result: result.map(|_| ()),
+                    },
+                );
+            }
+            CommandKind::ListInstances { tags } => {
+                let at = now + ms(self.scenario.cloud.list_latency.draw(&mut self.rng.cloud));
+                let result = self.cloud.list(now, &tags);
+                self.deliver(at, Input::InstancesListed { op, result });
+            }
+            CommandKind::SetTags { instance, tags } => {
+                let at = now
+                    + ms(self
+                        .scenario
+                        .cloud
+                        .set_tags_latency
+                        .draw(&mut self.rng.cloud));
+                let result = self.cloud.set_tags(&instance, tags);
+                self.deliver(at, Input::TagsSet { op, result });
+            }
+            CommandKind::Exec {
+                instance, command, ..
+            } => {
+                let at = now + ms(self.scenario.vms.command_latency.draw(&mut self.rng.vm));
+                self.next_token += 1;
+                let token = self.next_token;
+                let ignore_term = self.rng.vm.unit_f64() < self.scenario.vms.ignore_term_rate;
+                let Some(inst) = self.cloud.instances.get_mut(&instance) else {
+                    let result = Err(arvados_dispatch_cloud::core::command::ExecError {
+                        kind: arvados_dispatch_cloud::core::command::ExecErrorKind::Connect,
+                        stdout: String::new(),
+                        stderr: String::new(),
+                        message: "dial tcp: connection refused (instance gone)".into(),
+                    });
+                    self.deliver(at, Input::ExecFinished { op, result });
+                    return;
+                };
+                inst.gc(now);
+                let (result, fx) = inst.exec(now, &command, token, ignore_term);
+                if fx.ssh_connected {
+                    self.deliver(
+                        at,
+                        Input::SshConnected {
+                            instance: instance.clone(),
+                        },
+                    );
+                }
+                if let Some((uuid, token)) = fx.started {
+                    self.proc_started(&instance, &uuid, token);
+                }
+                if let Some(uuid) = fx.killed {
+                    self.checker.proc_stopped(&uuid);
+                    if self
+                        .api
+                        .rows
+                        .get(&uuid)
+                        .is_some_and(|r| r.c.state == ContainerState::Running)
+                    {
+                        self.api.set_state(
+                            now,
+                            &uuid,
+                            ContainerState::Cancelled,
+                            "killed by dispatcher (SIGTERM)",
+                        );
+                        self.container_ended(&uuid);
+                    }
+                }
+                self.deliver(at, Input::ExecFinished { op, result });
+            }
+        }
+    }
+
+    fn proc_started(&mut self, inst: &str, uuid: &str, token: u64) {
+        let now = self.now;
+        if let Some(other) = self.checker.proc_started(uuid, inst) {
+            self.checker.violation(
+                now,
+                format!("container {uuid} runs on {inst} while still running on {other}"),
+            );
+        }
+        let vm = &self.scenario.vms;
+        let setup = ms(vm.setup_time.draw(&mut self.rng.vm));
+        let crash = self.rng.vm.unit_f64() < vm.crash_rate;
+        let early = crash && self.rng.vm.unit_f64() < 0.5;
+        if early {
+            let at = now + self.rng.vm.below(setup.max(1) + 1);
+            self.push(
+                at,
+                Ev::Exit {
+                    inst: inst.into(),
+                    uuid: uuid.into(),
+                    token,
+                    crash: true,
+                },
+            );
+            return;
+        }
+        self.push(
+            now + setup,
+            Ev::Setup {
+                inst: inst.into(),
+                uuid: uuid.into(),
+                token,
+            },
+        );
+    }
+
+    fn container_ended(&mut self, uuid: &str) {
+        if self.api.open == 0 && self.ended_all_at.is_none() && self.arrivals_done() {
+            self.ended_all_at = Some(self.now);
+        }
+        // A workflow child ending may end its supervisor.
+        let Some(parent) = self.payloads.get(uuid).and_then(|p| p.parent.clone()) else {
+            return;
+        };
+        let Some(pp) = self.payloads.get_mut(&parent) else {
+            return;
+        };
+        pp.children_left = pp.children_left.saturating_sub(1);
+        if pp.children_left == 0
+            && self
+                .api
+                .rows
+                .get(&parent)
+                .is_some_and(|r| r.c.state == ContainerState::Running)
+        {
+            // The supervisor finishes once its children are done.
+            if let Some((inst, token)) = self.find_proc(&parent) {
+                self.push(
+                    self.now + 1000,
+                    Ev::Exit {
+                        inst,
+                        uuid: parent,
+                        token,
+                        crash: false,
+                    },
+                );
+            }
+        }
+    }
+
+    fn find_proc(&self, uuid: &str) -> Option<(String, u64)> {
+        self.cloud.instances.iter().find_map(|(id, i)| {
+            i.procs
+                .get(uuid)
+                .filter(|p| !p.exited)
+                .map(|p| (id.clone(), p.token))
+        })
+    }
+
+    fn arrivals_done(&self) -> bool {
+        !self
+            .heap
+            .iter()
+            .any(|Reverse(it)| matches!(it.ev, Ev::Arrive(_) | Ev::Child { .. }))
+    }
+
+    fn submit(&mut self, mut s: Submission, parent: Option<String>) {
+        let uuid = s.container.uuid.clone();
+        if let Some(after) = s.cancel_after {
+            self.push(self.now + ms(after), Ev::UserCancel(uuid.clone()));
+        }
+        let children = s
+            .workflow
+            .as_ref()
+            .map(|w| w.children.sample(&mut self.rng.workload).round() as usize)
+            .unwrap_or(0);
+        self.payloads.insert(
+            uuid,
+            Payload {
+                runtime: s.runtime,
+                workflow: s.workflow.take(),
+                children_left: children,
+                children_total: children,
+                parent,
+            },
+        );
+        self.checker.submitted += 1;
+        self.api.submit(self.now, s.container);
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        let now = self.now;
+        match ev {
+            Ev::Deliver { generation, input } => {
+                if generation != self.generation {
+                    return;
+                }
+                self.log.input(now, &input);
+                self.d.handle_input(Timestamp(now), input);
+                self.after_core();
+            }
+            Ev::Timer { generation, n } => {
+                if generation != self.generation || n != self.timer_n {
+                    return;
+                }
+                self.timer_at = None;
+                self.log.timer(now);
+                self.d.handle_timeout(Timestamp(now));
+                self.after_core();
+            }
+            Ev::Arrive(i) => {
+                let s = self.submissions[i].clone();
+                self.log.line(now, &format!("A {}", s.container.uuid));
+                self.submit(s, None);
+            }
+            Ev::Setup { inst, uuid, token } => {
+                let alive = self.cloud.instances.get(&inst).is_some_and(|i| {
+                    i.procs
+                        .get(&uuid)
+                        .is_some_and(|p| p.token == token && !p.exited)
+                });
+                if !alive {
+                    return;
+                }
+                if self.api.set_state(now, &uuid, ContainerState::Running, "") {
+                    self.checker.payload_started(now, &uuid, &self.api);
+                    let p = self.payloads.get(&uuid).cloned();
+                    match p.as_ref().and_then(|p| p.workflow.clone()) {
+                        Some(wf) if p.as_ref().is_some_and(|p| p.children_total > 0) => {
+                            let mut t = now;
+                            for n in 0..p.as_ref().map_or(0, |p| p.children_total) {
+                                t += ms(wf.child_interval.draw(&mut self.rng.workload));
+                                self.push(
+                                    t,
+                                    Ev::Child {
+                                        parent: uuid.clone(),
+                                        n,
+                                    },
+                                );
+                            }
+                        }
+                        _ => {
+                            let crash_late =
+                                self.rng.vm.unit_f64() < self.scenario.vms.crash_rate / 2.0;
+                            let runtime = p.map_or(Duration::ZERO, |p| p.runtime);
+                            let at = if crash_late {
+                                now + ms(runtime) / 2
+                            } else {
+                                now + ms(runtime)
+                            };
+                            self.push(
+                                at,
+                                Ev::Exit {
+                                    inst,
+                                    uuid,
+                                    token,
+                                    crash: crash_late,
+                                },
+                            );
+                        }
+                    }
+                } else {
+                    // The container is no longer Locked (requeued or cancelled): crunch-run gives up.
+                    self.push(
+                        now,
+                        Ev::Exit {
+                            inst,
+                            uuid,
+                            token,
+                            crash: true,
+                        },
+                    );
+                }
+            }
+            Ev::Exit {
+                inst,
+                uuid,
+                token,
+                crash,
+            } => {
+                let stale = if self.rng.vm.unit_f64() < self.scenario.vms.stale_deadlock_rate {
+                    NEVER
+                } else {
+                    let lag = ms(self.scenario.vms.stale_lag.draw(&mut self.rng.vm));
+                    if lag == 0 { 0 } else { now + lag }
+                };
+                let Some(i) = self.cloud.instances.get_mut(&inst) else {
+                    return;
+                };
+                if !i.exit_proc(&uuid, token, stale) {
+                    return;
+                }
+                self.checker.proc_stopped(&uuid);
+                if !crash && self.api.set_state(now, &uuid, ContainerState::Complete, "") {
+                    self.container_ended(&uuid);
+                }
+            }
+            Ev::UserCancel(uuid) => {
+                self.api.user_cancel(now, &uuid);
+                if self
+                    .api
+                    .rows
+                    .get(&uuid)
+                    .is_some_and(|r| r.c.state.is_final())
+                {
+                    self.container_ended(&uuid);
+                }
+            }
+            Ev::Child { parent, n } => {
+                let Some(wf) = self.payloads.get(&parent).and_then(|p| p.workflow.clone()) else {
+                    return;
+                };
+                if !self
+                    .api
+                    .rows
+                    .get(&parent)
+                    .is_some_and(|r| r.c.state == ContainerState::Running)
+                {
+                    // The supervisor died: no more children.
+                    return;
+                }
+                let (mut c, runtime) = from_shape(&wf.child, &mut self.rng.workload);
+                self.next_uuid += 1;
+                c.uuid = format!(
+                    "{}-dz642-{:015}",
+                    self.loaded.core.cluster_id, self.next_uuid
+                );
+                let s = Submission {
+                    at: now,
+                    container: c,
+                    runtime,
+                    cancel_after: None,
+                    workflow: None,
+                };
+                self.log.line(
+                    now,
+                    &format!("A {} child {n} of {parent}", s.container.uuid),
+                );
+                self.submit(s, Some(parent));
+            }
+            Ev::Reclaim(id) => {
+                if !self.cloud.instances.contains_key(&id) {
+                    return;
+                }
+                self.log.line(now, &format!("R {id}"));
+                self.cloud.reclaims += 1;
+                for uuid in self.cloud.remove(now, &id) {
+                    self.checker.proc_stopped(&uuid);
+                }
+            }
+            Ev::Restart => {
+                self.log.line(now, "X restart");
+                self.retire_dispatcher();
+                self.generation += 1;
+                self.totals.restarts += 1;
+                self.d = new_dispatcher(&self.loaded, self.seed, self.generation, now);
+                self.timer_at = None;
+                self.d.handle_timeout(Timestamp(now));
+                self.after_core();
+            }
+        }
+    }
+
+    fn retire_dispatcher(&mut self) {
+        let m = self.d.pool_metrics().clone();
+        let t = &mut self.totals.pool;
+        for i in 0..4 {
+            t.boot_outcomes[i] += m.boot_outcomes[i];
+            for e in 0..2 {
+                t.driver_operations[i][e] += m.driver_operations[i][e];
+            }
+        }
+        for i in 0..5 {
+            t.instances_disappeared[i] += m.instances_disappeared[i];
+        }
+        t.time_to_ssh.count += m.time_to_ssh.count;
+        t.queue_to_crunch_run.count += m.queue_to_crunch_run.count;
+        self.totals.passes += self.d.sched_metrics().passes;
+        self.totals.ignored_completions += self.d.ignored_completions();
+    }
+
+    /// Runs to the end. `progress(now_ms, end_ms)` is called every 64k events.
+    pub fn run(&mut self, mut progress: impl FnMut(u64, u64)) {
+        let settle = ms(self.scenario.settle.0);
+        while let Some(Reverse(item)) = self.heap.pop() {
+            if item.at > self.end {
+                self.now = self.end;
+                break;
+            }
+            if let Some(t) = self.ended_all_at
+                && item.at > t + settle
+            {
+                self.now = t + settle;
+                break;
+            }
+            assert!(item.at >= self.now, "event heap went backwards");
+            self.now = item.at;
+            self.totals.events += 1;
+            assert!(
+                self.totals.events < STEPS_MAX,
+                "step bound reached at t={}",
+                self.now
+            );
+            self.handle(item.ev);
+            if self.totals.events.is_multiple_of(self.check_every) {
+                for v in self.d.check_invariants() {
+                    self.checker
+                        .violation(self.now, format!("core invariant: {v}"));
+                }
+            }
+            if self.totals.events.is_multiple_of(65_536) {
+                progress(self.now, self.end);
+            }
+            if self.ended_all_at.is_some()
+                && self.cloud.instances.is_empty()
+                && self.d.instances().is_empty()
+            {
+                break;
+            }
+        }
+        self.retire_dispatcher();
+        self.checker
+            .finish(self.now, &self.api, &self.cloud, &self.d, &self.loaded);
+    }
+}
+
+fn new_dispatcher(loaded: &Loaded, seed: u64, generation: u32, now: u64) -> Dispatcher {
+    let c = &loaded.core;
+    let runner = if c.cloud_vms.deploy_runner_binary.is_empty() {
+        RunnerSpec::installed(&c.containers.crunch_run_command)
+    } else {
+        // The simulated VMs accept any binary; its MD5 only names the deployed file.
+        RunnerSpec::deployed(
+            &c.cloud_vms.deploy_runner_directory,
+            "5eb63bbbe01eeed093cb22bb8f5acdc3",
+        )
+    };
+    let options = Options {
+        seed: arvados_dispatch_cloud::core::rng::derive_seed(seed, &format!("core{generation}")),
+        instance_set_id: INSTANCE_SET_ID.into(),
+        runner,
+    };
+    Dispatcher::new(c.clone(), options, Timestamp(now))
+}
