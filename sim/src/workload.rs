@@ -60,7 +60,8 @@ pub fn from_shape(shape: &Shape, rng: &mut Rng) -> (Container, Duration) {
     (c, runtime)
 }
 
-/// Expands a workload. `dir` resolves a relative trace path.
+/// Expands a workload. `dir` resolves a relative trace path (read once, before the run).
+#[allow(clippy::disallowed_methods)]
 pub fn expand(
     spec: &WorkloadSpec,
     dir: &Path,

@@ -658,11 +658,11 @@ impl World {
                 let Some(wf) = self.payloads.get(&parent).and_then(|p| p.workflow.clone()) else {
                     return;
                 };
-                if !self
+                if self
                     .api
                     .rows
                     .get(&parent)
-                    .is_some_and(|r| r.c.state == ContainerState::Running)
+                    .is_none_or(|r| r.c.state != ContainerState::Running)
                 {
                     // The supervisor died: no more children.
                     return;
