@@ -61,6 +61,8 @@ pub struct Instance {
     pub report_broken_at: u64,
     /// A first SSH connection was reported.
     pub ssh_reported: bool,
+    /// crunch-run is not installed.
+    pub crunch_run_missing: bool,
     /// The deployed runner binary is in place.
     pub runner_installed: bool,
     /// crunch-run processes by container.
@@ -244,11 +246,18 @@ impl Cloud {
         };
         let ssh = ms(self.spec.ssh_ready.draw(rng));
         let boot = ms(self.spec.boot_time.draw(rng)).max(ssh);
-        let never = rng.unit_f64() < self.spec.never_boot_rate;
+        let doa = self.spec.dead_on_arrival.iter().any(|r| {
+            r.window.is_none_or(|w| w.contains(now))
+                && (r.instance_type.as_ref().is_some_and(|t| *t == it.name || *t == it.provider_type)
+                    || r.quota_group.as_ref().is_some_and(|g| *g == it.quota_group))
+                && rng.unit_f64() < r.probability
+        });
+        let never = rng.unit_f64() < self.spec.never_boot_rate || doa;
         let broken = rng.unit_f64() < self.spec.broken_rate;
         let broken_after = ms(self.spec.broken_after.draw(rng));
         let report_broken = rng.unit_f64() < self.spec.report_broken_rate;
         let report_after = ms(self.spec.broken_after.draw(rng));
+        let crunch_run_missing = rng.unit_f64() < self.spec.crunch_run_missing_rate;
         let boot_at = if never { NEVER } else { done + boot };
         let inst = Instance {
             info: info.clone(),
@@ -270,6 +279,7 @@ impl Cloud {
                 NEVER
             },
             ssh_reported: false,
+            crunch_run_missing,
             runner_installed: false,
             procs: BTreeMap::new(),
         };
@@ -439,7 +449,7 @@ impl Instance {
                 )
             };
         }
-        if now < self.boot_at {
+        if now < self.boot_at || self.crunch_run_missing {
             return (
                 exec_err(ExecErrorKind::Exit(127), "crunch-run: command not found"),
                 fx,

@@ -163,6 +163,9 @@ pub struct CloudSpec {
     pub quota: QuotaSpec,
     /// Capacity errors.
     pub capacity: Vec<CapacitySpec>,
+    /// Instances created under these rules are dead on arrival: they never accept SSH, so they
+    /// never boot (the rule's `probability` and `window` apply as for capacity errors).
+    pub dead_on_arrival: Vec<CapacitySpec>,
     /// Creates closer together than this get a rate-limit error.
     pub min_time_between_creates: Dur,
     /// Lists closer together than this get a rate-limit error.
@@ -179,6 +182,8 @@ pub struct CloudSpec {
     pub broken_after: Dist<Dur>,
     /// Probability that a new instance's crunch-run reports `broken` some time after boot.
     pub report_broken_rate: f64,
+    /// Probability that a new instance has no crunch-run (the run probe always fails).
+    pub crunch_run_missing_rate: f64,
     /// Spot reclaims per preemptible instance-hour.
     pub spot_reclaims_per_hour: f64,
     /// Warning time before a reclaim (logged).
@@ -198,6 +203,7 @@ impl Default for CloudSpec {
             boot_time: Dist::fixed(Duration::from_secs(45)),
             quota: QuotaSpec::default(),
             capacity: Vec::new(),
+            dead_on_arrival: Vec::new(),
             min_time_between_creates: Dur::default(),
             min_time_between_lists: Dur::default(),
             create_error_rate: 0.0,
@@ -206,6 +212,7 @@ impl Default for CloudSpec {
             broken_rate: 0.0,
             broken_after: Dist::fixed(Duration::from_secs(60)),
             report_broken_rate: 0.0,
+            crunch_run_missing_rate: 0.0,
             spot_reclaims_per_hour: 0.0,
             spot_notice: Dur(Duration::from_secs(120)),
             list_lag: Dur::default(),
@@ -556,6 +563,7 @@ impl Scenario {
             ("cloud.never_boot_rate", self.cloud.never_boot_rate),
             ("cloud.broken_rate", self.cloud.broken_rate),
             ("cloud.report_broken_rate", self.cloud.report_broken_rate),
+            ("cloud.crunch_run_missing_rate", self.cloud.crunch_run_missing_rate),
             ("vms.crash_rate", self.vms.crash_rate),
             ("vms.ignore_term_rate", self.vms.ignore_term_rate),
             ("vms.stale_deadlock_rate", self.vms.stale_deadlock_rate),
