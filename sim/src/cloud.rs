@@ -248,7 +248,10 @@ impl Cloud {
         let boot = ms(self.spec.boot_time.draw(rng)).max(ssh);
         let doa = self.spec.dead_on_arrival.iter().any(|r| {
             r.window.is_none_or(|w| w.contains(now))
-                && (r.instance_type.as_ref().is_some_and(|t| *t == it.name || *t == it.provider_type)
+                && (r
+                    .instance_type
+                    .as_ref()
+                    .is_some_and(|t| *t == it.name || *t == it.provider_type)
                     || r.quota_group.as_ref().is_some_and(|g| *g == it.quota_group))
                 && rng.unit_f64() < r.probability
         });

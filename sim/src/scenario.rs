@@ -563,7 +563,10 @@ impl Scenario {
             ("cloud.never_boot_rate", self.cloud.never_boot_rate),
             ("cloud.broken_rate", self.cloud.broken_rate),
             ("cloud.report_broken_rate", self.cloud.report_broken_rate),
-            ("cloud.crunch_run_missing_rate", self.cloud.crunch_run_missing_rate),
+            (
+                "cloud.crunch_run_missing_rate",
+                self.cloud.crunch_run_missing_rate,
+            ),
             ("vms.crash_rate", self.vms.crash_rate),
             ("vms.ignore_term_rate", self.vms.ignore_term_rate),
             ("vms.stale_deadlock_rate", self.vms.stale_deadlock_rate),
