@@ -72,9 +72,17 @@ pub struct Scenario {
     /// When every container has ended, keep running this long so idle VMs shut down.
     #[serde(default = "default_settle")]
     pub settle: Dur,
+    /// Run the core's `check_invariants()` every this many events (1 = every step; large
+    /// scenarios may check less often to stay fast). Ground-truth checks always run.
+    #[serde(default = "default_check_every")]
+    pub check_every: u64,
     /// What must hold at the end.
     #[serde(default)]
     pub expect: Expect,
+}
+
+fn default_check_every() -> u64 {
+    1
 }
 
 fn default_seed() -> u64 {

@@ -220,7 +220,7 @@ impl World {
             log: EventLog::new(log_out),
             checker: Checker::default(),
             totals: Totals::default(),
-            check_every: 1,
+            check_every: scenario.check_every.max(1),
             ended_all_at: None,
             end: ms(scenario.duration.0),
             loaded,
