@@ -17,7 +17,7 @@
 //! Admin operations (hold/drain/run/kill instance, kill container) are calls too, followed by
 //! the same drain.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -106,7 +106,9 @@ pub struct Dispatcher {
     dirty: bool,
     last_pass: Option<Timestamp>,
     retry_at: Option<Timestamp>,
-    published: Vec<(String, Status)>,
+    /// Last pass's status of each container: (pass number, rank in scheduling order, status).
+    /// Updated in place, so a pass allocates only for containers it has not seen before.
+    published: BTreeMap<String, (u64, u32, Status)>,
     metrics: SchedMetrics,
     ignored_completions: u64,
 }
@@ -145,7 +147,7 @@ impl Dispatcher {
             dirty: false,
             last_pass: None,
             retry_at: None,
-            published: Vec::new(),
+            published: BTreeMap::new(),
             metrics: SchedMetrics {
                 max_concurrent_containers: sched.max_containers,
                 ..SchedMetrics::default()
@@ -190,10 +192,15 @@ impl Dispatcher {
     /// pass (the API then shows `"items": null`).
     pub fn scheduler_queue(&self) -> Option<Vec<QueueItem>> {
         self.last_pass?;
+        let mut rows: Vec<(u32, &String, Status)> = self
+            .published
+            .iter()
+            .map(|(uuid, (_, rank, st))| (*rank, uuid, *st))
+            .collect();
+        rows.sort_unstable_by_key(|(rank, ..)| *rank);
         Some(
-            self.published
-                .iter()
-                .filter_map(|(uuid, st)| {
+            rows.into_iter()
+                .filter_map(|(_, uuid, st)| {
                     let e = self.queue.get(uuid)?;
                     Some(QueueItem {
                         entry: e.clone(),
@@ -206,7 +213,7 @@ impl Dispatcher {
 
     /// One container of the published queue.
     pub fn scheduler_queue_item(&self, uuid: &str) -> Option<QueueItem> {
-        let (_, st) = self.published.iter().find(|(u, _)| u == uuid)?;
+        let (_, _, st) = self.published.get(uuid)?;
         let e = self.queue.get(uuid)?;
         Some(QueueItem {
             entry: e.clone(),
@@ -634,7 +641,7 @@ impl Dispatcher {
         let running = self.pool.running();
         let instances = self.pool.instances();
         let total = self.pool.count_workers().iter().sum();
-        let (actions, state, statuses, hit_limit, alloc, overq) = {
+        let (actions, state, hit_limit, alloc, overq) = {
             let snap = Snapshot {
                 types: &self.types,
                 queue: self.queue.entries(),
@@ -656,23 +663,27 @@ impl Dispatcher {
                 supervisor_fraction: self.cfg.cloud_vms.supervisor_fraction,
             };
             let plan = scheduler::plan(&snap, now);
-            let statuses: Vec<(String, Status)> = plan
-                .order
-                .iter()
-                .zip(plan.statuses.iter())
-                .map(|(e, s)| (e.container.uuid.clone(), *s))
-                .collect();
+            let pass = self.metrics.passes;
+            for (rank, (e, st)) in plan.order.iter().zip(plan.statuses.iter()).enumerate() {
+                let row = (pass, rank as u32, *st);
+                match self.published.get_mut(&e.container.uuid) {
+                    Some(v) => *v = row,
+                    None => {
+                        self.published.insert(e.container.uuid.clone(), row);
+                    }
+                }
+            }
             (
                 plan.actions,
                 plan.state,
-                statuses,
                 plan.hit_create_limit,
                 plan.allocated_not_started,
                 plan.not_allocated_over_quota,
             )
         };
+        let pass = self.metrics.passes;
+        self.published.retain(|_, (p, ..)| *p == pass);
         self.sched = state;
-        self.published = statuses;
         self.metrics.allocated_not_started = alloc;
         self.metrics.not_allocated_over_quota = overq;
         self.metrics.max_concurrent_containers = state.max_containers;
@@ -773,75 +784,93 @@ impl Dispatcher {
         });
     }
 
-    /// `sync()` (§3.1): reconcile queue states with crunch-run processes.
+    /// `sync()` (§3.1): reconcile queue states with crunch-run processes. Decisions are made
+    /// on one snapshot (queue entries and `Running()` as they are now), then applied in order.
     fn sync(&mut self, now: Timestamp) {
+        enum Act {
+            Cancel(&'static str),
+            Kill(String),
+            Requeue(&'static str),
+            Forget,
+        }
         let any_unknown = self.pool.any_unknown();
-        let running = self.pool.running();
         let q_updated = self.queue.updated().unwrap_or(Timestamp::ZERO);
-        let entries: Vec<(String, ContainerState, i64)> = self
-            .queue
-            .entries()
-            .values()
-            .map(|e| {
-                (
-                    e.container.uuid.clone(),
-                    e.container.state,
-                    e.container.priority,
-                )
-            })
-            .collect();
-        let mut in_queue = BTreeSet::new();
-        for (uuid, state, priority) in entries {
-            let proc = running.get(&uuid).copied();
+        let mut todo: Vec<(String, Act)> = Vec::new();
+        for e in self.queue.entries().values() {
+            let (uuid, state, priority) =
+                (&e.container.uuid, e.container.state, e.container.priority);
+            let proc = self.pool.running_get(uuid);
             let exited_before_poll = matches!(proc, Some(Some(t)) if q_updated > t);
-            match state {
+            let act = match state {
                 ContainerState::Running => {
                     if proc.is_none() {
-                        if !any_unknown {
-                            self.cancel(now, &uuid, "not running on any worker");
-                        }
+                        (!any_unknown).then_some(Act::Cancel("not running on any worker"))
                     } else if exited_before_poll {
-                        self.cancel(now, &uuid, "state=Running after crunch-run exited");
+                        Some(Act::Cancel("state=Running after crunch-run exited"))
                     } else if priority == 0 {
-                        self.kill(now, &uuid, "priority=0");
+                        Some(Act::Kill("priority=0".into()))
+                    } else {
+                        None
                     }
                 }
                 ContainerState::Complete | ContainerState::Cancelled => {
                     if proc.is_some() {
-                        self.kill(now, &uuid, &format!("state={state}"));
+                        Some(Act::Kill(format!("state={state}")))
                     } else {
-                        self.queue.forget(&uuid);
+                        Some(Act::Forget)
                     }
                 }
                 ContainerState::Queued => {
                     if proc.is_some() {
-                        self.kill(now, &uuid, "pool says running, but queue says state=Queued");
+                        Some(Act::Kill(
+                            "pool says running, but queue says state=Queued".into(),
+                        ))
                     } else if priority == 0 {
-                        self.queue.forget(&uuid);
+                        Some(Act::Forget)
+                    } else {
+                        None
                     }
                 }
                 ContainerState::Locked => {
                     if exited_before_poll {
-                        self.requeue(now, &uuid, "crunch-run exited");
+                        Some(Act::Requeue("crunch-run exited"))
                     } else if matches!(proc, Some(None)) && priority == 0 {
-                        self.kill(now, &uuid, "priority=0");
+                        Some(Act::Kill("priority=0".into()))
                     } else if proc.is_none() && priority == 0 {
-                        self.requeue(now, &uuid, "priority=0");
+                        Some(Act::Requeue("priority=0"))
+                    } else {
+                        None
                     }
                 }
+            };
+            if let Some(a) = act {
+                todo.push((uuid.clone(), a));
             }
-            in_queue.insert(uuid);
         }
-        for uuid in running.keys() {
-            if !in_queue.contains(uuid) {
-                self.kill(now, uuid, "not in queue");
+        let entries = self.queue.entries();
+        let strays: Vec<String> = self
+            .pool
+            .running_uuids()
+            .filter(|u| !entries.contains_key(*u))
+            .cloned()
+            .collect();
+        for (uuid, act) in todo {
+            match act {
+                Act::Cancel(reason) => self.cancel(now, &uuid, reason),
+                Act::Kill(reason) => self.kill(now, &uuid, &reason),
+                Act::Requeue(reason) => self.requeue(now, &uuid, reason),
+                Act::Forget => {
+                    self.queue.forget(&uuid);
+                }
             }
+        }
+        for uuid in strays {
+            self.kill(now, &uuid, "not in queue");
         }
     }
 
     /// `updateMetrics()` (§3.2).
     fn update_metrics(&mut self, now: Timestamp) {
-        let running = self.pool.running();
         let oldest = self
             .queue
             .entries()
@@ -852,7 +881,7 @@ impl Dispatcher {
                         e.container.state,
                         ContainerState::Queued | ContainerState::Locked
                     )
-                    && !running.contains_key(&e.container.uuid)
+                    && self.pool.running_get(&e.container.uuid).is_none()
             })
             .map(|e| e.container.created_at)
             .min();

@@ -307,6 +307,31 @@ impl Pool {
         r
     }
 
+    /// One entry of `Running()` without building the map: `Some(None)` while a runner exists,
+    /// `Some(Some(exit))` for an exit placeholder, `None` otherwise.
+    pub fn running_get(&self, uuid: &str) -> Option<Option<Timestamp>> {
+        if self.runner_index.contains_key(uuid) {
+            Some(None)
+        } else {
+            self.exited.get(uuid).map(|t| Some(*t))
+        }
+    }
+
+    /// The UUIDs of `Running()`, in order, without building the map.
+    pub fn running_uuids(&self) -> impl Iterator<Item = &String> + '_ {
+        let mut a = self.runner_index.keys().peekable();
+        let mut b = self
+            .exited
+            .keys()
+            .filter(|u| !self.runner_index.contains_key(*u))
+            .peekable();
+        std::iter::from_fn(move || match (a.peek(), b.peek()) {
+            (Some(x), Some(y)) if y < x => b.next(),
+            (Some(_), _) => a.next(),
+            (None, _) => b.next(),
+        })
+    }
+
     /// Whether a runner (starting or running) exists for `uuid`.
     pub fn has_runner(&self, uuid: &str) -> bool {
         self.runner_index.contains_key(uuid)
