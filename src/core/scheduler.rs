@@ -140,7 +140,11 @@ impl Status {
                 types.get(*t).name
             ),
             Status::WaitingInstanceType(pos) => {
-                let names: Vec<&str> = entry.types.iter().map(|t| types.get(*t).name.as_str()).collect();
+                let names: Vec<&str> = entry
+                    .types
+                    .iter()
+                    .map(|t| types.get(*t).name.as_str())
+                    .collect();
                 format!(
                     "Waiting in queue at position {pos}.  Cluster is at capacity for all eligible instance types ({}) and cannot start a new instance right now.",
                     names.join(", ")
@@ -347,7 +351,11 @@ impl<'a> Pass<'_, 'a> {
     /// The pool's `Create` gate (reference-workers.md §1.7), in its order.
     fn try_create(&mut self, t: TypeId) -> Result<(), bool> {
         let p = &self.snap.pool;
-        if p.create_blocked || self.create_throttled || self.pool_at_capacity[t.0 as usize] || self.at_quota() {
+        if p.create_blocked
+            || self.create_throttled
+            || self.pool_at_capacity[t.0 as usize]
+            || self.at_quota()
+        {
             return Err(false);
         }
         if p.max_concurrent_creates > 0 && self.creating >= p.max_concurrent_creates {
@@ -472,10 +480,16 @@ pub fn plan<'a>(snap: &Snapshot<'a>, now: Timestamp) -> Plan<'a> {
     let mut pool_at_capacity = Vec::with_capacity(ntypes);
     for (_, it) in snap.types.iter() {
         let n = pass_keys.len();
-        pass_key.push(*pass_keys.entry((it.provider_type.as_str(), it.preemptible)).or_insert(n));
+        pass_key.push(
+            *pass_keys
+                .entry((it.provider_type.as_str(), it.preemptible))
+                .or_insert(n),
+        );
         let blocked = &snap.pool.capacity_blocked;
         pool_at_capacity.push(
-            blocked.contains("") || blocked.contains(&it.quota_group) || blocked.contains(&it.capacity_key()),
+            blocked.contains("")
+                || blocked.contains(&it.quota_group)
+                || blocked.contains(&it.capacity_key()),
         );
     }
     let mut pass = Pass {
@@ -639,7 +653,10 @@ pub fn plan<'a>(snap: &Snapshot<'a>, now: Timestamp) -> Plan<'a> {
     let at_quota_now = pass.at_quota();
     for (i, (_, e)) in order.iter().enumerate() {
         if statuses[i] == Status::None
-            && matches!(e.container.state, ContainerState::Queued | ContainerState::Locked)
+            && matches!(
+                e.container.state,
+                ContainerState::Queued | ContainerState::Locked
+            )
         {
             qpos += 1;
             statuses[i] = if at_quota_now {
