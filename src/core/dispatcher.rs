@@ -638,14 +638,13 @@ impl Dispatcher {
         self.dirty = false;
         self.last_pass = Some(now);
         self.metrics.passes += 1;
-        let running = self.pool.running();
         let instances = self.pool.instances();
         let total = self.pool.count_workers().iter().sum();
         let (actions, state, hit_limit, alloc, overq) = {
             let snap = Snapshot {
                 types: &self.types,
                 queue: self.queue.entries(),
-                running: &running,
+                running: self.pool.running(),
                 instances: &instances,
                 total_instances: total,
                 pool: PoolLimits {

@@ -87,6 +87,45 @@ struct Creating {
     started: Timestamp,
 }
 
+/// Which container runs where, and `Running()` kept in step with it.
+#[derive(Debug, Default)]
+struct RunnerBook {
+    /// Container → the worker holding its runner (starting or running).
+    index: BTreeMap<String, String>,
+    /// Exit placeholders: container → when its crunch-run was seen to exit.
+    exited: BTreeMap<String, Timestamp>,
+    /// `Running()`: the union of the two (they are disjoint).
+    map: BTreeMap<String, Option<Timestamp>>,
+}
+
+impl RunnerBook {
+    fn started(&mut self, uuid: &str, id: &str) {
+        self.index.insert(uuid.to_string(), id.to_string());
+        self.exited.remove(uuid);
+        self.map.insert(uuid.to_string(), None);
+    }
+
+    fn dropped(&mut self, uuid: &str) {
+        self.index.remove(uuid);
+        match self.exited.get(uuid) {
+            Some(t) => self.map.insert(uuid.to_string(), Some(*t)),
+            None => self.map.remove(uuid),
+        };
+    }
+
+    fn exited_at(&mut self, uuid: &str, now: Timestamp) {
+        self.index.remove(uuid);
+        self.exited.insert(uuid.to_string(), now);
+        self.map.insert(uuid.to_string(), Some(now));
+    }
+
+    fn unexit(&mut self, uuid: &str) {
+        if self.exited.remove(uuid).is_some() && !self.index.contains_key(uuid) {
+            self.map.remove(uuid);
+        }
+    }
+}
+
 /// The pool.
 #[derive(Debug)]
 pub struct Pool {
@@ -96,8 +135,7 @@ pub struct Pool {
     instance_set_id: String,
     workers: BTreeMap<String, Worker>,
     creating: BTreeMap<String, Creating>,
-    runner_index: BTreeMap<String, String>,
-    exited: BTreeMap<String, Timestamp>,
+    book: RunnerBook,
     stamp: u64,
     loaded: bool,
     quota_until_fewer: usize,
@@ -144,8 +182,7 @@ impl Pool {
             instance_set_id: instance_set_id.to_string(),
             workers: BTreeMap::new(),
             creating: BTreeMap::new(),
-            runner_index: BTreeMap::new(),
-            exited: BTreeMap::new(),
+            book: RunnerBook::default(),
             stamp: 0,
             loaded: false,
             quota_until_fewer: 0,
@@ -295,46 +332,25 @@ impl Pool {
     }
 
     /// `Running()`: every UUID with a runner (`None`) or an exit placeholder (`Some(exit)`).
-    pub fn running(&self) -> BTreeMap<String, Option<Timestamp>> {
-        let mut r: BTreeMap<String, Option<Timestamp>> = self
-            .exited
-            .iter()
-            .map(|(u, t)| (u.clone(), Some(*t)))
-            .collect();
-        for uuid in self.runner_index.keys() {
-            r.insert(uuid.clone(), None);
-        }
-        r
+    /// Maintained as runners come and go, so reading it costs nothing.
+    pub fn running(&self) -> &BTreeMap<String, Option<Timestamp>> {
+        &self.book.map
     }
 
-    /// One entry of `Running()` without building the map: `Some(None)` while a runner exists,
-    /// `Some(Some(exit))` for an exit placeholder, `None` otherwise.
+    /// One entry of `Running()`: `Some(None)` while a runner exists, `Some(Some(exit))` for an
+    /// exit placeholder, `None` otherwise.
     pub fn running_get(&self, uuid: &str) -> Option<Option<Timestamp>> {
-        if self.runner_index.contains_key(uuid) {
-            Some(None)
-        } else {
-            self.exited.get(uuid).map(|t| Some(*t))
-        }
+        self.book.map.get(uuid).copied()
     }
 
-    /// The UUIDs of `Running()`, in order, without building the map.
+    /// The UUIDs of `Running()`, in order.
     pub fn running_uuids(&self) -> impl Iterator<Item = &String> + '_ {
-        let mut a = self.runner_index.keys().peekable();
-        let mut b = self
-            .exited
-            .keys()
-            .filter(|u| !self.runner_index.contains_key(*u))
-            .peekable();
-        std::iter::from_fn(move || match (a.peek(), b.peek()) {
-            (Some(x), Some(y)) if y < x => b.next(),
-            (Some(_), _) => a.next(),
-            (None, _) => b.next(),
-        })
+        self.book.map.keys()
     }
 
     /// Whether a runner (starting or running) exists for `uuid`.
     pub fn has_runner(&self, uuid: &str) -> bool {
-        self.runner_index.contains_key(uuid)
+        self.book.index.contains_key(uuid)
     }
 
     /// `Instances()`: workers and pending creates, sorted by ID, then type name.
@@ -430,7 +446,7 @@ impl Pool {
         };
         if !matches!(w.state, WorkerState::Idle | WorkerState::Running)
             || w.idle_behavior != IdleBehavior::Run
-            || self.runner_index.contains_key(&ctr.uuid)
+            || self.book.index.contains_key(&ctr.uuid)
         {
             return false;
         }
@@ -474,8 +490,7 @@ impl Pool {
         let mut r = Runner::new(&ctr.uuid, ctr.created_at);
         r.start_op = Some(op);
         w.starting.insert(ctr.uuid.clone(), r);
-        self.runner_index.insert(ctr.uuid.clone(), id.to_string());
-        self.exited.remove(&ctr.uuid);
+        self.book.started(&ctr.uuid, id);
         if w.state != WorkerState::Running {
             w.state = WorkerState::Running;
             self.changed = true;
@@ -493,7 +508,7 @@ impl Pool {
         uuid: &str,
         reason: &str,
     ) -> bool {
-        let Some(id) = self.runner_index.get(uuid).cloned() else {
+        let Some(id) = self.book.index.get(uuid).cloned() else {
             return false;
         };
         let term = self.timeout_term();
@@ -515,7 +530,7 @@ impl Pool {
 
     /// `ForgetContainer(uuid)`: drops the exit placeholder.
     pub fn forget_container(&mut self, uuid: &str) {
-        self.exited.remove(uuid);
+        self.book.unexit(uuid);
     }
 
     /// `KillInstance(id, reason)`: destroys the VM whatever its state or behaviour.
@@ -574,7 +589,7 @@ impl Pool {
         // exit record, as Go's Close() does, so the scheduler requeues them.
         let starting: Vec<String> = std::mem::take(&mut w.starting).into_keys().collect();
         for uuid in starting {
-            self.runner_index.remove(&uuid);
+            self.book.dropped(&uuid);
         }
         self.changed = true;
         self.queue_cloud(CloudReq::Destroy(id.to_string()));
@@ -663,8 +678,7 @@ impl Pool {
         if w.running.remove(uuid).is_none() {
             return false;
         }
-        self.runner_index.remove(uuid);
-        self.exited.insert(uuid.to_string(), now);
+        self.book.exited_at(uuid, now);
         self.stamp += 1;
         w.version = self.stamp;
         if w.state == WorkerState::Running && w.runner_count() == 0 {
@@ -767,7 +781,7 @@ impl Pool {
         }
         // Runners are abandoned without an exit record.
         for uuid in w.running.keys().chain(w.starting.keys()) {
-            self.runner_index.remove(uuid);
+            self.book.dropped(uuid);
             self.kill_timers.retain(|(_, u)| u != uuid);
         }
         self.probe_queue.retain(|p| p != id);
@@ -1356,7 +1370,7 @@ impl Pool {
             }
             if let Some(r) = w.starting.remove(uuid) {
                 w.running.insert(uuid.clone(), r);
-            } else if let Some(other) = self.runner_index.get(uuid) {
+            } else if let Some(other) = self.book.index.get(uuid) {
                 // The same container reported on a second instance (a leftover process, or a
                 // probe that raced an exit). The pool keeps one runner per container: the one
                 // it already tracks. This one is adopted once the other is gone.
@@ -1381,8 +1395,7 @@ impl Pool {
         let state = w.state;
         let booted_now = p.booted && matches!(state, WorkerState::Unknown | WorkerState::Booting);
         for uuid in adopted {
-            self.runner_index.insert(uuid.clone(), id.to_string());
-            self.exited.remove(&uuid);
+            self.book.started(&uuid, id);
         }
         for uuid in &left {
             self.close_runner(now, id, uuid);
@@ -1475,7 +1488,7 @@ impl Pool {
                 break;
             }
             self.kill_timers.pop_first();
-            if let Some(id) = self.runner_index.get(&uuid).cloned() {
+            if let Some(id) = self.book.index.get(&uuid).cloned() {
                 self.kill_step(now, ops, &id, &uuid);
             }
         }
@@ -1608,7 +1621,7 @@ impl Pool {
         for w in self.workers.values() {
             for uuid in w.running.keys().chain(w.starting.keys()) {
                 indexed += 1;
-                if self.runner_index.get(uuid) != Some(&w.id) {
+                if self.book.index.get(uuid) != Some(&w.id) {
                     v.push(format!("runner {uuid} on {} is not indexed to it", w.id));
                 }
             }
@@ -1635,10 +1648,30 @@ impl Pool {
                 v.push(format!("idle instance {} has runners", w.id));
             }
         }
-        if indexed != self.runner_index.len() {
+        for (uuid, got) in &self.book.map {
+            let want = if self.book.index.contains_key(uuid) {
+                Some(None)
+            } else {
+                self.book.exited.get(uuid).map(|t| Some(*t))
+            };
+            if want != Some(*got) {
+                v.push(format!(
+                    "Running() entry for {uuid} is {got:?}, want {want:?}"
+                ));
+            }
+        }
+        if self.book.map.len() != self.book.index.len() + self.book.exited.len() {
+            v.push(format!(
+                "Running() has {} entries; runners {} and exit placeholders {} should be disjoint",
+                self.book.map.len(),
+                self.book.index.len(),
+                self.book.exited.len()
+            ));
+        }
+        if indexed != self.book.index.len() {
             v.push(format!(
                 "runner index has {} entries but workers hold {indexed} runners",
-                self.runner_index.len()
+                self.book.index.len()
             ));
         }
         // Instances listed from an earlier process can push the total past MaxInstances, but
