@@ -62,6 +62,9 @@ enum Ev {
     UserCancel(String),
     /// A workflow supervisor submits child `n`.
     Child { parent: String, n: usize },
+    /// The cloud warns that it will reclaim a spot instance (logged; crunch-run would see it in
+    /// the instance metadata).
+    ReclaimNotice(String),
     /// The cloud reclaims a spot instance.
     Reclaim(String),
     /// The dispatcher restarts.
@@ -335,6 +338,10 @@ impl World {
                     );
                 }
                 if let (Ok(info), Some(t)) = (&result, reclaim) {
+                    let notice = t
+                        .saturating_sub(ms(self.scenario.cloud.spot_notice.0))
+                        .max(done);
+                    self.push(notice, Ev::ReclaimNotice(info.id.clone()));
                     self.push(t, Ev::Reclaim(info.id.clone()));
                 }
                 self.deliver(done, Input::CreateFinished { op, result });
@@ -685,6 +692,12 @@ impl World {
                     &format!("A {} child {n} of {parent}", s.container.uuid),
                 );
                 self.submit(s, Some(parent));
+            }
+            Ev::ReclaimNotice(id) => {
+                if self.cloud.instances.contains_key(&id) {
+                    self.log
+                        .line(now, &format!("N {id} spot interruption notice"));
+                }
             }
             Ev::Reclaim(id) => {
                 if !self.cloud.instances.contains_key(&id) {
