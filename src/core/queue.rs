@@ -111,39 +111,46 @@ impl Queue {
             .iter()
             .map(|(u, e)| (u.as_str(), e.as_str()))
             .collect();
-        let mut next: BTreeMap<String, Container> = BTreeMap::new();
-        for ctr in result.containers {
-            // A UUID returned twice (by "avail" and "mine") keeps the first record, which the
-            // adapter puts first for "avail".
-            next.entry(ctr.uuid.clone()).or_insert(ctr);
+        // The returned records, sorted by UUID; a UUID returned twice (by "avail" and "mine")
+        // keeps the first record, which the adapter puts first for "avail". Sorting a vector
+        // avoids copying every UUID into a map on every poll.
+        let mut next: Vec<Container> = result.containers;
+        next.sort_by(|a, b| a.uuid.cmp(&b.uuid));
+        next.dedup_by(|later, first| later.uuid == first.uuid);
+        if !result.deleted.is_empty() {
+            let deleted: BTreeSet<&String> = result.deleted.iter().collect();
+            next.retain(|c| !deleted.contains(&c.uuid));
         }
-        for uuid in &result.deleted {
-            next.remove(uuid);
-        }
+        let returned = |uuid: &str| next.binary_search_by(|c| c.uuid.as_str().cmp(uuid)).is_ok();
         // Drop cached entries the poll did not return (cancelled, completed, deleted, or taken by
         // another dispatcher), except those changed locally since the poll began.
         let stale: Vec<String> = self
             .entries
             .keys()
-            .filter(|u| !next.contains_key(*u) && !dont.contains(*u))
+            .filter(|u| !returned(u) && !dont.contains(*u))
             .cloned()
             .collect();
         for uuid in stale {
             self.entries.remove(&uuid);
             fx.dropped += 1;
         }
-        for (uuid, mut ctr) in next {
-            if dont.contains(&uuid) {
+        for mut ctr in next {
+            if dont.contains(&ctr.uuid) {
                 continue;
             }
-            if let Some(ent) = self.entries.get_mut(&uuid) {
+            if let Some(ent) = self.entries.get_mut(&ctr.uuid) {
                 ctr.mounts = None;
+                let untyped = ent.types.is_empty();
                 ent.container = ctr;
-                if let Some(msg) = self.untyped_schedulable(&uuid) {
-                    fx.cancel_unsatisfiable.push(msg);
+                if untyped {
+                    let uuid = ent.container.uuid.clone();
+                    if let Some(msg) = self.untyped_schedulable(&uuid) {
+                        fx.cancel_unsatisfiable.push(msg);
+                    }
                 }
                 continue;
             }
+            let uuid = ctr.uuid.clone();
             if let Some(err) = mounts_errors.get(uuid.as_str()) {
                 tracing::warn!(container = %uuid, error = %err, "error getting mounts");
                 if err.contains("json: cannot unmarshal") {
