@@ -638,7 +638,7 @@ impl Dispatcher {
         self.dirty = false;
         self.last_pass = Some(now);
         self.metrics.passes += 1;
-        let instances = self.pool.instances();
+        let instances = self.pool.plan_instances();
         let total = self.pool.count_workers().iter().sum();
         let (actions, state, hit_limit, alloc, overq) = {
             let snap = Snapshot {

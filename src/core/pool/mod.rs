@@ -355,7 +355,17 @@ impl Pool {
 
     /// `Instances()`: workers and pending creates, sorted by ID, then type name.
     pub fn instances(&self) -> Vec<InstanceView> {
-        let mut v: Vec<InstanceView> = self.workers.values().map(Worker::view).collect();
+        self.views(Worker::view)
+    }
+
+    /// `Instances()` as a scheduling pass reads it (see [`Worker::plan_view`]).
+    pub fn plan_instances(&self) -> Vec<InstanceView> {
+        self.views(Worker::plan_view)
+    }
+
+    fn views(&self, view: fn(&Worker) -> InstanceView) -> Vec<InstanceView> {
+        let mut v: Vec<InstanceView> = Vec::with_capacity(self.workers.len() + self.creating.len());
+        v.extend(self.workers.values().map(view));
         for c in self.creating.values() {
             let it = self.types.get(c.type_id);
             v.push(InstanceView {
