@@ -7,19 +7,36 @@
 //! applies the plan through the real pool, which enforces the same rules). Karpenter calls
 //! this split Solve/Record.
 //!
-//! Cost: O(N log N) for the sort plus, per container, a scan of the instances of its eligible
-//! types that still have room. Instances that are full are pruned from per-type candidate
-//! lists once, and a "nothing fits" answer is remembered per (eligible types, needs) until an
-//! instance is added, so a long queue of similar containers costs O(N) after the sort.
+//! Cost. Go's pass scans, for each container, every instance of its eligible types:
+//! O(N × M). Here the candidates of each type sit, in instance order, at the leaves of a
+//! binary tree whose inner nodes hold bounds of the room left below them (per resource), of
+//! the room left in those running containers, of their container count, and whether any is
+//! ready ([`CandTree`]). §2.9's choice (the first fitting candidate with the most containers,
+//! preferring ready ones, decided by a scan in instance order) is computed by one walk in
+//! that order that skips every subtree whose bounds cannot fit the container or cannot beat
+//! the choice so far: the walk visits the candidates that change the choice plus the paths to
+//! them, O(changes × log M) nodes in practice rather than M. An instance taken by a
+//! container, or created by the pass, updates one leaf-to-root path, O(log M). When the
+//! instances of two eligible types interleave in instance order (equal price and size, or a
+//! price that differs from the type's), the walk collects every fitting candidate and sorts
+//! them instead. The queue costs O(N log N) for the order, plus reading each entry once: the
+//! entries are copied into compact rows in one merge, in UUID order, with `Running()` and the
+//! instances' containers (no lookup per entry), so that the rest of the pass reads only the
+//! rows. The test module compares `plan` with the previous, plain implementation on random
+//! snapshots.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Duration;
 
 use super::queue::QueueEntry;
 use super::select::{TypeId, TypeTable};
 use super::time::Timestamp;
 use super::types::{ContainerState, IdleBehavior, InstanceView, Resources, WorkerState};
+
+/// Rows handled together by the loops that read scattered memory (see [`plan`]'s setup).
+const CHUNK: usize = 32;
 
 /// How long after a 503 the concurrency limit stays where the 503 put it.
 pub const QUIET_PERIOD_503: Duration = Duration::from_secs(60);
@@ -213,6 +230,15 @@ pub struct Plan<'a> {
     pub not_allocated_over_quota: usize,
 }
 
+/// The part of an instance's sort key that its type decides: price, then more VCPUs, more
+/// RAM, more scratch first.
+fn prefix_cmp(a: (f64, i64, i64, i64), b: (f64, i64, i64, i64)) -> Ordering {
+    a.0.total_cmp(&b.0)
+        .then(b.1.cmp(&a.1))
+        .then(b.2.cmp(&a.2))
+        .then(b.3.cmp(&a.3))
+}
+
 #[derive(Clone, Copy, Debug)]
 struct InstKey<'a> {
     price: f64,
@@ -224,16 +250,25 @@ struct InstKey<'a> {
 }
 
 impl InstKey<'_> {
+    fn prefix(&self) -> (f64, i64, i64, i64) {
+        (self.price, self.vcpus, self.ram, self.scratch)
+    }
+
     fn cmp(&self, o: &InstKey<'_>) -> Ordering {
-        self.price
-            .total_cmp(&o.price)
-            .then(o.vcpus.cmp(&self.vcpus))
-            .then(o.ram.cmp(&self.ram))
-            .then(o.scratch.cmp(&self.scratch))
+        prefix_cmp(self.prefix(), o.prefix())
             .then_with(|| self.id.cmp(o.id))
             // `tie` is unique: the original position, or a negative insertion number.
             .then(self.tie.cmp(&o.tie))
     }
+}
+
+/// Where a candidate sits in its type's [`Cands`].
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    type_index: usize,
+    /// Created by this pass (in `Cands::created`) rather than existing (in `Cands::existing`).
+    created: bool,
+    pos: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -245,6 +280,9 @@ struct Inst<'a> {
     count: usize,
     remaining: Resources,
     key: InstKey<'a>,
+    /// `None` for an instance that can never take a container (no configured type, not
+    /// `run`, or shutting down).
+    slot: Option<Slot>,
 }
 
 impl Inst<'_> {
@@ -253,18 +291,445 @@ impl Inst<'_> {
     }
 }
 
+/// A candidate as §2.9 sees it: a leaf of a [`CandTree`]. `None` in the tree once it can take
+/// no more containers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Leaf {
+    room: Resources,
+    count: usize,
+    ready: bool,
+}
+
+/// Resources rounded up to a compact form: VCPUs and GPUs as `i32`, byte sizes in MiB,
+/// saturated. Rounding up and saturating keep the order (`a >= b` implies
+/// `Bound::of(a) >= Bound::of(b)`), so a bound that is too small proves a misfit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Bound {
+    vcpus: i32,
+    ram_mib: i32,
+    scratch_mib: i32,
+    gpus: i32,
+    gpu_vram_mib: i32,
+}
+
+fn sat32(x: i64) -> i32 {
+    x.clamp(i64::from(i32::MIN), i64::from(i32::MAX)) as i32
+}
+
+fn mib_up(x: i64) -> i32 {
+    sat32(x.div_euclid(1 << 20) + i64::from(x.rem_euclid(1 << 20) != 0))
+}
+
+impl Bound {
+    const NONE: Bound = Bound {
+        vcpus: i32::MIN,
+        ram_mib: i32::MIN,
+        scratch_mib: i32::MIN,
+        gpus: i32::MIN,
+        gpu_vram_mib: i32::MIN,
+    };
+
+    fn of(vcpus: i64, ram: i64, scratch: i64, gpus: i64, gpu_vram: i64) -> Bound {
+        Bound {
+            vcpus: sat32(vcpus),
+            ram_mib: mib_up(ram),
+            scratch_mib: mib_up(scratch),
+            gpus: sat32(gpus),
+            gpu_vram_mib: mib_up(gpu_vram),
+        }
+    }
+
+    fn max(self, o: Bound) -> Bound {
+        Bound {
+            vcpus: self.vcpus.max(o.vcpus),
+            ram_mib: self.ram_mib.max(o.ram_mib),
+            scratch_mib: self.scratch_mib.max(o.scratch_mib),
+            gpus: self.gpus.max(o.gpus),
+            gpu_vram_mib: self.gpu_vram_mib.max(o.gpu_vram_mib),
+        }
+    }
+
+    /// False when no candidate under this bound can accommodate `need` (already converted):
+    /// each condition of [`Resources::accommodates`] that survives the conversion.
+    fn may_fit(&self, need: &Bound) -> bool {
+        self.vcpus > 0
+            && self.vcpus >= need.vcpus
+            && self.ram_mib >= need.ram_mib
+            && self.scratch_mib >= need.scratch_mib
+            && self.gpus >= need.gpus
+            && self.gpu_vram_mib >= need.gpu_vram_mib
+    }
+}
+
+/// A summary of the candidates under a [`CandTree`] node: bounds of the room they have left,
+/// of the VCPUs and RAM left in those that run at least one container ("busy"), of their
+/// container count, and whether any is ready. 32 bytes, so that a walk touches little memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Node {
+    room: Bound,
+    busy_vcpus: i32,
+    busy_ram_mib: i32,
+    /// The largest container count, saturated at `COUNT_MAX`, and `READY` if any is ready.
+    count_ready: u32,
+}
+
+const _: () = assert!(std::mem::size_of::<Node>() == 32);
+
+/// A count this large or larger is not known exactly in a [`Node`].
+const COUNT_MAX: u32 = (1 << 31) - 1;
+const READY: u32 = 1 << 31;
+
+impl Node {
+    const NONE: Node = Node {
+        room: Bound::NONE,
+        busy_vcpus: i32::MIN,
+        busy_ram_mib: i32::MIN,
+        count_ready: 0,
+    };
+
+    fn count(&self) -> u32 {
+        self.count_ready & COUNT_MAX
+    }
+
+    fn ready(&self) -> bool {
+        self.count_ready & READY != 0
+    }
+
+    fn of(leaf: &Option<Leaf>) -> Node {
+        let Some(l) = leaf else {
+            return Node::NONE;
+        };
+        let r = &l.room;
+        let room = Bound::of(r.vcpus, r.ram, r.scratch, r.gpus, r.gpu_vram);
+        let busy = l.count > 0;
+        Node {
+            room,
+            busy_vcpus: if busy { room.vcpus } else { i32::MIN },
+            busy_ram_mib: if busy { room.ram_mib } else { i32::MIN },
+            count_ready: u32::try_from(l.count).map_or(COUNT_MAX, |c| c.min(COUNT_MAX))
+                | if l.ready { READY } else { 0 },
+        }
+    }
+
+    fn join(a: Node, b: Node) -> Node {
+        Node {
+            room: a.room.max(b.room),
+            busy_vcpus: a.busy_vcpus.max(b.busy_vcpus),
+            busy_ram_mib: a.busy_ram_mib.max(b.busy_ram_mib),
+            count_ready: a.count().max(b.count()) | ((a.count_ready | b.count_ready) & READY),
+        }
+    }
+}
+
+/// The §2.9 choice so far: an instance index, with its count and readiness.
+#[derive(Clone, Copy, Debug)]
+struct Best {
+    inst: usize,
+    count: usize,
+    ready: bool,
+}
+
+impl Best {
+    /// Go replaces the choice with the next fitting candidate when that one runs more
+    /// containers, or is ready while the choice is not.
+    fn beaten_by(&self, l: &Leaf) -> bool {
+        l.count > self.count || (!self.ready && l.ready)
+    }
+
+    /// False when no fitting candidate under `n` can replace the choice. A candidate that
+    /// beats a ready choice runs more containers than it, so at least one: it must fit the
+    /// bounds of the busy candidates.
+    fn may_be_beaten(&self, n: &Node, need: &Bound) -> bool {
+        let more = n.count() == COUNT_MAX || n.count() as usize > self.count;
+        if self.ready {
+            more && n.busy_vcpus >= need.vcpus.max(1) && n.busy_ram_mib >= need.ram_mib
+        } else {
+            more || n.ready()
+        }
+    }
+}
+
+/// One range of a [`CandTree`] to visit for a container, in slot order or reversed.
+struct Query<'q> {
+    lo: usize,
+    hi: usize,
+    need: &'q Resources,
+    bound: Bound,
+    reverse: bool,
+}
+
+/// A complete binary tree over a sequence of candidate slots, each inner node summarising its
+/// subtree ([`Node::join`]). A search skips every subtree whose bounds cannot fit the
+/// container, and, when it only needs the §2.9 choice, every subtree that cannot change it.
+#[derive(Clone, Debug)]
+struct CandTree {
+    /// Leaves of the complete tree (a power of two).
+    width: usize,
+    /// Slots in use.
+    len: usize,
+    /// `nodes[1]` is the root; the leaf summaries start at `width`.
+    nodes: Vec<Node>,
+    leaves: Vec<Option<Leaf>>,
+}
+
+impl CandTree {
+    fn new(leaves: &[Option<Leaf>], min_width: usize) -> CandTree {
+        let width = leaves.len().max(min_width).next_power_of_two();
+        let mut nodes = vec![Node::NONE; 2 * width];
+        for (pos, leaf) in leaves.iter().enumerate() {
+            nodes[width + pos] = Node::of(leaf);
+        }
+        for n in (1..width).rev() {
+            nodes[n] = Node::join(nodes[2 * n], nodes[2 * n + 1]);
+        }
+        let mut all = leaves.to_vec();
+        all.resize(width, None);
+        CandTree {
+            width,
+            len: leaves.len(),
+            nodes,
+            leaves: all,
+        }
+    }
+
+    fn set(&mut self, pos: usize, leaf: Option<Leaf>) {
+        self.leaves[pos] = leaf;
+        let mut n = self.width + pos;
+        self.nodes[n] = Node::of(&leaf);
+        while n > 1 {
+            n /= 2;
+            self.nodes[n] = Node::join(self.nodes[2 * n], self.nodes[2 * n + 1]);
+        }
+    }
+
+    /// Appends a slot; returns its position.
+    fn push(&mut self, leaf: Option<Leaf>) -> usize {
+        if self.len == self.width {
+            let leaves = self.leaves[..self.len].to_vec();
+            *self = CandTree::new(&leaves, 2 * self.width);
+        }
+        let pos = self.len;
+        self.len += 1;
+        self.set(pos, leaf);
+        pos
+    }
+
+    /// Appends `slots[p]` for every slot `p` of the range whose candidate fits, in order.
+    fn collect(&self, q: &Query<'_>, slots: &[usize], out: &mut Vec<usize>) {
+        if q.lo < q.hi {
+            self.collect_from(1, (0, self.width), q, slots, out);
+        }
+    }
+
+    fn collect_from(
+        &self,
+        node: usize,
+        (lo, hi): (usize, usize),
+        q: &Query<'_>,
+        slots: &[usize],
+        out: &mut Vec<usize>,
+    ) {
+        if hi <= q.lo || q.hi <= lo || !self.nodes[node].room.may_fit(&q.bound) {
+            return;
+        }
+        if node >= self.width {
+            if self.leaves[lo].is_some_and(|l| l.room.accommodates(q.need)) {
+                out.push(slots[lo]);
+            }
+            return;
+        }
+        let mid = (lo + hi) / 2;
+        let halves = [(2 * node, (lo, mid)), (2 * node + 1, (mid, hi))];
+        let order = if q.reverse { [1, 0] } else { [0, 1] };
+        for h in order {
+            let (child, span) = halves[h];
+            self.collect_from(child, span, q, slots, out);
+        }
+    }
+
+    /// Folds the range's fitting candidates, in order, into the §2.9 choice `best`.
+    fn choose(&self, q: &Query<'_>, slots: &[usize], best: &mut Option<Best>) {
+        if q.lo < q.hi {
+            self.choose_from(1, (0, self.width), q, slots, best);
+        }
+    }
+
+    fn choose_from(
+        &self,
+        node: usize,
+        (lo, hi): (usize, usize),
+        q: &Query<'_>,
+        slots: &[usize],
+        best: &mut Option<Best>,
+    ) {
+        let n = &self.nodes[node];
+        if hi <= q.lo || q.hi <= lo || !n.room.may_fit(&q.bound) {
+            return;
+        }
+        // Nothing below can replace the choice: skipping the subtree leaves it unchanged.
+        if best.is_some_and(|b| !b.may_be_beaten(n, &q.bound)) {
+            return;
+        }
+        if node >= self.width {
+            if let Some(l) = self.leaves[lo]
+                && l.room.accommodates(q.need)
+                && best.is_none_or(|b| b.beaten_by(&l))
+            {
+                *best = Some(Best {
+                    inst: slots[lo],
+                    count: l.count,
+                    ready: l.ready,
+                });
+            }
+            return;
+        }
+        let mid = (lo + hi) / 2;
+        let halves = [(2 * node, (lo, mid)), (2 * node + 1, (mid, hi))];
+        let order = if q.reverse { [1, 0] } else { [0, 1] };
+        for h in order {
+            let (child, span) = halves[h];
+            self.choose_from(child, span, q, slots, best);
+        }
+    }
+}
+
+/// The candidates of one type, in instance order: `existing[..split]`, then the instances
+/// this pass created (newest first: their `tie` is minus the insertion number), then
+/// `existing[split..]`. Every created instance of a type sorts at the same place among the
+/// existing ones, because created instances differ from each other only in `tie`.
+#[derive(Clone, Debug)]
+struct Cands {
+    existing: Vec<usize>,
+    existing_tree: CandTree,
+    split: usize,
+    /// Oldest first.
+    created: Vec<usize>,
+    created_tree: CandTree,
+}
+
+impl Cands {
+    /// The three ranges, in instance order, as (tree, slots, query).
+    fn ranges<'c, 'q>(
+        &'c self,
+        need: &'q Resources,
+    ) -> [(&'c CandTree, &'c [usize], Query<'q>); 3] {
+        let bound = Bound::of(need.vcpus, need.ram, need.scratch, need.gpus, need.gpu_vram);
+        let q = |lo, hi, reverse| Query {
+            lo,
+            hi,
+            need,
+            bound,
+            reverse,
+        };
+        [
+            (&self.existing_tree, &self.existing, q(0, self.split, false)),
+            (
+                &self.created_tree,
+                &self.created,
+                q(0, self.created.len(), true),
+            ),
+            (
+                &self.existing_tree,
+                &self.existing,
+                q(self.split, self.existing.len(), false),
+            ),
+        ]
+    }
+}
+
+/// One distinct eligible-type list, and how [`Pass::find_best`] visits its candidates.
+#[derive(Clone, Copy, Debug)]
+struct ListPlan {
+    /// Range of `Pass::list_types`: the list as the entries have it (§2.10 reads it in order).
+    types: (usize, usize),
+    /// Range of `Pass::list_types`: the types to visit, in this order.
+    visit: (usize, usize),
+    /// The types' instances occupy disjoint, ordered stretches of the instance order, so
+    /// visiting the types in turn yields the candidates already sorted. Otherwise the found
+    /// candidates are sorted.
+    sorted: bool,
+}
+
+/// A fixed-seed FxHash: lookup tables of one pass hash the same way on every run (std's
+/// `RandomState` reads the OS).
+#[derive(Clone, Copy, Debug, Default)]
+struct FxHasher(u64);
+
+impl FxHasher {
+    fn add(&mut self, v: u64) {
+        self.0 = (self.0.rotate_left(5) ^ v).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(b));
+        }
+    }
+    fn write_u8(&mut self, v: u8) {
+        self.add(u64::from(v));
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.add(u64::from(v));
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.add(v);
+    }
+    fn write_i64(&mut self, v: i64) {
+        self.add(v as u64);
+    }
+    fn write_usize(&mut self, v: usize) {
+        self.add(v as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A lookup table of one pass. Never iterated, so its order cannot leak into a plan, and
+/// hashed with a fixed seed, so it reads no OS randomness.
+#[allow(clippy::disallowed_types)]
+type Table<K, V> = std::collections::HashMap<K, V, BuildHasherDefault<FxHasher>>;
+
+/// One queue entry with its `Running()` entry, if any, and a copy of what the pass reads
+/// (read once, in UUID order: the pass then visits the rows in queue order without touching
+/// the scattered entries).
+#[derive(Clone, Copy, Debug)]
+struct Row<'a> {
+    e: &'a QueueEntry,
+    /// The UUID: a range of the pass's copy of the UUIDs (compact, read without touching the
+    /// entry).
+    uuid: (u32, u32),
+    run: Option<&'a Option<Timestamp>>,
+    /// `e.types`, interned: an index of `Pass::lists`.
+    list: u32,
+    need: Resources,
+    state: ContainerState,
+    /// Priority ≥ 1.
+    positive: bool,
+    supervisor: bool,
+}
+
 struct Pass<'s, 'a> {
     snap: &'s Snapshot<'a>,
     insts: Vec<Inst<'a>>,
-    /// Per type: candidate instance indices, in instance order.
-    cands: Vec<Vec<usize>>,
-    /// Interned eligible-type lists.
-    lists: BTreeMap<&'a [TypeId], usize>,
-    /// (type list, needs) → generation at which nothing fitted.
-    no_fit: BTreeMap<(usize, Resources), u64>,
-    generation: u64,
-    inserted: i64,
-    scratch: Vec<usize>,
+    /// Instances `..existing` are the snapshot's, sorted by key; the rest were created here.
+    existing: usize,
+    /// Per type (by index).
+    cands: Vec<Cands>,
+    /// Per type: every existing candidate has the type's price (so its whole sort-key prefix
+    /// is the type's).
+    uniform: Vec<bool>,
+    /// The distinct eligible-type lists, in the order rows first name them.
+    lists: Vec<ListPlan>,
+    list_types: Vec<TypeId>,
+    /// Instances created so far in this pass.
+    inserts: u64,
+    /// Scratch space for the candidates [`CandTree::collect`] finds.
+    found: Vec<usize>,
     /// Per type: index of its "<ProviderType>, preemptible=<bool>" key.
     pass_key: Vec<usize>,
     /// Per pass key: found at capacity during this pass.
@@ -288,30 +753,94 @@ impl<'a> Pass<'_, 'a> {
         (limit == 0 || inst.count < limit) && inst.remaining.vcpus > 0
     }
 
-    /// §2.9: the best existing instance for `e`, or `None`.
-    fn find_best(&mut self, e: &'a QueueEntry) -> Option<usize> {
-        let next_id = self.lists.len();
-        let list_id = *self.lists.entry(e.types.as_slice()).or_insert(next_id);
-        if self.no_fit.get(&(list_id, e.resources)) == Some(&self.generation) {
-            return None;
+    /// A candidate's leaf: `None` once it can take no more containers.
+    fn leaf(&self, i: usize) -> Option<Leaf> {
+        let inst = &self.insts[i];
+        self.alive(i).then(|| Leaf {
+            room: inst.remaining,
+            count: inst.count,
+            ready: inst.ready(),
+        })
+    }
+
+    /// Brings a candidate's leaf up to date after a change.
+    fn refresh(&mut self, i: usize) {
+        let slot = self.insts[i].slot.expect("a candidate");
+        let leaf = self.leaf(i);
+        let c = &mut self.cands[slot.type_index];
+        if slot.created {
+            c.created_tree.set(slot.pos, leaf);
+        } else {
+            c.existing_tree.set(slot.pos, leaf);
         }
-        let mut found = std::mem::take(&mut self.scratch);
+    }
+
+    /// Instance order: by index among the snapshot's instances, by key otherwise.
+    fn inst_cmp(&self, a: usize, b: usize) -> Ordering {
+        if a < self.existing && b < self.existing {
+            a.cmp(&b)
+        } else {
+            self.insts[a].key.cmp(&self.insts[b].key)
+        }
+    }
+
+    /// How to visit the candidates of the eligible types `types`.
+    fn plan_list(&mut self, types: &[TypeId]) -> ListPlan {
+        let start = self.list_types.len();
+        self.list_types.extend_from_slice(types);
+        let mid = self.list_types.len();
+        let prefix = |t: &TypeId| {
+            let it = self.snap.types.get(*t);
+            (it.price, it.vcpus, it.ram, it.scratch)
+        };
+        let mut by_key = types.to_vec();
+        by_key.sort_by(|a, b| prefix_cmp(prefix(a), prefix(b)));
+        let sorted = types.iter().all(|t| self.uniform[t.0 as usize])
+            && by_key
+                .windows(2)
+                .all(|w| prefix_cmp(prefix(&w[0]), prefix(&w[1])) == Ordering::Less);
+        self.list_types
+            .extend_from_slice(if sorted { &by_key } else { types });
+        ListPlan {
+            types: (start, mid),
+            visit: (mid, self.list_types.len()),
+            sorted,
+        }
+    }
+
+    /// §2.9: the best existing instance for the row's container, or `None`.
+    fn find_best(&mut self, row: &Row<'_>) -> Option<usize> {
+        let l = self.lists[row.list as usize];
+        let types = &self.list_types[l.visit.0..l.visit.1];
+        if l.sorted || types.len() == 1 {
+            // One walk in instance order, skipping what cannot fit or cannot change the choice.
+            let mut best = None;
+            for t in types {
+                for (tree, slots, q) in self.cands[t.0 as usize].ranges(&row.need) {
+                    tree.choose(&q, slots, &mut best);
+                }
+            }
+            return best.map(|b| b.inst);
+        }
+        // The types' instances interleave: gather every fitting one, sort, then choose.
+        let mut found = std::mem::take(&mut self.found);
         found.clear();
-        for t in &e.types {
-            let mut list = std::mem::take(&mut self.cands[t.0 as usize]);
-            list.retain(|&i| self.alive(i));
-            found.extend(
-                list.iter()
-                    .copied()
-                    .filter(|&i| self.insts[i].remaining.accommodates(&e.resources)),
-            );
-            self.cands[t.0 as usize] = list;
+        for t in types {
+            for (tree, slots, q) in self.cands[t.0 as usize].ranges(&row.need) {
+                tree.collect(&q, slots, &mut found);
+            }
         }
-        if e.types.len() > 1 {
-            found.sort_by(|a, b| self.insts[*a].key.cmp(&self.insts[*b].key));
-        }
+        found.sort_unstable_by(|a, b| self.inst_cmp(*a, *b));
+        let best = self.pick(&found);
+        self.found = found;
+        best
+    }
+
+    /// Of the fitting candidates in instance order: the first with the most containers,
+    /// preferring a ready one over one that is not (Go's comparison, kept as a scan).
+    fn pick(&self, found: &[usize]) -> Option<usize> {
         let mut best: Option<usize> = None;
-        for &c in &found {
+        for &c in found {
             best = match best {
                 None => Some(c),
                 Some(b) if self.insts[c].count > self.insts[b].count => Some(c),
@@ -319,16 +848,14 @@ impl<'a> Pass<'_, 'a> {
                 keep => keep,
             };
         }
-        self.scratch = found;
-        if best.is_none() {
-            self.no_fit.insert((list_id, e.resources), self.generation);
-        }
         best
     }
 
     /// §2.10: the cheapest eligible type not at capacity.
-    fn available_type(&mut self, e: &QueueEntry) -> Option<TypeId> {
-        for t in &e.types {
+    fn available_type(&mut self, row: &Row<'_>) -> Option<TypeId> {
+        let (a, b) = self.lists[row.list as usize].types;
+        for n in a..b {
+            let t = &self.list_types[n];
             let k = self.pass_key[t.0 as usize];
             if self.atcapacity[k] {
                 continue;
@@ -342,10 +869,17 @@ impl<'a> Pass<'_, 'a> {
         None
     }
 
-    fn reserve(&mut self, i: usize, e: &QueueEntry) {
+    fn reserve(&mut self, i: usize, need: &Resources) {
         let inst = &mut self.insts[i];
-        inst.remaining.sub(&e.resources);
+        inst.remaining.sub(need);
         inst.count += 1;
+        self.refresh(i);
+    }
+
+    /// A container starts on instance `i`.
+    fn start(&mut self, i: usize) {
+        self.insts[i].state = WorkerState::Running;
+        self.refresh(i);
     }
 
     /// The pool's `Create` gate (reference-workers.md §1.7), in its order.
@@ -367,20 +901,21 @@ impl<'a> Pass<'_, 'a> {
         Ok(())
     }
 
-    fn insert_instance(&mut self, t: TypeId, e: &QueueEntry) {
+    fn insert_instance(&mut self, t: TypeId, need: &Resources) {
         let it = self.snap.types.get(t);
-        self.inserted += 1;
+        self.inserts += 1;
         let key = InstKey {
             price: it.price,
             vcpus: it.vcpus,
             ram: it.ram,
             scratch: it.scratch,
             id: "",
-            tie: -self.inserted,
+            tie: -(self.inserts as i64),
         };
         let mut remaining = it.capacity();
-        remaining.sub(&e.resources);
+        remaining.sub(need);
         let idx = self.insts.len();
+        let ti = t.0 as usize;
         self.insts.push(Inst {
             id: "",
             type_id: Some(t),
@@ -389,12 +924,48 @@ impl<'a> Pass<'_, 'a> {
             count: 1,
             remaining,
             key,
+            slot: None,
         });
-        let list = &mut self.cands[t.0 as usize];
-        let pos = list.partition_point(|&i| self.insts[i].key.cmp(&key) == Ordering::Less);
-        list.insert(pos, idx);
-        self.generation += 1;
+        let leaf = self.leaf(idx);
+        let c = &mut self.cands[ti];
+        let pos = c.created_tree.push(leaf);
+        c.created.push(idx);
+        self.insts[idx].slot = Some(Slot {
+            type_index: ti,
+            created: true,
+            pos,
+        });
     }
+}
+
+/// The last fields of `keys` (indices) in key order. The keys are unique.
+fn sorted_indices(mut keys: Vec<(u8, u64, u64, usize)>) -> impl Iterator<Item = usize> {
+    // Packed into one u128 when the fields fit (2 + 64 bits, then the time and the index in
+    // 62 bits, as with millisecond times of this era), which sorts faster. Same order.
+    let index_bits = usize::BITS - keys.len().leading_zeros();
+    let time_bits = 62u32.saturating_sub(index_bits);
+    let max_time = keys.iter().map(|k| k.2).max().unwrap_or(0);
+    let packed: Vec<u128> = if index_bits < 62 && max_time >> time_bits == 0 {
+        let mut packed: Vec<u128> = keys
+            .iter()
+            .map(|&(class, priority, time, i)| {
+                (u128::from(class) << 126)
+                    | (u128::from(priority) << 62)
+                    | (u128::from(time) << index_bits)
+                    | i as u128
+            })
+            .collect();
+        packed.sort_unstable();
+        keys.clear();
+        packed
+    } else {
+        keys.sort_unstable();
+        Vec::new()
+    };
+    let mask = (1u128 << index_bits) - 1;
+    let from_packed = packed.into_iter().map(move |k| (k & mask) as usize);
+    let from_keys = keys.into_iter().map(|k| k.3);
+    from_packed.chain(from_keys)
 }
 
 /// One scheduling pass.
@@ -431,29 +1002,105 @@ pub fn plan<'a>(snap: &Snapshot<'a>, now: Timestamp) -> Plan<'a> {
         max_supervisors = 1;
     }
 
-    // §2.3–2.4: instances in order, with remaining capacity.
-    let mut insts: Vec<Inst<'a>> = Vec::with_capacity(snap.instances.len());
+    // §2.3–2.4: instances, with remaining capacity. Their containers' needs are read in the
+    // queue merge below, from these (UUID, instance) pairs sorted by UUID.
+    let nviews = snap.instances.len();
+    let mut type_ids: Vec<Option<TypeId>> = Vec::with_capacity(nviews);
+    let mut remaining: Vec<Resources> = Vec::with_capacity(nviews);
+    let mut placed: Vec<(&'a str, usize)> = Vec::new();
     for (pos, v) in snap.instances.iter().enumerate() {
         let type_id = snap.types.id(&v.arvados_instance_type);
-        let it = type_id.map(|t| snap.types.get(t));
-        let mut remaining = it.map(|t| t.capacity()).unwrap_or(Resources::FULL);
-        let uuids: &[String] = v.running_container_uuids.as_deref().unwrap_or(&[]);
-        for uuid in uuids {
-            match snap.queue.get(uuid) {
-                Some(e) => remaining.sub(&e.resources),
-                None => {
-                    remaining = Resources::FULL;
-                    break;
-                }
-            }
+        type_ids.push(type_id);
+        remaining.push(type_id.map_or(Resources::FULL, |t| snap.types.get(t).capacity()));
+        for uuid in v.running_container_uuids.iter().flatten() {
+            placed.push((uuid.as_str(), pos));
         }
+    }
+    placed.sort_unstable();
+    let mut missing = vec![false; nviews];
+
+    // §2.5, first half: one merge, in UUID order, of the queue with `Running()` and with the
+    // instances' containers copies what the pass reads of each entry into a row. The entries
+    // are scattered in memory (a cache miss or two each, the largest cost of a long queue), so
+    // each chunk of them is first read by a short loop whose loads the processor overlaps.
+    let n = snap.queue.len();
+    let mut rows: Vec<Row<'a>> = Vec::with_capacity(n);
+    // Running first, then Locked, then higher priority, then first seen; the UUID (the row
+    // index) makes the order total.
+    let mut keys: Vec<(u8, u64, u64, usize)> = Vec::with_capacity(n);
+    let mut uuids = String::with_capacity(n * snap.queue.keys().next().map_or(0, String::len));
+    let mut list_ids: Table<&'a [TypeId], u32> = Table::default();
+    let mut list_of: Vec<&'a [TypeId]> = Vec::new();
+    let mut runs = snap.running.iter().peekable();
+    let mut on_instances = placed.iter().peekable();
+    let entries: Vec<(&'a String, &'a QueueEntry)> = snap.queue.iter().collect();
+    for chunk in entries.chunks(CHUNK) {
+        let mut touch = 0u64;
+        for (uuid, e) in chunk {
+            touch ^= u64::from(uuid.as_bytes().first().copied().unwrap_or(0))
+                ^ e.types.first().map_or(0, |t| u64::from(t.0))
+                ^ e.first_seen_at.0
+                ^ u64::from(e.container.scheduling_parameters.supervisor);
+        }
+        // Keeps the reads above: they only bring the entries into the cache.
+        std::hint::black_box(touch);
+        for &(uuid, e) in chunk {
+            debug_assert_eq!(uuid, &e.container.uuid, "the queue is keyed by UUID");
+            while runs.next_if(|(u, _)| *u < uuid).is_some() {}
+            let run = runs.next_if(|(u, _)| *u == uuid).map(|(_, t)| t);
+            while let Some(&&(u, pos)) = on_instances.peek() {
+                match u.cmp(uuid.as_str()) {
+                    Ordering::Less => missing[pos] = true,
+                    Ordering::Equal => remaining[pos].sub(&e.resources),
+                    Ordering::Greater => break,
+                }
+                on_instances.next();
+            }
+            let list = *list_ids.entry(e.types.as_slice()).or_insert_with(|| {
+                list_of.push(e.types.as_slice());
+                u32::try_from(list_of.len() - 1).expect("fewer than 2^32 distinct type lists")
+            });
+            let c = &e.container;
+            let start = uuids.len();
+            uuids.push_str(uuid);
+            let span = |x: usize| u32::try_from(x).expect("less than 4 GiB of UUIDs");
+            let class =
+                (u8::from(run.is_none()) << 1) | u8::from(c.state != ContainerState::Locked);
+            // Descending priority: flip the sign bit for an unsigned order, then invert.
+            let priority = !((c.priority as u64) ^ (1 << 63));
+            keys.push((class, priority, e.first_seen_at.0, rows.len()));
+            rows.push(Row {
+                e,
+                run,
+                uuid: (span(start), span(uuids.len())),
+                list,
+                need: e.resources,
+                state: c.state,
+                positive: c.priority >= 1,
+                supervisor: c.scheduling_parameters.supervisor,
+            });
+        }
+    }
+    // Containers not in the queue: the instance counts as full.
+    for &(_, pos) in on_instances {
+        missing[pos] = true;
+    }
+
+    let mut insts: Vec<Inst<'a>> = Vec::with_capacity(nviews);
+    for (pos, v) in snap.instances.iter().enumerate() {
+        let type_id = type_ids[pos];
+        let it = type_id.map(|t| snap.types.get(t));
         insts.push(Inst {
             id: v.instance.as_str(),
             type_id,
             state: v.worker_state,
             behavior: v.idle_behavior,
-            count: uuids.len(),
-            remaining,
+            count: v.running_container_uuids.as_ref().map_or(0, Vec::len),
+            remaining: if missing[pos] {
+                Resources::FULL
+            } else {
+                remaining[pos]
+            },
             key: InstKey {
                 price: v.price,
                 vcpus: it.map_or(0, |t| t.vcpus),
@@ -462,17 +1109,26 @@ pub fn plan<'a>(snap: &Snapshot<'a>, now: Timestamp) -> Plan<'a> {
                 id: v.instance.as_str(),
                 tie: pos as i64,
             },
+            slot: None,
         });
     }
     insts.sort_by(|a, b| a.key.cmp(&b.key));
     let ntypes = snap.types.len();
-    let mut cands: Vec<Vec<usize>> = vec![Vec::new(); ntypes];
-    for (i, inst) in insts.iter().enumerate() {
+    let mut existing: Vec<Vec<usize>> = vec![Vec::new(); ntypes];
+    let mut uniform = vec![true; ntypes];
+    for (i, inst) in insts.iter_mut().enumerate() {
         if let Some(t) = inst.type_id
             && inst.behavior == IdleBehavior::Run
             && inst.state != WorkerState::Shutdown
         {
-            cands[t.0 as usize].push(i);
+            let ti = t.0 as usize;
+            inst.slot = Some(Slot {
+                type_index: ti,
+                created: false,
+                pos: existing[ti].len(),
+            });
+            existing[ti].push(i);
+            uniform[ti] &= inst.key.price.total_cmp(&snap.types.get(t).price) == Ordering::Equal;
         }
     }
     let mut pass_keys: BTreeMap<(&str, bool), usize> = BTreeMap::new();
@@ -494,13 +1150,14 @@ pub fn plan<'a>(snap: &Snapshot<'a>, now: Timestamp) -> Plan<'a> {
     }
     let mut pass = Pass {
         snap,
+        existing: insts.len(),
+        cands: Vec::with_capacity(ntypes),
         insts,
-        cands,
-        lists: BTreeMap::new(),
-        no_fit: BTreeMap::new(),
-        generation: 0,
-        inserted: 0,
-        scratch: Vec::new(),
+        uniform,
+        lists: Vec::new(),
+        list_types: Vec::new(),
+        inserts: 0,
+        found: Vec::new(),
         atcapacity: vec![false; pass_keys.len()],
         pass_key,
         pool_at_capacity,
@@ -508,27 +1165,37 @@ pub fn plan<'a>(snap: &Snapshot<'a>, now: Timestamp) -> Plan<'a> {
         creating: snap.pool.creating,
         create_throttled: false,
     };
+    for (ti, list) in existing.into_iter().enumerate() {
+        let leaves: Vec<Option<Leaf>> = list.iter().map(|&i| pass.leaf(i)).collect();
+        // Where this type's created instances go: they sort before any existing instance
+        // with the same key prefix (their ID is "" and their `tie` negative).
+        let it = snap.types.get(TypeId(ti as u32));
+        let created = InstKey {
+            price: it.price,
+            vcpus: it.vcpus,
+            ram: it.ram,
+            scratch: it.scratch,
+            id: "",
+            tie: -1,
+        };
+        let split = list.partition_point(|&i| pass.insts[i].key.cmp(&created) == Ordering::Less);
+        pass.cands.push(Cands {
+            existing_tree: CandTree::new(&leaves, 1),
+            existing: list,
+            split,
+            created: Vec::new(),
+            created_tree: CandTree::new(&[], 1),
+        });
+    }
 
-    // §2.5: container order.
-    let mut order: Vec<(bool, &'a QueueEntry)> = snap
-        .queue
-        .values()
-        .map(|e| (snap.running.contains_key(&e.container.uuid), e))
-        .collect();
-    order.sort_unstable_by(|(ra, a), (rb, b)| {
-        rb.cmp(ra)
-            .then_with(|| {
-                (b.container.state == ContainerState::Locked)
-                    .cmp(&(a.container.state == ContainerState::Locked))
-            })
-            .then(b.container.priority.cmp(&a.container.priority))
-            .then(a.first_seen_at.cmp(&b.first_seen_at))
-            // The UUID is unique, so the order is total.
-            .then_with(|| a.container.uuid.cmp(&b.container.uuid))
-    });
+    pass.lists = list_of.iter().map(|types| pass.plan_list(types)).collect();
+
+    // §2.5, second half: the order.
+    let order: Vec<Row<'a>> = sorted_indices(keys).map(|i| rows[i]).collect();
+    drop(rows);
 
     let mut statuses = vec![Status::None; order.len()];
-    let mut actions = Vec::new();
+    let mut actions = Vec::with_capacity(order.len());
     let mut create_attempts = Vec::new();
     let mut hit_create_limit = false;
     let mut overquota: Option<usize> = None;
@@ -538,125 +1205,133 @@ pub fn plan<'a>(snap: &Snapshot<'a>, now: Timestamp) -> Plan<'a> {
     let mut qpos = 0usize;
     let mut supervisors = 0usize;
 
-    for (i, &(in_running, e)) in order.iter().enumerate() {
-        let ctr = &e.container;
-        let uuid = &ctr.uuid;
-        let supervisor = ctr.scheduling_parameters.supervisor;
-        if supervisor {
-            supervisors += 1;
+    // A row's UUID is read only when it acts. The copies are in UUID order, so in queue order
+    // they are scattered again: touching a chunk's UUIDs first lets those reads overlap.
+    let uuid_bytes = uuids.as_bytes();
+    'rows: for (c, chunk) in order.chunks(CHUNK).enumerate() {
+        let mut touch = 0u8;
+        for row in chunk {
+            touch ^= uuid_bytes.get(row.uuid.0 as usize).copied().unwrap_or(0);
         }
-        if in_running {
-            if matches!(ctr.state, ContainerState::Queued | ContainerState::Locked) {
-                statuses[i] = Status::Preparing;
+        std::hint::black_box(touch);
+        for (j, row) in chunk.iter().enumerate() {
+            let i = c * CHUNK + j;
+            let in_running = row.run.is_some();
+            let uuid = || &uuids[row.uuid.0 as usize..row.uuid.1 as usize];
+            let supervisor = row.supervisor;
+            if supervisor {
+                supervisors += 1;
             }
-            continue;
-        }
-        if ctr.priority < 1 {
-            statuses[i] = Status::PriorityZero(ctr.state);
-            continue;
-        }
-        if supervisor && max_supervisors > 0 && supervisors > max_supervisors {
-            overmaxsuper.push(i);
-            statuses[i] = Status::SupervisorLimit(overmaxsuper.len());
-            continue;
-        }
-        let live_runner = snap.running.get(uuid).is_some_and(|t| t.is_none());
-        match ctr.state {
-            ContainerState::Queued => {
-                if max_containers > 0 && trying >= max_containers {
-                    continue;
+            if in_running {
+                if matches!(row.state, ContainerState::Queued | ContainerState::Locked) {
+                    statuses[i] = Status::Preparing;
                 }
-                trying += 1;
-                let best = pass.find_best(e);
-                if best.is_none() && pass.at_quota() {
-                    overquota = Some(i);
-                    break;
-                }
-                if best.is_none() && pass.available_type(e).is_none() {
-                    continue;
-                }
-                if live_runner {
-                    actions.push(Action::Kill {
-                        uuid: uuid.clone(),
-                        reason: "about to lock",
-                    });
-                    continue;
-                }
-                actions.push(Action::Lock(uuid.clone()));
-                if let Some(b) = best {
-                    pass.reserve(b, e);
-                }
+                continue;
             }
-            ContainerState::Locked => {
-                if max_containers > 0 && trying >= max_containers {
-                    continue;
-                }
-                trying += 1;
-                if let Some(b) = pass.find_best(e) {
-                    pass.reserve(b, e);
-                    let inst = &pass.insts[b];
-                    let type_id = inst.type_id.expect("candidates have a configured type");
-                    if inst.id.is_empty() || !inst.ready() {
-                        statuses[i] = Status::WaitingNewInstance(type_id);
-                        allocated_not_started += 1;
-                    } else if live_runner {
+            if !row.positive {
+                statuses[i] = Status::PriorityZero(row.state);
+                continue;
+            }
+            if supervisor && max_supervisors > 0 && supervisors > max_supervisors {
+                overmaxsuper.push(i);
+                statuses[i] = Status::SupervisorLimit(overmaxsuper.len());
+                continue;
+            }
+            let live_runner = row.run.is_some_and(|t| t.is_none());
+            match row.state {
+                ContainerState::Queued => {
+                    if max_containers > 0 && trying >= max_containers {
+                        continue;
+                    }
+                    trying += 1;
+                    let best = pass.find_best(row);
+                    if best.is_none() && pass.at_quota() {
+                        overquota = Some(i);
+                        break 'rows;
+                    }
+                    if best.is_none() && pass.available_type(row).is_none() {
+                        continue;
+                    }
+                    if live_runner {
                         actions.push(Action::Kill {
-                            uuid: uuid.clone(),
-                            reason: "about to start",
+                            uuid: uuid().to_string(),
+                            reason: "about to lock",
                         });
-                        statuses[i] = Status::WaitingPreviousAttempt;
-                    } else if inst.behavior == IdleBehavior::Run {
-                        actions.push(Action::Start {
-                            instance: inst.id.to_string(),
-                            uuid: uuid.clone(),
-                        });
-                        pass.insts[b].state = WorkerState::Running;
-                        statuses[i] = Status::Preparing;
-                    } else {
-                        statuses[i] = Status::WaitingNewInstance(type_id);
-                        allocated_not_started += 1;
+                        continue;
                     }
-                    continue;
-                }
-                if pass.at_quota() {
-                    overquota = Some(i);
-                    break;
-                }
-                let Some(t) = pass.available_type(e) else {
-                    qpos += 1;
-                    statuses[i] = Status::WaitingInstanceType(qpos);
-                    continue;
-                };
-                match pass.try_create(t) {
-                    Ok(()) => {
-                        create_attempts.push((t, true));
-                        actions.push(Action::Create {
-                            type_id: t,
-                            uuid: uuid.clone(),
-                        });
-                        statuses[i] = Status::WaitingNewInstance(t);
-                        allocated_not_started += 1;
-                        pass.insert_instance(t, e);
-                    }
-                    Err(limit) => {
-                        create_attempts.push((t, false));
-                        hit_create_limit |= limit;
+                    actions.push(Action::Lock(uuid().to_string()));
+                    if let Some(b) = best {
+                        pass.reserve(b, &row.need);
                     }
                 }
+                ContainerState::Locked => {
+                    if max_containers > 0 && trying >= max_containers {
+                        continue;
+                    }
+                    trying += 1;
+                    if let Some(b) = pass.find_best(row) {
+                        pass.reserve(b, &row.need);
+                        let inst = &pass.insts[b];
+                        let type_id = inst.type_id.expect("candidates have a configured type");
+                        if inst.id.is_empty() || !inst.ready() {
+                            statuses[i] = Status::WaitingNewInstance(type_id);
+                            allocated_not_started += 1;
+                        } else if live_runner {
+                            actions.push(Action::Kill {
+                                uuid: uuid().to_string(),
+                                reason: "about to start",
+                            });
+                            statuses[i] = Status::WaitingPreviousAttempt;
+                        } else if inst.behavior == IdleBehavior::Run {
+                            actions.push(Action::Start {
+                                instance: inst.id.to_string(),
+                                uuid: uuid().to_string(),
+                            });
+                            pass.start(b);
+                            statuses[i] = Status::Preparing;
+                        } else {
+                            statuses[i] = Status::WaitingNewInstance(type_id);
+                            allocated_not_started += 1;
+                        }
+                        continue;
+                    }
+                    if pass.at_quota() {
+                        overquota = Some(i);
+                        break 'rows;
+                    }
+                    let Some(t) = pass.available_type(row) else {
+                        qpos += 1;
+                        statuses[i] = Status::WaitingInstanceType(qpos);
+                        continue;
+                    };
+                    match pass.try_create(t) {
+                        Ok(()) => {
+                            create_attempts.push((t, true));
+                            actions.push(Action::Create {
+                                type_id: t,
+                                uuid: uuid().to_string(),
+                            });
+                            statuses[i] = Status::WaitingNewInstance(t);
+                            allocated_not_started += 1;
+                            pass.insert_instance(t, &row.need);
+                        }
+                        Err(limit) => {
+                            create_attempts.push((t, false));
+                            hit_create_limit |= limit;
+                        }
+                    }
+                }
+                _ => {}
             }
-            _ => {}
         }
     }
 
     let overquota_len = overquota.map_or(0, |i| order.len() - i);
     // §2.13: generic statuses, numbered after the at-capacity ones.
     let at_quota_now = pass.at_quota();
-    for (i, (_, e)) in order.iter().enumerate() {
+    for (i, row) in order.iter().enumerate() {
         if statuses[i] == Status::None
-            && matches!(
-                e.container.state,
-                ContainerState::Queued | ContainerState::Locked
-            )
+            && matches!(row.state, ContainerState::Queued | ContainerState::Locked)
         {
             qpos += 1;
             statuses[i] = if at_quota_now {
@@ -674,9 +1349,11 @@ pub fn plan<'a>(snap: &Snapshot<'a>, now: Timestamp) -> Plan<'a> {
         unlock.extend((first..order.len()).skip(skip));
     }
     for i in unlock {
-        let (in_running, e) = order[i];
-        if e.container.state == ContainerState::Locked && !in_running {
-            actions.push(Action::Unlock(e.container.uuid.clone()));
+        let row = &order[i];
+        if row.state == ContainerState::Locked && row.run.is_none() {
+            actions.push(Action::Unlock(
+                uuids[row.uuid.0 as usize..row.uuid.1 as usize].to_string(),
+            ));
         }
     }
     if overquota.is_some() {
@@ -692,7 +1369,7 @@ pub fn plan<'a>(snap: &Snapshot<'a>, now: Timestamp) -> Plan<'a> {
     }
 
     Plan {
-        order: order.into_iter().map(|(_, e)| e).collect(),
+        order: order.into_iter().map(|row| row.e).collect(),
         statuses,
         actions,
         create_attempts,
@@ -700,5 +1377,887 @@ pub fn plan<'a>(snap: &Snapshot<'a>, now: Timestamp) -> Plan<'a> {
         state: st,
         allocated_not_started,
         not_allocated_over_quota: overquota_len + overmaxsuper.len(),
+    }
+}
+
+/// The implementation this module replaced (commit "Core: pure scheduling pass ..."), kept
+/// verbatim as the reference the tests compare `plan` with: a plain scan of the candidates
+/// per container, BTreeMap lookups, a comparator sort.
+#[cfg(test)]
+mod reference {
+    use std::cmp::Ordering;
+    use std::collections::BTreeMap;
+
+    use super::{Action, Plan, QUIET_PERIOD_503, Snapshot, Status};
+    use crate::core::queue::QueueEntry;
+    use crate::core::select::TypeId;
+    use crate::core::time::Timestamp;
+    use crate::core::types::{ContainerState, IdleBehavior, Resources, WorkerState};
+
+    #[derive(Clone, Copy, Debug)]
+    struct InstKey<'a> {
+        price: f64,
+        vcpus: i64,
+        ram: i64,
+        scratch: i64,
+        id: &'a str,
+        tie: i64,
+    }
+
+    impl InstKey<'_> {
+        fn cmp(&self, o: &InstKey<'_>) -> Ordering {
+            self.price
+                .total_cmp(&o.price)
+                .then(o.vcpus.cmp(&self.vcpus))
+                .then(o.ram.cmp(&self.ram))
+                .then(o.scratch.cmp(&self.scratch))
+                .then_with(|| self.id.cmp(o.id))
+                // `tie` is unique: the original position, or a negative insertion number.
+                .then(self.tie.cmp(&o.tie))
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    struct Inst<'a> {
+        id: &'a str,
+        type_id: Option<TypeId>,
+        state: WorkerState,
+        behavior: IdleBehavior,
+        count: usize,
+        remaining: Resources,
+        key: InstKey<'a>,
+    }
+
+    impl Inst<'_> {
+        fn ready(&self) -> bool {
+            matches!(self.state, WorkerState::Idle | WorkerState::Running)
+        }
+    }
+
+    struct Pass<'s, 'a> {
+        snap: &'s Snapshot<'a>,
+        insts: Vec<Inst<'a>>,
+        /// Per type: candidate instance indices, in instance order.
+        cands: Vec<Vec<usize>>,
+        /// Interned eligible-type lists.
+        lists: BTreeMap<&'a [TypeId], usize>,
+        /// (type list, needs) → generation at which nothing fitted.
+        no_fit: BTreeMap<(usize, Resources), u64>,
+        generation: u64,
+        inserted: i64,
+        scratch: Vec<usize>,
+        /// Per type: index of its "<ProviderType>, preemptible=<bool>" key.
+        pass_key: Vec<usize>,
+        /// Per pass key: found at capacity during this pass.
+        atcapacity: Vec<bool>,
+        /// Per type: the pool's AtCapacity.
+        pool_at_capacity: Vec<bool>,
+        instance_count: usize,
+        creating: usize,
+        create_throttled: bool,
+    }
+
+    impl<'a> Pass<'_, 'a> {
+        fn at_quota(&self) -> bool {
+            let p = &self.snap.pool;
+            p.quota_error || (p.max_instances > 0 && self.instance_count >= p.max_instances)
+        }
+
+        fn alive(&self, i: usize) -> bool {
+            let inst = &self.insts[i];
+            let limit = self.snap.max_running_per_instance;
+            (limit == 0 || inst.count < limit) && inst.remaining.vcpus > 0
+        }
+
+        /// §2.9: the best existing instance for `e`, or `None`.
+        fn find_best(&mut self, e: &'a QueueEntry) -> Option<usize> {
+            let next_id = self.lists.len();
+            let list_id = *self.lists.entry(e.types.as_slice()).or_insert(next_id);
+            if self.no_fit.get(&(list_id, e.resources)) == Some(&self.generation) {
+                return None;
+            }
+            let mut found = std::mem::take(&mut self.scratch);
+            found.clear();
+            for t in &e.types {
+                let mut list = std::mem::take(&mut self.cands[t.0 as usize]);
+                list.retain(|&i| self.alive(i));
+                found.extend(
+                    list.iter()
+                        .copied()
+                        .filter(|&i| self.insts[i].remaining.accommodates(&e.resources)),
+                );
+                self.cands[t.0 as usize] = list;
+            }
+            if e.types.len() > 1 {
+                found.sort_by(|a, b| self.insts[*a].key.cmp(&self.insts[*b].key));
+            }
+            let mut best: Option<usize> = None;
+            for &c in &found {
+                best = match best {
+                    None => Some(c),
+                    Some(b) if self.insts[c].count > self.insts[b].count => Some(c),
+                    Some(b) if !self.insts[b].ready() && self.insts[c].ready() => Some(c),
+                    keep => keep,
+                };
+            }
+            self.scratch = found;
+            if best.is_none() {
+                self.no_fit.insert((list_id, e.resources), self.generation);
+            }
+            best
+        }
+
+        /// §2.10: the cheapest eligible type not at capacity.
+        fn available_type(&mut self, e: &QueueEntry) -> Option<TypeId> {
+            for t in &e.types {
+                let k = self.pass_key[t.0 as usize];
+                if self.atcapacity[k] {
+                    continue;
+                }
+                if self.pool_at_capacity[t.0 as usize] {
+                    self.atcapacity[k] = true;
+                    continue;
+                }
+                return Some(*t);
+            }
+            None
+        }
+
+        fn reserve(&mut self, i: usize, e: &QueueEntry) {
+            let inst = &mut self.insts[i];
+            inst.remaining.sub(&e.resources);
+            inst.count += 1;
+        }
+
+        /// The pool's `Create` gate (reference-workers.md §1.7), in its order.
+        fn try_create(&mut self, t: TypeId) -> Result<(), bool> {
+            let p = &self.snap.pool;
+            if p.create_blocked
+                || self.create_throttled
+                || self.pool_at_capacity[t.0 as usize]
+                || self.at_quota()
+            {
+                return Err(false);
+            }
+            if p.max_concurrent_creates > 0 && self.creating >= p.max_concurrent_creates {
+                self.create_throttled = true;
+                return Err(true);
+            }
+            self.creating += 1;
+            self.instance_count += 1;
+            Ok(())
+        }
+
+        fn insert_instance(&mut self, t: TypeId, e: &QueueEntry) {
+            let it = self.snap.types.get(t);
+            self.inserted += 1;
+            let key = InstKey {
+                price: it.price,
+                vcpus: it.vcpus,
+                ram: it.ram,
+                scratch: it.scratch,
+                id: "",
+                tie: -self.inserted,
+            };
+            let mut remaining = it.capacity();
+            remaining.sub(&e.resources);
+            let idx = self.insts.len();
+            self.insts.push(Inst {
+                id: "",
+                type_id: Some(t),
+                state: WorkerState::Booting,
+                behavior: IdleBehavior::Run,
+                count: 1,
+                remaining,
+                key,
+            });
+            let list = &mut self.cands[t.0 as usize];
+            let pos = list.partition_point(|&i| self.insts[i].key.cmp(&key) == Ordering::Less);
+            list.insert(pos, idx);
+            self.generation += 1;
+        }
+    }
+
+    /// One scheduling pass.
+    pub fn plan<'a>(snap: &Snapshot<'a>, now: Timestamp) -> Plan<'a> {
+        let r = snap.running.len();
+        let mut st = snap.state;
+        // §2.6: the dynamic concurrency limit.
+        if snap.last_503 > st.last_503_acted {
+            st.last_503_acted = snap.last_503;
+            st.max_containers = r.saturating_sub(1).max(1);
+        } else if st.max_containers > 0
+            && (st.last_503_acted == Timestamp::ZERO
+                || now.since(st.last_503_acted) > QUIET_PERIOD_503)
+        {
+            st.max_containers = st.max_containers.max(r * 11 / 10 + 1);
+        }
+        let total = snap.total_instances;
+        if st.instances_within_quota > 0 && st.instances_within_quota < total {
+            st.instances_within_quota = total;
+        }
+        let initially_at_quota = snap.pool.quota_error
+            || (snap.pool.max_instances > 0 && snap.pool.instance_count >= snap.pool.max_instances);
+        if initially_at_quota {
+            if st.max_containers == 0 || st.max_containers > total {
+                st.max_containers = total.max(1);
+            }
+            st.instances_within_quota = total;
+        } else if st.instances_within_quota > 0 && st.max_containers > st.instances_within_quota + 1
+        {
+            st.max_containers = st.instances_within_quota + 1;
+        }
+        let max_containers = st.max_containers;
+        // §2.7: the supervisor limit.
+        let mut max_supervisors = (max_containers as f64 * snap.supervisor_fraction) as usize;
+        if max_supervisors < 1 && snap.supervisor_fraction > 0.0 && max_containers > 0 {
+            max_supervisors = 1;
+        }
+
+        // §2.3–2.4: instances in order, with remaining capacity.
+        let mut insts: Vec<Inst<'a>> = Vec::with_capacity(snap.instances.len());
+        for (pos, v) in snap.instances.iter().enumerate() {
+            let type_id = snap.types.id(&v.arvados_instance_type);
+            let it = type_id.map(|t| snap.types.get(t));
+            let mut remaining = it.map(|t| t.capacity()).unwrap_or(Resources::FULL);
+            let uuids: &[String] = v.running_container_uuids.as_deref().unwrap_or(&[]);
+            for uuid in uuids {
+                match snap.queue.get(uuid) {
+                    Some(e) => remaining.sub(&e.resources),
+                    None => {
+                        remaining = Resources::FULL;
+                        break;
+                    }
+                }
+            }
+            insts.push(Inst {
+                id: v.instance.as_str(),
+                type_id,
+                state: v.worker_state,
+                behavior: v.idle_behavior,
+                count: uuids.len(),
+                remaining,
+                key: InstKey {
+                    price: v.price,
+                    vcpus: it.map_or(0, |t| t.vcpus),
+                    ram: it.map_or(0, |t| t.ram),
+                    scratch: it.map_or(0, |t| t.scratch),
+                    id: v.instance.as_str(),
+                    tie: pos as i64,
+                },
+            });
+        }
+        insts.sort_by(|a, b| a.key.cmp(&b.key));
+        let ntypes = snap.types.len();
+        let mut cands: Vec<Vec<usize>> = vec![Vec::new(); ntypes];
+        for (i, inst) in insts.iter().enumerate() {
+            if let Some(t) = inst.type_id
+                && inst.behavior == IdleBehavior::Run
+                && inst.state != WorkerState::Shutdown
+            {
+                cands[t.0 as usize].push(i);
+            }
+        }
+        let mut pass_keys: BTreeMap<(&str, bool), usize> = BTreeMap::new();
+        let mut pass_key = Vec::with_capacity(ntypes);
+        let mut pool_at_capacity = Vec::with_capacity(ntypes);
+        for (_, it) in snap.types.iter() {
+            let n = pass_keys.len();
+            pass_key.push(
+                *pass_keys
+                    .entry((it.provider_type.as_str(), it.preemptible))
+                    .or_insert(n),
+            );
+            let blocked = &snap.pool.capacity_blocked;
+            pool_at_capacity.push(
+                blocked.contains("")
+                    || blocked.contains(&it.quota_group)
+                    || blocked.contains(&it.capacity_key()),
+            );
+        }
+        let mut pass = Pass {
+            snap,
+            insts,
+            cands,
+            lists: BTreeMap::new(),
+            no_fit: BTreeMap::new(),
+            generation: 0,
+            inserted: 0,
+            scratch: Vec::new(),
+            atcapacity: vec![false; pass_keys.len()],
+            pass_key,
+            pool_at_capacity,
+            instance_count: snap.pool.instance_count,
+            creating: snap.pool.creating,
+            create_throttled: false,
+        };
+
+        // §2.5: container order.
+        let mut order: Vec<(bool, &'a QueueEntry)> = snap
+            .queue
+            .values()
+            .map(|e| (snap.running.contains_key(&e.container.uuid), e))
+            .collect();
+        order.sort_unstable_by(|(ra, a), (rb, b)| {
+            rb.cmp(ra)
+                .then_with(|| {
+                    (b.container.state == ContainerState::Locked)
+                        .cmp(&(a.container.state == ContainerState::Locked))
+                })
+                .then(b.container.priority.cmp(&a.container.priority))
+                .then(a.first_seen_at.cmp(&b.first_seen_at))
+                // The UUID is unique, so the order is total.
+                .then_with(|| a.container.uuid.cmp(&b.container.uuid))
+        });
+
+        let mut statuses = vec![Status::None; order.len()];
+        let mut actions = Vec::new();
+        let mut create_attempts = Vec::new();
+        let mut hit_create_limit = false;
+        let mut overquota: Option<usize> = None;
+        let mut overmaxsuper: Vec<usize> = Vec::new();
+        let mut allocated_not_started = 0usize;
+        let mut trying = r;
+        let mut qpos = 0usize;
+        let mut supervisors = 0usize;
+
+        for (i, &(in_running, e)) in order.iter().enumerate() {
+            let ctr = &e.container;
+            let uuid = &ctr.uuid;
+            let supervisor = ctr.scheduling_parameters.supervisor;
+            if supervisor {
+                supervisors += 1;
+            }
+            if in_running {
+                if matches!(ctr.state, ContainerState::Queued | ContainerState::Locked) {
+                    statuses[i] = Status::Preparing;
+                }
+                continue;
+            }
+            if ctr.priority < 1 {
+                statuses[i] = Status::PriorityZero(ctr.state);
+                continue;
+            }
+            if supervisor && max_supervisors > 0 && supervisors > max_supervisors {
+                overmaxsuper.push(i);
+                statuses[i] = Status::SupervisorLimit(overmaxsuper.len());
+                continue;
+            }
+            let live_runner = snap.running.get(uuid).is_some_and(|t| t.is_none());
+            match ctr.state {
+                ContainerState::Queued => {
+                    if max_containers > 0 && trying >= max_containers {
+                        continue;
+                    }
+                    trying += 1;
+                    let best = pass.find_best(e);
+                    if best.is_none() && pass.at_quota() {
+                        overquota = Some(i);
+                        break;
+                    }
+                    if best.is_none() && pass.available_type(e).is_none() {
+                        continue;
+                    }
+                    if live_runner {
+                        actions.push(Action::Kill {
+                            uuid: uuid.clone(),
+                            reason: "about to lock",
+                        });
+                        continue;
+                    }
+                    actions.push(Action::Lock(uuid.clone()));
+                    if let Some(b) = best {
+                        pass.reserve(b, e);
+                    }
+                }
+                ContainerState::Locked => {
+                    if max_containers > 0 && trying >= max_containers {
+                        continue;
+                    }
+                    trying += 1;
+                    if let Some(b) = pass.find_best(e) {
+                        pass.reserve(b, e);
+                        let inst = &pass.insts[b];
+                        let type_id = inst.type_id.expect("candidates have a configured type");
+                        if inst.id.is_empty() || !inst.ready() {
+                            statuses[i] = Status::WaitingNewInstance(type_id);
+                            allocated_not_started += 1;
+                        } else if live_runner {
+                            actions.push(Action::Kill {
+                                uuid: uuid.clone(),
+                                reason: "about to start",
+                            });
+                            statuses[i] = Status::WaitingPreviousAttempt;
+                        } else if inst.behavior == IdleBehavior::Run {
+                            actions.push(Action::Start {
+                                instance: inst.id.to_string(),
+                                uuid: uuid.clone(),
+                            });
+                            pass.insts[b].state = WorkerState::Running;
+                            statuses[i] = Status::Preparing;
+                        } else {
+                            statuses[i] = Status::WaitingNewInstance(type_id);
+                            allocated_not_started += 1;
+                        }
+                        continue;
+                    }
+                    if pass.at_quota() {
+                        overquota = Some(i);
+                        break;
+                    }
+                    let Some(t) = pass.available_type(e) else {
+                        qpos += 1;
+                        statuses[i] = Status::WaitingInstanceType(qpos);
+                        continue;
+                    };
+                    match pass.try_create(t) {
+                        Ok(()) => {
+                            create_attempts.push((t, true));
+                            actions.push(Action::Create {
+                                type_id: t,
+                                uuid: uuid.clone(),
+                            });
+                            statuses[i] = Status::WaitingNewInstance(t);
+                            allocated_not_started += 1;
+                            pass.insert_instance(t, e);
+                        }
+                        Err(limit) => {
+                            create_attempts.push((t, false));
+                            hit_create_limit |= limit;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+
+        let overquota_len = overquota.map_or(0, |i| order.len() - i);
+        // §2.13: generic statuses, numbered after the at-capacity ones.
+        let at_quota_now = pass.at_quota();
+        for (i, (_, e)) in order.iter().enumerate() {
+            if statuses[i] == Status::None
+                && matches!(
+                    e.container.state,
+                    ContainerState::Queued | ContainerState::Locked
+                )
+            {
+                qpos += 1;
+                statuses[i] = if at_quota_now {
+                    Status::WaitingCloudResources(qpos)
+                } else {
+                    Status::WaitingClusterCapacity(qpos)
+                };
+            }
+        }
+        // Unlocks: every over-supervisor entry; the over-quota ones except the first in line when
+        // instances exist (B5 fixed: the first is kept even when it is the only one).
+        let mut unlock: Vec<usize> = overmaxsuper.clone();
+        if let Some(first) = overquota {
+            let skip = usize::from(total > 0);
+            unlock.extend((first..order.len()).skip(skip));
+        }
+        for i in unlock {
+            let (in_running, e) = order[i];
+            if e.container.state == ContainerState::Locked && !in_running {
+                actions.push(Action::Unlock(e.container.uuid.clone()));
+            }
+        }
+        if overquota.is_some() {
+            for inst in &pass.insts {
+                if inst.count == 0
+                    && !inst.id.is_empty()
+                    && inst.behavior != IdleBehavior::Hold
+                    && matches!(inst.state, WorkerState::Booting | WorkerState::Idle)
+                {
+                    actions.push(Action::Shutdown(inst.id.to_string()));
+                }
+            }
+        }
+
+        Plan {
+            order: order.into_iter().map(|(_, e)| e).collect(),
+            statuses,
+            actions,
+            create_attempts,
+            hit_create_limit,
+            state: st,
+            allocated_not_started,
+            not_allocated_over_quota: overquota_len + overmaxsuper.len(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+    use crate::core::rng::Rng;
+    use crate::core::types::{Container, InstanceType};
+
+    const GIB: i64 = 1 << 30;
+
+    fn pick<T: Clone>(rng: &mut Rng, xs: &[T]) -> T {
+        xs[rng.below(xs.len() as u64) as usize].clone()
+    }
+
+    /// Everything a random snapshot borrows.
+    struct World {
+        table: TypeTable,
+        queue: BTreeMap<String, QueueEntry>,
+        running: BTreeMap<String, Option<Timestamp>>,
+        instances: Vec<InstanceView>,
+        pool: PoolLimits,
+        state: SchedState,
+        last_503: Timestamp,
+        max_running: usize,
+        fraction: f64,
+    }
+
+    /// A random world of up to `n` containers and `m` instances, built to reach the corners
+    /// of the pass: types with equal keys, instances whose price is not their type's, pending
+    /// creates, unknown types and containers, shared VCPUs, per-instance limits, quotas,
+    /// capacity errors, create limits, 503s, supervisors, equal priorities and times.
+    fn world(seed: u64, n: usize, m: usize) -> World {
+        let mut rng = Rng::new(seed);
+        // Dense worlds: few types, small containers, instances that still have room and run
+        // varied numbers of containers (the §2.9 choice then has much to compare).
+        let dense = rng.below(2) == 0;
+        let mut types = BTreeMap::new();
+        let ntypes = 1 + rng.below(if dense { 3 } else { 8 }) as usize;
+        let prices = [0.1, 0.2, 0.3, 0.45, 0.6, 1.0];
+        for k in 0..ntypes {
+            let vcpus = if dense {
+                pick(&mut rng, &[2, 4, 8])
+            } else {
+                pick(&mut rng, &[1, 2, 4, 8, 16])
+            };
+            let mut it = InstanceType {
+                name: format!("t{k}"),
+                provider_type: pick(&mut rng, &["p1", "p2", "p3"]).to_string(),
+                vcpus,
+                ram: vcpus * pick(&mut rng, &[1, 2, 4]) * GIB,
+                scratch: pick(&mut rng, &[10, 50, 100]) * GIB,
+                price: pick(&mut rng, &prices),
+                preemptible: rng.below(4) == 0,
+                quota_group: pick(&mut rng, &["", "g1"]).to_string(),
+                ..InstanceType::default()
+            };
+            if rng.below(4) == 0 {
+                it.gpu.device_count = 1;
+                it.gpu.vram = 8 * GIB;
+            }
+            // Sometimes a twin of an earlier type: the same key prefix.
+            if k > 0 && rng.below(5) == 0 {
+                let twin: &InstanceType = &types[&format!("t{}", rng.below(k as u64))];
+                it.vcpus = twin.vcpus;
+                it.ram = twin.ram;
+                it.scratch = twin.scratch;
+                it.price = twin.price;
+            }
+            types.insert(it.name.clone(), it);
+        }
+        let table = TypeTable::new(&types);
+        let names: Vec<String> = types.keys().cloned().collect();
+
+        let mut queue = BTreeMap::new();
+        let nq = rng.below(n as u64 + 1) as usize;
+        while queue.len() < nq {
+            let uuid = format!("zzzzz-dz642-{:015}", rng.below(1_000_000));
+            let state = pick(
+                &mut rng,
+                &[
+                    ContainerState::Queued,
+                    ContainerState::Queued,
+                    ContainerState::Locked,
+                    ContainerState::Running,
+                ],
+            );
+            let mut c = Container {
+                uuid: uuid.clone(),
+                state,
+                priority: pick(&mut rng, &[0, 1, 1, 2, 5, 10, 1000, -3, i64::MAX, i64::MIN]),
+                ..Container::default()
+            };
+            c.scheduling_parameters.supervisor = rng.below(6) == 0;
+            let resources = if dense {
+                Resources {
+                    vcpus: pick(&mut rng, &[0, 1, 1, 1, 2]),
+                    ram: rng.below(8) as i64 * (GIB / 4),
+                    scratch: pick(&mut rng, &[0, GIB]),
+                    gpus: 0,
+                    gpu_vram: 0,
+                    shared_vcpu_used: false,
+                }
+            } else {
+                Resources {
+                    vcpus: pick(&mut rng, &[0, 1, 1, 2, 3, 4, 8]),
+                    ram: rng.below(8 * 4) as i64 * (GIB / 4),
+                    scratch: pick(&mut rng, &[0, GIB, 20 * GIB, 60 * GIB]),
+                    gpus: i64::from(rng.below(5) == 0),
+                    gpu_vram: pick(&mut rng, &[0, 4 * GIB]),
+                    shared_vcpu_used: false,
+                }
+            };
+            let mut eligible: Vec<TypeId> = Vec::new();
+            for t in 0..ntypes {
+                if rng.below(2) == 0 {
+                    eligible.push(TypeId(t as u32));
+                }
+            }
+            // Shuffled: the pass must not rely on the list's order where Go does not.
+            for k in (1..eligible.len()).rev() {
+                eligible.swap(k, rng.below(k as u64 + 1) as usize);
+            }
+            if eligible.is_empty() && state != ContainerState::Running {
+                eligible.push(TypeId(rng.below(ntypes as u64) as u32));
+            }
+            let entry = QueueEntry {
+                container: c,
+                resources,
+                types: eligible,
+                first_seen_at: Timestamp(pick(&mut rng, &[5, 7, 7, 1_700_000_000_000, u64::MAX])),
+            };
+            queue.insert(uuid, entry);
+        }
+        let uuids: Vec<String> = queue.keys().cloned().collect();
+
+        let mut running = BTreeMap::new();
+        for u in &uuids {
+            if queue[u].container.state == ContainerState::Running || rng.below(8) == 0 {
+                running.insert(u.clone(), pick(&mut rng, &[None, None, Some(Timestamp(3))]));
+            }
+        }
+        // Crunch-runs of containers the queue does not hold, sorting anywhere among its UUIDs.
+        for _ in 0..rng.below(4) {
+            let u = format!("zzzzz-dz642-{:015}", rng.below(1_000_000));
+            if !queue.contains_key(&u) {
+                running.insert(u, None);
+            }
+        }
+
+        let mut instances = Vec::new();
+        let ni = rng.below(m as u64 + 1) as usize;
+        for k in 0..ni {
+            let name = if rng.below(12) == 0 {
+                "gone".to_string()
+            } else {
+                pick(&mut rng, &names)
+            };
+            let price = match types.get(&name) {
+                Some(it) if rng.below(6) != 0 => it.price,
+                _ => pick(&mut rng, &prices),
+            };
+            let pending = rng.below(10) == 0;
+            let mut on: Vec<String> = Vec::new();
+            if !uuids.is_empty() {
+                for _ in 0..rng.below(if dense { 7 } else { 4 }) {
+                    on.push(pick(&mut rng, &uuids));
+                }
+            }
+            if rng.below(15) == 0 {
+                // Not in the queue, and sorting anywhere among the queue's UUIDs.
+                let u = format!("zzzzz-dz642-{:015}", rng.below(1_000_000));
+                if !queue.contains_key(&u) {
+                    on.push(u);
+                }
+            }
+            on.sort();
+            on.dedup();
+            instances.push(InstanceView {
+                instance: if pending {
+                    String::new()
+                } else {
+                    format!("i-{:04}", rng.below(10_000) * 10 + k as u64 % 10)
+                },
+                address: String::new(),
+                price,
+                arvados_instance_type: name,
+                provider_instance_type: String::new(),
+                last_container_uuid: String::new(),
+                last_busy: Timestamp::ZERO,
+                running_container_uuids: (!pending).then_some(on),
+                worker_state: if pending {
+                    WorkerState::Booting
+                } else {
+                    pick(
+                        &mut rng,
+                        &[
+                            WorkerState::Unknown,
+                            WorkerState::Booting,
+                            WorkerState::Idle,
+                            WorkerState::Idle,
+                            WorkerState::Running,
+                            WorkerState::Running,
+                            WorkerState::Shutdown,
+                        ],
+                    )
+                },
+                idle_behavior: pick(
+                    &mut rng,
+                    &[
+                        IdleBehavior::Run,
+                        IdleBehavior::Run,
+                        IdleBehavior::Run,
+                        IdleBehavior::Hold,
+                        IdleBehavior::Drain,
+                    ],
+                ),
+            });
+        }
+        let mut capacity_blocked = BTreeSet::new();
+        for key in ["", "g1", "p1", "p2-preemptible"] {
+            if rng.below(12) == 0 {
+                capacity_blocked.insert(key.to_string());
+            }
+        }
+        let pool = PoolLimits {
+            quota_error: rng.below(10) == 0,
+            max_instances: pick(&mut rng, &[0, 0, ni, ni + 3]),
+            instance_count: ni,
+            creating: rng.below(3) as usize,
+            max_concurrent_creates: pick(&mut rng, &[0, 0, 1, 4]),
+            create_blocked: rng.below(10) == 0,
+            capacity_blocked,
+        };
+        World {
+            table,
+            queue,
+            running,
+            instances,
+            pool,
+            state: SchedState {
+                max_containers: pick(&mut rng, &[0, 0, 1, 5, 50]),
+                last_503_acted: pick(&mut rng, &[Timestamp::ZERO, Timestamp(900)]),
+                instances_within_quota: pick(&mut rng, &[0, 0, 2]),
+            },
+            last_503: pick(
+                &mut rng,
+                &[Timestamp::ZERO, Timestamp::ZERO, Timestamp(950)],
+            ),
+            max_running: pick(&mut rng, &[0, 0, 1, 2, 3]),
+            fraction: pick(&mut rng, &[0.0, 0.3, 0.5, 1.0]),
+        }
+    }
+
+    fn snapshot(w: &World) -> Snapshot<'_> {
+        Snapshot {
+            types: &w.table,
+            queue: &w.queue,
+            running: &w.running,
+            instances: &w.instances,
+            total_instances: w
+                .instances
+                .iter()
+                .filter(|v| !v.instance.is_empty())
+                .count(),
+            pool: w.pool.clone(),
+            state: w.state,
+            last_503: w.last_503,
+            max_running_per_instance: w.max_running,
+            supervisor_fraction: w.fraction,
+        }
+    }
+
+    fn assert_same(seed: u64, got: &Plan<'_>, want: &Plan<'_>) {
+        let uuids = |p: &Plan<'_>| -> Vec<String> {
+            p.order.iter().map(|e| e.container.uuid.clone()).collect()
+        };
+        assert_eq!(uuids(got), uuids(want), "order, seed {seed}");
+        assert_eq!(got.statuses, want.statuses, "statuses, seed {seed}");
+        assert_eq!(got.actions, want.actions, "actions, seed {seed}");
+        assert_eq!(
+            got.create_attempts, want.create_attempts,
+            "create attempts, seed {seed}"
+        );
+        assert_eq!(
+            got.hit_create_limit, want.hit_create_limit,
+            "create limit, seed {seed}"
+        );
+        assert_eq!(got.state, want.state, "state, seed {seed}");
+        assert_eq!(
+            got.allocated_not_started, want.allocated_not_started,
+            "seed {seed}"
+        );
+        assert_eq!(
+            got.not_allocated_over_quota, want.not_allocated_over_quota,
+            "seed {seed}"
+        );
+    }
+
+    #[test]
+    fn plan_matches_the_reference_on_small_random_snapshots() {
+        for seed in 0..3000 {
+            let w = world(seed, 40, 20);
+            let snap = snapshot(&w);
+            let now = Timestamp(1000);
+            assert_same(seed, &plan(&snap, now), &reference::plan(&snap, now));
+        }
+    }
+
+    #[test]
+    fn plan_matches_the_reference_on_larger_random_snapshots() {
+        // Deeper trees, many instances created in one pass (the trees grow), long queues.
+        for seed in 0..40 {
+            let mut w = world(1_000_000 + seed, 600, 150);
+            w.pool.max_concurrent_creates = 0;
+            w.pool.quota_error = false;
+            w.pool.create_blocked = false;
+            w.pool.max_instances = 0;
+            let snap = snapshot(&w);
+            let now = Timestamp(1000);
+            assert_same(seed, &plan(&snap, now), &reference::plan(&snap, now));
+        }
+    }
+
+    #[test]
+    fn plan_matches_the_reference_when_it_creates_many_instances() {
+        // Mostly Locked containers and unlimited creates: later containers go to instances
+        // created earlier in the same pass, whose order then matters.
+        for seed in 0..400 {
+            let mut w = world(2_000_000 + seed, 80, 6);
+            for e in w.queue.values_mut() {
+                if e.container.state == ContainerState::Queued && seed % 4 != 0 {
+                    e.container.state = ContainerState::Locked;
+                }
+                e.container.priority = e.container.priority.max(1);
+            }
+            w.pool = PoolLimits {
+                instance_count: w.instances.len(),
+                ..PoolLimits::default()
+            };
+            w.state = SchedState::default();
+            let snap = snapshot(&w);
+            let now = Timestamp(1000);
+            assert_same(seed, &plan(&snap, now), &reference::plan(&snap, now));
+        }
+    }
+
+    #[test]
+    fn bounds_keep_the_order_of_what_they_bound() {
+        let xs = [
+            i64::MIN,
+            -(1 << 40) - 1,
+            -(1 << 20),
+            -1,
+            0,
+            1,
+            (1 << 20) - 1,
+            1 << 20,
+            (1 << 20) + 1,
+            1 << 52,
+            i64::MAX,
+        ];
+        for &a in &xs {
+            for &b in &xs {
+                if a >= b {
+                    assert!(mib_up(a) >= mib_up(b), "{a} {b}");
+                    assert!(sat32(a) >= sat32(b), "{a} {b}");
+                }
+            }
+            if a > 0 {
+                assert!(sat32(a) > 0);
+            }
+        }
     }
 }
