@@ -625,3 +625,34 @@ fn dispatch_to_stub_driver_seeds() {
         dispatch_to_stub_driver(seed);
     }
 }
+
+/// Regression (found by tests/core_fuzz.rs): a Running container whose type selection failed is
+/// cached with no types; when it is later seen Locked or Queued it is cancelled as
+/// unsatisfiable instead of sitting in the queue with nothing to run on.
+#[test]
+fn regression_untyped_running_container_requeued() {
+    let mut w = World::new(go_test_config(), 11);
+    let mut c = container(1, Running, 1, 1, GIB);
+    c.runtime_constraints.keep_cache_disk = 1 << 50;
+    c.locked_by_uuid = Some(ME.into());
+    w.add(c);
+    // An unknown worker keeps sync from cancelling the Running container at once.
+    leftover_vm(&mut w, "i-1", 1, Timestamp(u64::MAX / 2), &[]);
+    w.run(Duration::from_millis(20), |w| {
+        w.d.queue().get(&uuid(1)).is_some()
+    });
+    let e =
+        w.d.queue()
+            .get(&uuid(1))
+            .expect("a Running container is cached");
+    assert!(e.types.is_empty());
+    // The controller requeues it (for example an admin unlock after crunch-run died).
+    w.db.get_mut(&uuid(1)).expect("c1").state = Locked;
+    let done = w.run(Duration::from_secs(1), |w| {
+        w.db[&uuid(1)].state == Cancelled
+    });
+    assert!(done, "cancelled as unsatisfiable");
+    assert!(w.commands.iter().any(
+        |c| matches!(&c.kind, CommandKind::CancelUnsatisfiable { uuid: u, .. } if *u == uuid(1))
+    ));
+}

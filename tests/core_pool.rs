@@ -947,3 +947,45 @@ fn quota_error_memory() {
     rig.pool.listed(t, th, Ok(vec![keep]));
     assert!(!rig.pool.at_quota(t), "a sync saw fewer instances");
 }
+
+/// Regression (found by tests/core_fuzz.rs): a probe that reports a container already tracked on
+/// another instance must not give it a second runner.
+#[test]
+fn regression_container_reported_on_two_instances() {
+    let mut rig = Rig::new(base_config(), RunnerSpec::installed("crunch-run"));
+    let a = rig.unknown(T0, "type1", "i-a");
+    let b = rig.unknown(T0, "type1", "i-b");
+    let one = Script {
+        boot: Ans::Ok,
+        list: Some(1),
+        install: Ans::Ok,
+    };
+    rig.probe(T0, &a, &one);
+    rig.probe(T0, &b, &one);
+    assert_eq!(rig.worker(&a).1, 1);
+    assert_eq!(rig.worker(&b).1, 0, "the second report is not adopted");
+    assert!(rig.pool.check_invariants(&rig.ops).is_empty());
+    // Once the first runner is gone, the second instance's process is adopted.
+    rig.probe(T0, &a, &ok_list(0));
+    rig.probe(T0, &b, &one);
+    assert_eq!(rig.worker(&b).1, 1);
+    assert!(rig.pool.check_invariants(&rig.ops).is_empty());
+}
+
+/// Regression (found by tests/core_fuzz.rs): instances listed from an earlier process may
+/// exceed MaxInstances; that is not a violation, and no create starts beyond the limit.
+#[test]
+fn regression_listing_beyond_max_instances() {
+    let mut cfg = base_config();
+    cfg.cloud_vms.max_instances = 2;
+    let mut rig = Rig::new(cfg, RunnerSpec::installed("crunch-run"));
+    let t1 = rig.type_id("type1");
+    assert!(rig.pool.create(T0, &mut rig.rng, t1));
+    for id in ["old-1", "old-2", "old-3"] {
+        rig.unknown(T0, "type1", id);
+    }
+    assert_eq!(rig.pool.instance_count(), 4);
+    assert!(rig.pool.at_quota(T0));
+    assert!(!rig.pool.create(T0, &mut rig.rng, t1));
+    assert!(rig.pool.check_invariants(&rig.ops).is_empty());
+}
