@@ -205,7 +205,6 @@ impl Controller {
             return Err(e);
         }
         let mut res = PollResult::default();
-        let mut seen = BTreeSet::new();
         let mut non_supervisors = 0usize;
         let mut page = 0usize;
         for (_, uuid) in &self.queued {
@@ -219,20 +218,33 @@ impl Controller {
             if !self.rows[uuid].c.scheduling_parameters.supervisor {
                 non_supervisors += 1;
             }
-            seen.insert(uuid.clone());
             res.containers.push(self.record(uuid));
         }
+        // "mine" (locked by the dispatcher) never overlaps "avail" (Queued, so not locked).
+        let avail_end = res
+            .containers
+            .last()
+            .map(|c| (Reverse(c.priority), c.uuid.clone()));
         for uuid in &self.mine {
-            if seen.insert(uuid.clone()) {
-                res.containers.push(self.record(uuid));
-            }
+            res.containers.push(self.record(uuid));
         }
+        // Whether a UUID is already in the answer: locked, or among the "avail" pages.
+        let returned = |uuid: &String| -> bool {
+            let Some(r) = self.rows.get(uuid) else {
+                return false;
+            };
+            r.c.locked_by_uuid.is_some()
+                || (r.c.state == ContainerState::Queued
+                    && r.c.priority > 0
+                    && avail_end
+                        .as_ref()
+                        .is_some_and(|end| (Reverse(r.c.priority), uuid.clone()) <= *end))
+        };
         for uuid in missing {
-            if seen.contains(uuid) {
+            if returned(uuid) {
                 continue;
             }
             if self.rows.contains_key(uuid) {
-                seen.insert(uuid.clone());
                 res.containers.push(self.record(uuid));
             } else {
                 res.deleted.push(uuid.clone());
