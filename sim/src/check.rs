@@ -62,7 +62,7 @@ impl Checker {
     }
 
     /// A container reached Running.
-    pub fn payload_started(&mut self, now: u64, uuid: &str, _api: &Controller) {
+    pub fn payload_started(&mut self, now: u64, uuid: &str) {
         let n = {
             let n = self.payload_starts.entry(uuid.to_string()).or_default();
             *n += 1;

@@ -3,14 +3,14 @@
 //! billing per instance-second from create to disappearance. Each VM runs a fake crunch-run with
 //! the command-line semantics the dispatcher relies on (reference-workers.md §2.8).
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::collections::BTreeMap;
 
 use arvados_dispatch_cloud::core::Timestamp;
 use arvados_dispatch_cloud::core::command::{
     CapacityScope, CloudError, CloudErrorKind, ExecError, ExecErrorKind, ExecOutput,
 };
 use arvados_dispatch_cloud::core::rng::Rng;
+use arvados_dispatch_cloud::core::time::millis;
 use arvados_dispatch_cloud::core::types::{InstanceInfo, InstanceType};
 
 use crate::dist::exponential;
@@ -18,10 +18,6 @@ use crate::scenario::CloudSpec;
 
 /// Never.
 pub const NEVER: u64 = u64::MAX / 4;
-
-fn ms(d: Duration) -> u64 {
-    d.as_millis() as u64
-}
 
 /// A fake crunch-run process.
 #[derive(Clone, Debug)]
@@ -158,7 +154,7 @@ impl Cloud {
         rng: &mut Rng,
     ) -> (Result<InstanceInfo, CloudError>, Option<u64>) {
         let fail = |kind, message: String| (Err(CloudError { kind, message }), None);
-        let gap = ms(self.spec.min_time_between_creates.0);
+        let gap = millis(self.spec.min_time_between_creates.0);
         if let Some(last) = self.last_create
             && gap > 0
             && now < last + gap
@@ -244,8 +240,8 @@ impl Cloud {
             tags,
             remote_user: "root".into(),
         };
-        let ssh = ms(self.spec.ssh_ready.draw(rng));
-        let boot = ms(self.spec.boot_time.draw(rng)).max(ssh);
+        let ssh = millis(self.spec.ssh_ready.draw(rng));
+        let boot = millis(self.spec.boot_time.draw(rng)).max(ssh);
         let doa = self.spec.dead_on_arrival.iter().any(|r| {
             r.window.is_none_or(|w| w.contains(now))
                 && (r
@@ -257,9 +253,9 @@ impl Cloud {
         });
         let never = rng.unit_f64() < self.spec.never_boot_rate || doa;
         let broken = rng.unit_f64() < self.spec.broken_rate;
-        let broken_after = ms(self.spec.broken_after.draw(rng));
+        let broken_after = millis(self.spec.broken_after.draw(rng));
         let report_broken = rng.unit_f64() < self.spec.report_broken_rate;
-        let report_after = ms(self.spec.broken_after.draw(rng));
+        let report_after = millis(self.spec.broken_after.draw(rng));
         let crunch_run_missing = rng.unit_f64() < self.spec.crunch_run_missing_rate;
         let boot_at = if never { NEVER } else { done + boot };
         let inst = Instance {
@@ -336,7 +332,7 @@ impl Cloud {
         now: u64,
         filter: &BTreeMap<String, String>,
     ) -> Result<Vec<InstanceInfo>, CloudError> {
-        let gap = ms(self.spec.min_time_between_lists.0);
+        let gap = millis(self.spec.min_time_between_lists.0);
         if let Some(last) = self.last_list
             && gap > 0
             && now < last + gap
@@ -349,7 +345,7 @@ impl Cloud {
             });
         }
         self.last_list = Some(now);
-        let lag = ms(self.spec.list_lag.0);
+        let lag = millis(self.spec.list_lag.0);
         Ok(self
             .instances
             .values()
@@ -564,23 +560,4 @@ impl Instance {
     pub fn gc(&mut self, now: u64) {
         self.procs.retain(|_, p| !p.exited || p.stale_until > now);
     }
-
-    /// Whether a live process runs this container.
-    pub fn runs(&self, uuid: &str) -> bool {
-        self.procs.get(uuid).is_some_and(|p| !p.exited)
-    }
-}
-
-/// Containers with a live crunch-run on more than one instance.
-pub fn double_runs(cloud: &Cloud) -> Vec<String> {
-    let mut seen = BTreeSet::new();
-    let mut dup = Vec::new();
-    for inst in cloud.instances.values() {
-        for (u, p) in &inst.procs {
-            if !p.exited && !seen.insert(u.clone()) {
-                dup.push(u.clone());
-            }
-        }
-    }
-    dup
 }

@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use arvados_dispatch_cloud::core::rng::Rng;
+use arvados_dispatch_cloud::core::time::millis;
 use arvados_dispatch_cloud::core::types::Container;
 
 use crate::dist::exponential;
@@ -35,10 +36,6 @@ pub struct Submission {
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct WorkloadError(pub String);
-
-fn ms(d: Duration) -> u64 {
-    d.as_millis() as u64
-}
 
 /// A container of this shape.
 pub fn from_shape(shape: &Shape, rng: &mut Rng) -> (Container, Duration) {
@@ -84,7 +81,7 @@ pub fn expand(
             c.scheduling_parameters.preemptible = e.preemptible;
             c.scheduling_parameters.supervisor = e.supervisor;
             subs.push(Submission {
-                at: ms(e.at.0),
+                at: millis(e.at.0),
                 container: c,
                 runtime: e.runtime.0,
                 cancel_after: e.cancel_after.map(|d| d.0),
@@ -93,10 +90,10 @@ pub fn expand(
         }
     }
     for g in &spec.generators {
-        let mut t = ms(g.start.0) as f64;
+        let mut t = millis(g.start.0) as f64;
         for i in 0..g.count {
             let at = match &g.arrival {
-                ArrivalSpec::Batch => ms(g.start.0) as f64,
+                ArrivalSpec::Batch => millis(g.start.0) as f64,
                 ArrivalSpec::Poisson { per_hour } => {
                     if i > 0 {
                         t += exponential(rng, 3_600_000.0 / per_hour);
@@ -104,7 +101,7 @@ pub fn expand(
                     t
                 }
                 ArrivalSpec::Bursts { size, every } => {
-                    ms(g.start.0) as f64 + (i / (*size).max(1)) as f64 * ms(every.0) as f64
+                    millis(g.start.0) as f64 + (i / (*size).max(1)) as f64 * millis(every.0) as f64
                 }
             };
             let (mut c, runtime) = from_shape(&g.shape, rng);

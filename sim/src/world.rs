@@ -17,6 +17,7 @@ use arvados_dispatch_cloud::core::command::{Command, CommandKind, Input};
 use arvados_dispatch_cloud::core::metrics::PoolMetrics;
 use arvados_dispatch_cloud::core::pool::remote::RunnerSpec;
 use arvados_dispatch_cloud::core::rng::Rng;
+use arvados_dispatch_cloud::core::time::millis;
 use arvados_dispatch_cloud::core::types::ContainerState;
 use arvados_dispatch_cloud::core::{Dispatcher, Options, Timestamp};
 
@@ -32,10 +33,6 @@ pub const INSTANCE_SET_ID: &str = "zzzzz-gj3su-dispatchersimul0";
 
 /// Hard bound on steps, whatever the scenario says.
 pub const STEPS_MAX: u64 = 2_000_000_000;
-
-fn ms(d: Duration) -> u64 {
-    d.as_millis() as u64
-}
 
 #[derive(Debug)]
 enum Ev {
@@ -225,7 +222,7 @@ impl World {
             totals: Totals::default(),
             check_every: scenario.check_every.max(1),
             ended_all_at: None,
-            end: ms(scenario.duration.0),
+            end: millis(scenario.duration.0),
             loaded,
             scenario,
         };
@@ -236,7 +233,7 @@ impl World {
         }
         w.submissions = submissions;
         for r in w.scenario.restarts.clone() {
-            w.push(ms(r.0), Ev::Restart);
+            w.push(millis(r.0), Ev::Restart);
         }
         w.d.handle_timeout(Timestamp(0));
         w.after_core();
@@ -282,11 +279,12 @@ impl World {
     }
 
     fn api_latency(&mut self) -> u64 {
-        ms(self
-            .scenario
-            .controller
-            .request_latency
-            .draw(&mut self.rng.api))
+        millis(
+            self.scenario
+                .controller
+                .request_latency
+                .draw(&mut self.rng.api),
+        )
     }
 
     fn route(&mut self, cmd: Command) {
@@ -323,7 +321,8 @@ impl World {
                 tags,
                 ..
             } => {
-                let done = now + ms(self.scenario.cloud.create_latency.draw(&mut self.rng.cloud));
+                let done =
+                    now + millis(self.scenario.cloud.create_latency.draw(&mut self.rng.cloud));
                 let (result, reclaim) =
                     self.cloud
                         .create(now, done, &instance_type, tags, &mut self.rng.cloud);
@@ -339,7 +338,7 @@ impl World {
                 }
                 if let (Ok(info), Some(t)) = (&result, reclaim) {
                     let notice = t
-                        .saturating_sub(ms(self.scenario.cloud.spot_notice.0))
+                        .saturating_sub(millis(self.scenario.cloud.spot_notice.0))
                         .max(done);
                     self.push(notice, Ev::ReclaimNotice(info.id.clone()));
                     self.push(t, Ev::Reclaim(info.id.clone()));
@@ -348,11 +347,12 @@ impl World {
             }
             CommandKind::Destroy { instance } => {
                 let at = now
-                    + ms(self
-                        .scenario
-                        .cloud
-                        .destroy_latency
-                        .draw(&mut self.rng.cloud));
+                    + millis(
+                        self.scenario
+                            .cloud
+                            .destroy_latency
+                            .draw(&mut self.rng.cloud),
+                    );
                 let result = self.cloud.destroy(now, &instance, &mut self.rng.cloud);
                 if let Ok(procs) = &result {
                     for uuid in procs {
@@ -368,24 +368,25 @@ impl World {
                 );
             }
             CommandKind::ListInstances { tags } => {
-                let at = now + ms(self.scenario.cloud.list_latency.draw(&mut self.rng.cloud));
+                let at = now + millis(self.scenario.cloud.list_latency.draw(&mut self.rng.cloud));
                 let result = self.cloud.list(now, &tags);
                 self.deliver(at, Input::InstancesListed { op, result });
             }
             CommandKind::SetTags { instance, tags } => {
                 let at = now
-                    + ms(self
-                        .scenario
-                        .cloud
-                        .set_tags_latency
-                        .draw(&mut self.rng.cloud));
+                    + millis(
+                        self.scenario
+                            .cloud
+                            .set_tags_latency
+                            .draw(&mut self.rng.cloud),
+                    );
                 let result = self.cloud.set_tags(&instance, tags);
                 self.deliver(at, Input::TagsSet { op, result });
             }
             CommandKind::Exec {
                 instance, command, ..
             } => {
-                let at = now + ms(self.scenario.vms.command_latency.draw(&mut self.rng.vm));
+                let at = now + millis(self.scenario.vms.command_latency.draw(&mut self.rng.vm));
                 self.next_token += 1;
                 let token = self.next_token;
                 let ignore_term = self.rng.vm.unit_f64() < self.scenario.vms.ignore_term_rate;
@@ -443,7 +444,7 @@ impl World {
             );
         }
         let vm = &self.scenario.vms;
-        let setup = ms(vm.setup_time.draw(&mut self.rng.vm));
+        let setup = millis(vm.setup_time.draw(&mut self.rng.vm));
         let crash = self.rng.vm.unit_f64() < vm.crash_rate;
         let early = crash && self.rng.vm.unit_f64() < 0.5;
         if early {
@@ -522,7 +523,7 @@ impl World {
     fn submit(&mut self, mut s: Submission, parent: Option<String>) {
         let uuid = s.container.uuid.clone();
         if let Some(after) = s.cancel_after {
-            self.push(self.now + ms(after), Ev::UserCancel(uuid.clone()));
+            self.push(self.now + millis(after), Ev::UserCancel(uuid.clone()));
         }
         let children = s
             .workflow
@@ -578,13 +579,13 @@ impl World {
                     return;
                 }
                 if self.api.set_state(now, &uuid, ContainerState::Running, "") {
-                    self.checker.payload_started(now, &uuid, &self.api);
+                    self.checker.payload_started(now, &uuid);
                     let p = self.payloads.get(&uuid).cloned();
                     match p.as_ref().and_then(|p| p.workflow.clone()) {
                         Some(wf) if p.as_ref().is_some_and(|p| p.children_total > 0) => {
                             let mut t = now;
                             for n in 0..p.as_ref().map_or(0, |p| p.children_total) {
-                                t += ms(wf.child_interval.draw(&mut self.rng.workload));
+                                t += millis(wf.child_interval.draw(&mut self.rng.workload));
                                 self.push(
                                     t,
                                     Ev::Child {
@@ -599,9 +600,9 @@ impl World {
                                 self.rng.vm.unit_f64() < self.scenario.vms.crash_rate / 2.0;
                             let runtime = p.map_or(Duration::ZERO, |p| p.runtime);
                             let at = if crash_late {
-                                now + ms(runtime) / 2
+                                now + millis(runtime) / 2
                             } else {
-                                now + ms(runtime)
+                                now + millis(runtime)
                             };
                             self.push(
                                 at,
@@ -636,7 +637,7 @@ impl World {
                 let stale = if self.rng.vm.unit_f64() < self.scenario.vms.stale_deadlock_rate {
                     NEVER
                 } else {
-                    let lag = ms(self.scenario.vms.stale_lag.draw(&mut self.rng.vm));
+                    let lag = millis(self.scenario.vms.stale_lag.draw(&mut self.rng.vm));
                     if lag == 0 { 0 } else { now + lag }
                 };
                 let Some(i) = self.cloud.instances.get_mut(&inst) else {
@@ -742,7 +743,7 @@ impl World {
 
     /// Runs to the end. `progress(now_ms, end_ms)` is called every 64k events.
     pub fn run(&mut self, mut progress: impl FnMut(u64, u64)) {
-        let settle = ms(self.scenario.settle.0);
+        let settle = millis(self.scenario.settle.0);
         while let Some(Reverse(item)) = self.heap.pop() {
             if item.at > self.end {
                 self.now = self.end;

@@ -322,7 +322,7 @@ impl Dispatcher {
         self.advance(now);
         for (op, pending, issued) in self.ops.expired(now) {
             tracing::warn!(%op, ?pending, "operation deadline passed; treating it as failed");
-            let input = timeout_input(op, &pending, now);
+            let input = timeout_input(op, &pending);
             self.complete(now, op, pending, issued, input);
         }
         if self.retry_at.is_some_and(|t| now >= t) {
@@ -889,7 +889,7 @@ impl Dispatcher {
 }
 
 /// The failure the core records for an operation whose deadline passed.
-fn timeout_input(op: OpId, pending: &Pending, now: Timestamp) -> Input {
+fn timeout_input(op: OpId, pending: &Pending) -> Input {
     let msg = "deadline exceeded (no completion from the adapter)".to_string();
     let api = || ApiError {
         status: None,
@@ -899,7 +899,6 @@ fn timeout_input(op: OpId, pending: &Pending, now: Timestamp) -> Input {
         kind: CloudErrorKind::Transient,
         message: msg.clone(),
     };
-    let _ = now;
     match pending {
         Pending::Poll => Input::QueuePolled {
             op,

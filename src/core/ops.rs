@@ -133,9 +133,4 @@ impl Ops {
     pub fn contains(&self, op: OpId) -> bool {
         self.records.contains_key(&op)
     }
-
-    /// The ids of all operations in flight (for invariant checks).
-    pub fn ids(&self) -> impl Iterator<Item = (&OpId, &Pending)> {
-        self.records.iter().map(|(k, r)| (k, &r.pending))
-    }
 }

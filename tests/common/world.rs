@@ -469,7 +469,6 @@ impl World {
         let now = self.now;
         let mut done = Vec::new();
         for (id, vm) in &mut self.vms {
-            let deadlock = vm.deadlock_rate;
             vm.procs.retain(|u, p| {
                 if p.exited {
                     return p.stale_until.is_some_and(|t| now < t);
@@ -480,7 +479,6 @@ impl World {
                 }
                 true
             });
-            let _ = deadlock;
         }
         for (id, uuid, early) in done {
             if !early

@@ -268,11 +268,6 @@ impl Pool {
         &self.workers
     }
 
-    /// Creates in flight: (type, started).
-    pub fn creating(&self) -> impl Iterator<Item = (TypeId, Timestamp)> + '_ {
-        self.creating.values().map(|c| (c.type_id, c.started))
-    }
-
     /// Number of creates in flight.
     pub fn creating_count(&self) -> usize {
         self.creating.len()

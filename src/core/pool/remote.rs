@@ -4,10 +4,6 @@
 //! non-root user, the `crunch-run~<md5>` naming and the `--list` output format must match it
 //! byte for byte.
 
-use std::time::Duration;
-
-use super::super::time::{Timestamp, millis};
-
 /// The path the instance secret is written to on a new VM.
 pub const SECRET_PATH: &str = "/var/run/arvados-instance-secret";
 
@@ -143,11 +139,6 @@ pub fn parse_list(stdout: &str, cluster_id: &str) -> ListReport {
         }
     }
     r
-}
-
-/// `now + d`, for deadlines computed from config durations.
-pub fn after(now: Timestamp, d: Duration) -> Timestamp {
-    Timestamp(now.0.saturating_add(millis(d)))
 }
 
 #[cfg(test)]
