@@ -18,3 +18,14 @@
 
 pub mod config;
 pub mod core;
+
+#[cfg(feature = "runtime")]
+pub mod arvados;
+#[cfg(feature = "runtime")]
+pub mod cloud;
+#[cfg(feature = "runtime")]
+pub mod http;
+#[cfg(feature = "runtime")]
+pub mod runtime;
+#[cfg(feature = "runtime")]
+pub mod ssh;

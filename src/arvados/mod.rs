@@ -1,0 +1,1 @@
+//! The Arvados controller client: the container queries, lock, unlock and cancel the dispatcher uses.
