@@ -195,12 +195,10 @@ fn standard(req: &Req) -> (u16, String) {
     }
 }
 
-fn within<F: std::future::Future>(f: F) -> impl std::future::Future<Output = F::Output> {
-    async move {
-        tokio::time::timeout(Duration::from_secs(60), f)
-            .await
-            .expect("the test finished within its generous deadline")
-    }
+async fn within<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(60), f)
+        .await
+        .expect("the test finished within its generous deadline")
 }
 
 #[tokio::test]
