@@ -13,6 +13,7 @@
 pub mod api;
 pub mod check;
 pub mod cloud;
+pub mod controller;
 pub mod dist;
 pub mod log;
 pub mod report;

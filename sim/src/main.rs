@@ -39,6 +39,22 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         log: Option<PathBuf>,
     },
+    /// Serve a stand-in Arvados controller over HTTP for end-to-end tests
+    /// (see the `dispatch_sim::controller` docs for the workload format).
+    Controller {
+        /// Address to bind, e.g. 127.0.0.1:0; prints `listening on ADDR` once bound.
+        #[arg(long)]
+        listen: String,
+        /// Workload file (YAML or JSON).
+        #[arg(long, value_name = "FILE")]
+        workload: PathBuf,
+        /// The API token clients must send (default: $ARVADOS_API_TOKEN).
+        #[arg(long)]
+        token: Option<String>,
+        /// Do not log requests on stderr.
+        #[arg(long)]
+        quiet: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -50,6 +66,18 @@ fn main() -> ExitCode {
             json,
             log,
         } => run(scenario, seed, json, log),
+        Command::Controller {
+            listen,
+            workload,
+            token,
+            quiet,
+        } => match dispatch_sim::controller::main(&listen, &workload, token, quiet) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        },
     }
 }
 
