@@ -1,1 +1,182 @@
-//! Cloud drivers behind one `InstanceSet` trait: loopback here; EC2 and Azure behind features.
+//! Cloud drivers behind one object-safe [`InstanceSet`] trait (reference-workers.md §6.1):
+//! the loopback driver here; EC2 and Azure behind the `ec2` and `azure` features.
+//!
+//! The trait's results are the core's own types, so the runtime turns them into inputs without
+//! conversion: `create` gives the `InstanceInfo` of `Input::CreateFinished`, `list` the vector of
+//! `Input::InstancesListed`, and every error is a [`CloudError`] whose kind the driver classified
+//! (Quota, Capacity(scope), RateLimited{retry_at}, NotFound, Transient, Permanent), so the core
+//! never parses provider strings.
+//!
+//! Host keys: [`InstanceSet::verify_host_key`] is the driver's own check (loopback compares the
+//! key with the one it generated); drivers that have none return
+//! [`HostKeyError::NotImplemented`], and [`InstanceVerifier`] then falls back to the instance
+//! secret (§5.3).
+//!
+//! Invariant: drivers put no credential into an error message or a log line.
+
+pub mod loopback;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use russh::keys::PublicKey;
+
+pub use crate::core::command::{CapacityScope, CloudError, CloudErrorKind};
+pub use crate::core::types::InstanceInfo;
+use crate::core::types::InstanceType;
+pub use crate::ssh::BoxFuture;
+use crate::ssh::{HostKeyError, HostKeyVerifier, UnverifiedConnection, verify_instance_secret};
+
+/// A [`CloudError`] of `kind` with `message`.
+pub fn cloud_error(kind: CloudErrorKind, message: impl Into<String>) -> CloudError {
+    CloudError {
+        kind,
+        message: message.into(),
+    }
+}
+
+/// What `create` needs (the fields of the core's `Command::Create`, with the key resolved).
+#[derive(Clone, Debug)]
+pub struct CreateRequest {
+    /// The configured type.
+    pub instance_type: Arc<InstanceType>,
+    /// `CloudVMs.ImageID`.
+    pub image_id: String,
+    /// Every tag: ResourceTags merged under the four reserved ones.
+    pub tags: BTreeMap<String, String>,
+    /// The init command (instance-secret writer, then InstanceInitCommand).
+    pub init_command: String,
+    /// The dispatcher's public key to authorise for the remote user, if DeployPublicKey is on.
+    pub public_key: Option<PublicKey>,
+}
+
+/// One cloud account's instances as this dispatcher sees them (Go's `cloud.InstanceSet`).
+///
+/// Object safe: the runtime holds an `Arc<dyn InstanceSet>`.
+pub trait InstanceSet: Send + Sync {
+    /// Creates an instance and returns it (its address may still be "").
+    fn create<'a>(&'a self, req: CreateRequest) -> BoxFuture<'a, Result<InstanceInfo, CloudError>>;
+
+    /// Lists the instances carrying every tag in `filter` (booting and shutting-down ones
+    /// included).
+    fn list<'a>(
+        &'a self,
+        filter: &'a BTreeMap<String, String>,
+    ) -> BoxFuture<'a, Result<Vec<InstanceInfo>, CloudError>>;
+
+    /// Destroys an instance. An unknown ID is [`CloudErrorKind::NotFound`].
+    fn destroy<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), CloudError>>;
+
+    /// Replaces an instance's tags with `tags`.
+    fn set_tags<'a>(
+        &'a self,
+        id: &'a str,
+        tags: BTreeMap<String, String>,
+    ) -> BoxFuture<'a, Result<(), CloudError>>;
+
+    /// The driver's own check of a host key presented by instance `id`. `conn` is the new,
+    /// unverified connection, on which the driver may run commands. The default has no check.
+    fn verify_host_key<'a>(
+        &'a self,
+        id: &'a str,
+        key: &'a PublicKey,
+        conn: &'a UnverifiedConnection<'a>,
+    ) -> BoxFuture<'a, Result<(), HostKeyError>> {
+        let _ = (id, key, conn);
+        Box::pin(async { Err(HostKeyError::NotImplemented) })
+    }
+
+    /// Releases the driver's resources (loopback: stops the SSH servers). Instances are not
+    /// destroyed; the next process recovers them.
+    fn stop<'a>(&'a self) -> BoxFuture<'a, ()>;
+}
+
+/// The host-key verifier of one instance (Go's `TagVerifier`): the driver's check first; if
+/// the driver has none, the instance secret from the `InstanceSecret` tag. An instance without
+/// either can never be verified.
+#[derive(Clone)]
+pub struct InstanceVerifier {
+    set: Arc<dyn InstanceSet>,
+    instance: String,
+    secret: String,
+    on_connect: Option<Arc<dyn Fn(&str) + Send + Sync>>,
+}
+
+impl InstanceVerifier {
+    /// A verifier for instance `instance` of `set`, expecting `secret` ("" if the tag is
+    /// missing).
+    pub fn new(
+        set: Arc<dyn InstanceSet>,
+        instance: impl Into<String>,
+        secret: impl Into<String>,
+    ) -> Self {
+        InstanceVerifier {
+            set,
+            instance: instance.into(),
+            secret: secret.into(),
+            on_connect: None,
+        }
+    }
+
+    /// Calls `f(instance id)` each time a connection reaches verification (the runtime feeds
+    /// the core `Input::SshConnected` from it).
+    pub fn on_connect(mut self, f: Arc<dyn Fn(&str) + Send + Sync>) -> Self {
+        self.on_connect = Some(f);
+        self
+    }
+}
+
+impl fmt::Debug for InstanceVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InstanceVerifier")
+            .field("instance", &self.instance)
+            .field("secret", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+impl HostKeyVerifier for InstanceVerifier {
+    fn verify_host_key<'a>(
+        &'a self,
+        key: &'a PublicKey,
+        conn: &'a UnverifiedConnection<'a>,
+    ) -> BoxFuture<'a, Result<(), HostKeyError>> {
+        Box::pin(async move {
+            if let Some(f) = &self.on_connect {
+                f(&self.instance);
+            }
+            match self.set.verify_host_key(&self.instance, key, conn).await {
+                Err(HostKeyError::NotImplemented) => {
+                    verify_instance_secret(conn, &self.secret).await
+                }
+                other => other,
+            }
+        })
+    }
+}
+
+/// A driver that cannot be set up from the config.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// `CloudVMs.Driver` names a driver this build does not have.
+    #[error("cloud driver {0:?} is not available in this build (known: loopback{1})")]
+    Unknown(String, &'static str),
+    /// The loopback driver's parameters or state file are bad.
+    #[error(transparent)]
+    Loopback(#[from] loopback::LoopbackError),
+}
+
+/// The instance set for `CloudVMs.Driver` = `driver` with `DriverParameters` = `params`.
+pub async fn new_instance_set(
+    driver: &str,
+    params: &serde_json::Value,
+) -> Result<Arc<dyn InstanceSet>, DriverError> {
+    match driver {
+        "loopback" => {
+            let params = loopback::LoopbackParams::from_driver_parameters(params)?;
+            Ok(Arc::new(loopback::Loopback::new(params).await?))
+        }
+        other => Err(DriverError::Unknown(other.to_string(), "")),
+    }
+}
