@@ -339,7 +339,7 @@ impl Builder {
         self.queue.insert(
             c.uuid.clone(),
             QueueEntry {
-                container: c,
+                container: c.into(),
                 resources,
                 types,
                 first_seen_at,

@@ -187,7 +187,7 @@ fn queue_lock_unlock_cancel_and_guard() {
     q.apply_poll(
         Timestamp(2),
         PollResult {
-            containers: vec![c.clone()],
+            containers: vec![c.clone().into()],
             ..PollResult::default()
         },
         &table,
@@ -215,7 +215,7 @@ fn queue_lock_unlock_cancel_and_guard() {
     q.apply_poll(
         Timestamp(4),
         PollResult {
-            containers: vec![stale.clone()],
+            containers: vec![stale.clone().into()],
             ..PollResult::default()
         },
         &table,
@@ -228,7 +228,7 @@ fn queue_lock_unlock_cancel_and_guard() {
     q.apply_poll(
         Timestamp(6),
         PollResult {
-            containers: vec![stale],
+            containers: vec![stale.into()],
             ..PollResult::default()
         },
         &table,

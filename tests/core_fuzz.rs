@@ -151,7 +151,7 @@ impl Fuzz {
                             c.mounts = Some(BTreeMap::new());
                         }
                     }
-                    res.containers.push(c);
+                    res.containers.push(std::sync::Arc::new(c));
                 }
                 if b.is_multiple_of(9) {
                     res.deleted.push(uuid(usize::from(a % 8)));

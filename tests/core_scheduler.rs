@@ -97,7 +97,7 @@ impl Stub {
         self.queue.insert(
             c.uuid.clone(),
             QueueEntry {
-                container: c,
+                container: c.into(),
                 resources,
                 types,
                 first_seen_at: NOW,
@@ -183,11 +183,13 @@ impl Stub {
     fn apply(&mut self, a: Action) {
         match a {
             Action::Lock(u) => {
-                self.queue.get_mut(&u).expect("queued").container.state = Locked;
+                std::sync::Arc::make_mut(&mut self.queue.get_mut(&u).expect("queued").container)
+                    .state = Locked;
                 self.locked.push(u);
             }
             Action::Unlock(u) => {
-                self.queue.get_mut(&u).expect("locked").container.state = Queued;
+                std::sync::Arc::make_mut(&mut self.queue.get_mut(&u).expect("locked").container)
+                    .state = Queued;
                 self.unlocked.push(u);
             }
             Action::Start { instance, uuid } => {
@@ -284,7 +286,7 @@ fn pack_containers_idle_instance_too_big() {
 #[test]
 fn pack_containers_spare_resources() {
     let mut s = Stub::pack();
-    s.queue.get_mut(&uuid(4)).expect("c4").container.state = Running;
+    std::sync::Arc::make_mut(&mut s.queue.get_mut(&uuid(4)).expect("c4").container).state = Running;
     s.vm(3, WorkerState::Running, &[4]);
     s.run();
     assert_eq!(s.starts, names(&[3, 2]));

@@ -6,6 +6,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use arvados_dispatch_cloud::core::command::{ApiError, ContainerUpdate, PollResult};
 use arvados_dispatch_cloud::core::types::{Container, ContainerState};
@@ -22,8 +23,10 @@ const AVAIL_TARGET: usize = 100;
 /// One row of the container table, with the simulator's bookkeeping.
 #[derive(Clone, Debug)]
 pub struct Row {
-    /// The record.
-    pub c: Container,
+    /// The record, without mounts, shared with the poll results that returned it: the
+    /// dispatcher's queue skips a record it already holds. Changes copy it (`Arc::make_mut`)
+    /// when the dispatcher still holds the old one.
+    pub c: Arc<Container>,
     /// Locks so far.
     pub lock_count: i64,
     /// When crunch-run reported Running.
@@ -99,11 +102,12 @@ impl Controller {
         c.state = ContainerState::Queued;
         c.created_at = arvados_dispatch_cloud::core::Timestamp(now);
         c.locked_by_uuid = None;
+        c.mounts = None;
         let uuid = c.uuid.clone();
         self.rows.insert(
             uuid.clone(),
             Row {
-                c,
+                c: Arc::new(c),
                 lock_count: 0,
                 running_at: None,
                 ended_at: None,
@@ -136,10 +140,11 @@ impl Controller {
             return false;
         }
         let row = self.rows.get_mut(uuid).expect("exists");
-        row.c.state = to;
+        let c = Arc::make_mut(&mut row.c);
+        c.state = to;
         match to {
-            Locked => row.c.locked_by_uuid = Some(DISPATCHER_TOKEN_UUID.into()),
-            Queued | Complete | Cancelled => row.c.locked_by_uuid = None,
+            Locked => c.locked_by_uuid = Some(DISPATCHER_TOKEN_UUID.into()),
+            Queued | Complete | Cancelled => c.locked_by_uuid = None,
             Running => {
                 row.running_at = Some(now);
             }
@@ -163,7 +168,7 @@ impl Controller {
         if before.0.is_final() {
             return;
         }
-        self.rows.get_mut(uuid).expect("exists").c.priority = 0;
+        Arc::make_mut(&mut self.rows.get_mut(uuid).expect("exists").c).priority = 0;
         self.reindex(uuid, Some(before));
         if before.0 == ContainerState::Queued {
             self.set_state(now, uuid, ContainerState::Cancelled, "cancelled by user");
@@ -187,10 +192,8 @@ impl Controller {
         }
     }
 
-    fn record(&self, uuid: &str) -> Container {
-        let mut c = self.rows[uuid].c.clone();
-        c.mounts = None;
-        c
+    fn record(&self, uuid: &str) -> Arc<Container> {
+        Arc::clone(&self.rows[uuid].c)
     }
 
     /// One poll (reference-scheduler.md §4.2): "avail" pages by priority until 100 non-supervisor
@@ -250,10 +253,18 @@ impl Controller {
                 res.deleted.push(uuid.clone());
             }
         }
-        let known: BTreeSet<&String> = known.iter().collect();
+        // `known` comes sorted (the dispatcher's queue keys); check it by binary search.
+        let sorted = known.is_sorted();
+        let is_known = |uuid: &String| -> bool {
+            if sorted {
+                known.binary_search(uuid).is_ok()
+            } else {
+                known.contains(uuid)
+            }
+        };
         for c in &mut res.containers {
-            if !known.contains(&c.uuid) {
-                c.mounts = Some(BTreeMap::new());
+            if !is_known(&c.uuid) {
+                Arc::make_mut(c).mounts = Some(BTreeMap::new());
             }
         }
         Ok(res)

@@ -284,7 +284,10 @@ pub struct ContainerUpdate {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PollResult {
     /// Every record the lists and the missing re-fetch returned. New ones carry `mounts`.
-    pub containers: Vec<Container>,
+    /// Records are shared (`Arc`): the queue keeps the one it is given, and an adapter that
+    /// answers with the very record it gave last time (the simulator does) lets the queue skip
+    /// it without comparing fields.
+    pub containers: Vec<Arc<Container>>,
     /// Missing UUIDs the controller no longer has (an empty batch result).
     pub deleted: Vec<String>,
     /// New containers whose mounts could not be fetched: (uuid, error text).

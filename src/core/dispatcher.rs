@@ -35,7 +35,7 @@ use super::rng::Rng;
 use super::scheduler::{self, Action, PoolLimits, SchedState, Snapshot, Status};
 use super::select::TypeTable;
 use super::time::Timestamp;
-use super::types::{ContainerState, IdleBehavior, InstanceView};
+use super::types::{Container, ContainerState, IdleBehavior, InstanceView};
 
 /// Re-run a pass this soon when a per-container operation was still in flight.
 pub const UUID_CONTENTION_RETRY: Duration = Duration::from_millis(250);
@@ -106,9 +106,10 @@ pub struct Dispatcher {
     dirty: bool,
     last_pass: Option<Timestamp>,
     retry_at: Option<Timestamp>,
-    /// Last pass's status of each container: (pass number, rank in scheduling order, status).
-    /// Updated in place, so a pass allocates only for containers it has not seen before.
-    published: BTreeMap<String, (u64, u32, Status)>,
+    /// Last pass's containers in scheduling order, with their statuses. The records are the
+    /// queue's shared ones, so publishing copies no UUID; lookups by UUID (the management
+    /// API's, rare next to passes) scan it.
+    published: Vec<(Arc<Container>, Status)>,
     metrics: SchedMetrics,
     ignored_completions: u64,
 }
@@ -147,7 +148,7 @@ impl Dispatcher {
             dirty: false,
             last_pass: None,
             retry_at: None,
-            published: BTreeMap::new(),
+            published: Vec::new(),
             metrics: SchedMetrics {
                 max_concurrent_containers: sched.max_containers,
                 ..SchedMetrics::default()
@@ -192,16 +193,11 @@ impl Dispatcher {
     /// pass (the API then shows `"items": null`).
     pub fn scheduler_queue(&self) -> Option<Vec<QueueItem>> {
         self.last_pass?;
-        let mut rows: Vec<(u32, &String, Status)> = self
-            .published
-            .iter()
-            .map(|(uuid, (_, rank, st))| (*rank, uuid, *st))
-            .collect();
-        rows.sort_unstable_by_key(|(rank, ..)| *rank);
         Some(
-            rows.into_iter()
-                .filter_map(|(_, uuid, st)| {
-                    let e = self.queue.get(uuid)?;
+            self.published
+                .iter()
+                .filter_map(|(c, st)| {
+                    let e = self.queue.get(&c.uuid)?;
                     Some(QueueItem {
                         entry: e.clone(),
                         scheduling_status: st.text(e, &self.types),
@@ -213,7 +209,7 @@ impl Dispatcher {
 
     /// One container of the published queue.
     pub fn scheduler_queue_item(&self, uuid: &str) -> Option<QueueItem> {
-        let (_, _, st) = self.published.get(uuid)?;
+        let (_, st) = self.published.iter().find(|(c, _)| c.uuid == uuid)?;
         let e = self.queue.get(uuid)?;
         Some(QueueItem {
             entry: e.clone(),
@@ -662,16 +658,13 @@ impl Dispatcher {
                 supervisor_fraction: self.cfg.cloud_vms.supervisor_fraction,
             };
             let plan = scheduler::plan(&snap, now);
-            let pass = self.metrics.passes;
-            for (rank, (e, st)) in plan.order.iter().zip(plan.statuses.iter()).enumerate() {
-                let row = (pass, rank as u32, *st);
-                match self.published.get_mut(&e.container.uuid) {
-                    Some(v) => *v = row,
-                    None => {
-                        self.published.insert(e.container.uuid.clone(), row);
-                    }
-                }
-            }
+            self.published.clear();
+            self.published.extend(
+                plan.order
+                    .iter()
+                    .zip(plan.statuses.iter())
+                    .map(|(e, st)| (Arc::clone(&e.container), *st)),
+            );
             (
                 plan.actions,
                 plan.state,
@@ -680,8 +673,6 @@ impl Dispatcher {
                 plan.not_allocated_over_quota,
             )
         };
-        let pass = self.metrics.passes;
-        self.published.retain(|_, (p, ..)| *p == pass);
         self.sched = state;
         self.metrics.allocated_not_started = alloc;
         self.metrics.not_allocated_over_quota = overq;

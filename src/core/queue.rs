@@ -8,6 +8,7 @@
 //! times.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use super::command::{ContainerUpdate, PollResult};
 use super::config::ContainersConfig;
@@ -18,8 +19,9 @@ use super::types::{Container, ContainerState, Resources};
 /// One cached container (`QueueEnt`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct QueueEntry {
-    /// The partial record; `mounts` is always `None` once cached.
-    pub container: Container,
+    /// The partial record; `mounts` is always `None` once cached. Shared with the poll
+    /// result it came from; local changes copy it first (`Arc::make_mut`).
+    pub container: Arc<Container>,
     /// Needs, computed at first sight (with the mounts).
     pub resources: Resources,
     /// Eligible types, cheapest first. Empty only for a Running container whose type selection
@@ -114,7 +116,7 @@ impl Queue {
         // The returned records, sorted by UUID; a UUID returned twice (by "avail" and "mine")
         // keeps the first record, which the adapter puts first for "avail". Sorting a vector
         // avoids copying every UUID into a map on every poll.
-        let mut next: Vec<Container> = result.containers;
+        let mut next: Vec<Arc<Container>> = result.containers;
         next.sort_by(|a, b| a.uuid.cmp(&b.uuid));
         next.dedup_by(|later, first| later.uuid == first.uuid);
         if !result.deleted.is_empty() {
@@ -139,7 +141,17 @@ impl Queue {
                 continue;
             }
             if let Some(ent) = self.entries.get_mut(&ctr.uuid) {
-                ctr.mounts = None;
+                // Unchanged records (the same shared record, or equal fields) keep the cached
+                // one: most of a poll is the same locked containers as last time.
+                if Arc::ptr_eq(&ent.container, &ctr) {
+                    continue;
+                }
+                if ctr.mounts.is_some() {
+                    Arc::make_mut(&mut ctr).mounts = None;
+                }
+                if *ent.container == *ctr {
+                    continue;
+                }
                 let untyped = ent.types.is_empty();
                 ent.container = ctr;
                 if untyped {
@@ -168,7 +180,9 @@ impl Queue {
             }
             let resources = resources_needed(cfg, &ctr);
             let types = choose_instance_types(table, cfg, &ctr);
-            ctr.mounts = None;
+            if ctr.mounts.is_some() {
+                Arc::make_mut(&mut ctr).mounts = None;
+            }
             let types = match types {
                 Ok(t) => t,
                 Err(err) => {
@@ -210,9 +224,10 @@ impl Queue {
         }
         match self.entries.get_mut(uuid) {
             Some(ent) => {
-                ent.container.state = upd.state;
-                ent.container.priority = upd.priority;
-                ent.container.locked_by_uuid = upd.locked_by_uuid.clone();
+                let c = Arc::make_mut(&mut ent.container);
+                c.state = upd.state;
+                c.priority = upd.priority;
+                c.locked_by_uuid = upd.locked_by_uuid.clone();
                 (true, self.untyped_schedulable(uuid))
             }
             None => (false, None),

@@ -88,15 +88,16 @@ pub struct PoolLimits {
 
 /// Everything one pass reads.
 #[derive(Clone, Debug)]
-pub struct Snapshot<'a> {
+pub struct Snapshot<'a, I: PlanInstance = InstanceView> {
     /// Configured types.
     pub types: &'a TypeTable,
     /// The queue, by UUID.
     pub queue: &'a BTreeMap<String, QueueEntry>,
     /// `Running()`: UUID → exit time (`None` while crunch-run lives).
     pub running: &'a BTreeMap<String, Option<Timestamp>>,
-    /// `Instances()`.
-    pub instances: &'a [InstanceView],
+    /// `Instances()`, in Go's order: by ID (pending creates, with the empty ID, first), ties by
+    /// type name. The pool passes references to its workers; tests pass `InstanceView`s.
+    pub instances: &'a [I],
     /// Sum of `CountWorkers()` (every state, no pending creates).
     pub total_instances: usize,
     /// The pool's create gate.
@@ -109,6 +110,52 @@ pub struct Snapshot<'a> {
     pub max_running_per_instance: usize,
     /// `SupervisorFraction`.
     pub supervisor_fraction: f64,
+}
+
+/// What a pass reads of one instance (`InstanceView`'s scheduling fields). The pool
+/// implements it on references to its workers, so a pass copies nothing per instance.
+pub trait PlanInstance {
+    /// Cloud ID; "" for a pending create.
+    fn id(&self) -> &str;
+    /// Configured type name.
+    fn type_name(&self) -> &str;
+    /// Configured hourly price.
+    fn price(&self) -> f64;
+    /// Containers running or starting on it (any order); empty for a pending create.
+    fn running_uuids(&self) -> impl Iterator<Item = &str>;
+    /// How many `running_uuids` yields.
+    fn running_count(&self) -> usize;
+    /// State.
+    fn state(&self) -> WorkerState;
+    /// Idle behaviour.
+    fn idle_behavior(&self) -> IdleBehavior;
+}
+
+impl PlanInstance for InstanceView {
+    fn id(&self) -> &str {
+        &self.instance
+    }
+    fn type_name(&self) -> &str {
+        &self.arvados_instance_type
+    }
+    fn price(&self) -> f64 {
+        self.price
+    }
+    fn running_uuids(&self) -> impl Iterator<Item = &str> {
+        self.running_container_uuids
+            .iter()
+            .flatten()
+            .map(String::as_str)
+    }
+    fn running_count(&self) -> usize {
+        self.running_container_uuids.as_ref().map_or(0, Vec::len)
+    }
+    fn state(&self) -> WorkerState {
+        self.worker_state
+    }
+    fn idle_behavior(&self) -> IdleBehavior {
+        self.idle_behavior
+    }
 }
 
 /// A scheduling status (§2.15). `text` renders the exact Arvados string.
@@ -713,8 +760,8 @@ struct Row<'a> {
     supervisor: bool,
 }
 
-struct Pass<'s, 'a> {
-    snap: &'s Snapshot<'a>,
+struct Pass<'s, 'a, I: PlanInstance> {
+    snap: &'s Snapshot<'a, I>,
     insts: Vec<Inst<'a>>,
     /// Instances `..existing` are the snapshot's, sorted by key; the rest were created here.
     existing: usize,
@@ -741,7 +788,7 @@ struct Pass<'s, 'a> {
     create_throttled: bool,
 }
 
-impl<'a> Pass<'_, 'a> {
+impl<'a, I: PlanInstance> Pass<'_, 'a, I> {
     fn at_quota(&self) -> bool {
         let p = &self.snap.pool;
         p.quota_error || (p.max_instances > 0 && self.instance_count >= p.max_instances)
@@ -969,7 +1016,7 @@ fn sorted_indices(mut keys: Vec<(u8, u64, u64, usize)>) -> impl Iterator<Item = 
 }
 
 /// One scheduling pass.
-pub fn plan<'a>(snap: &Snapshot<'a>, now: Timestamp) -> Plan<'a> {
+pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan<'a> {
     let r = snap.running.len();
     let mut st = snap.state;
     // §2.6: the dynamic concurrency limit.
@@ -1009,11 +1056,11 @@ pub fn plan<'a>(snap: &Snapshot<'a>, now: Timestamp) -> Plan<'a> {
     let mut remaining: Vec<Resources> = Vec::with_capacity(nviews);
     let mut placed: Vec<(&'a str, usize)> = Vec::new();
     for (pos, v) in snap.instances.iter().enumerate() {
-        let type_id = snap.types.id(&v.arvados_instance_type);
+        let type_id = snap.types.id(v.type_name());
         type_ids.push(type_id);
         remaining.push(type_id.map_or(Resources::FULL, |t| snap.types.get(t).capacity()));
-        for uuid in v.running_container_uuids.iter().flatten() {
-            placed.push((uuid.as_str(), pos));
+        for uuid in v.running_uuids() {
+            placed.push((uuid, pos));
         }
     }
     placed.sort_unstable();
@@ -1091,22 +1138,22 @@ pub fn plan<'a>(snap: &Snapshot<'a>, now: Timestamp) -> Plan<'a> {
         let type_id = type_ids[pos];
         let it = type_id.map(|t| snap.types.get(t));
         insts.push(Inst {
-            id: v.instance.as_str(),
+            id: v.id(),
             type_id,
-            state: v.worker_state,
-            behavior: v.idle_behavior,
-            count: v.running_container_uuids.as_ref().map_or(0, Vec::len),
+            state: v.state(),
+            behavior: v.idle_behavior(),
+            count: v.running_count(),
             remaining: if missing[pos] {
                 Resources::FULL
             } else {
                 remaining[pos]
             },
             key: InstKey {
-                price: v.price,
+                price: v.price(),
                 vcpus: it.map_or(0, |t| t.vcpus),
                 ram: it.map_or(0, |t| t.ram),
                 scratch: it.map_or(0, |t| t.scratch),
-                id: v.instance.as_str(),
+                id: v.id(),
                 tie: pos as i64,
             },
             slot: None,
@@ -2013,7 +2060,7 @@ mod tests {
                 eligible.push(TypeId(rng.below(ntypes as u64) as u32));
             }
             let entry = QueueEntry {
-                container: c,
+                container: std::sync::Arc::new(c),
                 resources,
                 types: eligible,
                 first_seen_at: Timestamp(pick(&mut rng, &[5, 7, 7, 1_700_000_000_000, u64::MAX])),
@@ -2218,9 +2265,10 @@ mod tests {
             let mut w = world(2_000_000 + seed, 80, 6);
             for e in w.queue.values_mut() {
                 if e.container.state == ContainerState::Queued && seed % 4 != 0 {
-                    e.container.state = ContainerState::Locked;
+                    std::sync::Arc::make_mut(&mut e.container).state = ContainerState::Locked;
                 }
-                e.container.priority = e.container.priority.max(1);
+                let c = std::sync::Arc::make_mut(&mut e.container);
+                c.priority = c.priority.max(1);
             }
             w.pool = PoolLimits {
                 instance_count: w.instances.len(),

@@ -177,7 +177,7 @@ impl World {
                     let avail = c.state == ContainerState::Queued && c.priority > 0;
                     if mine || avail {
                         returned.insert(c.uuid.clone());
-                        res.containers.push(c.clone());
+                        res.containers.push(std::sync::Arc::new(c.clone()));
                     }
                 }
                 for u in missing {
@@ -185,17 +185,17 @@ impl World {
                         continue;
                     }
                     match self.db.get(&u) {
-                        Some(c) => res.containers.push(c.clone()),
+                        Some(c) => res.containers.push(std::sync::Arc::new(c.clone())),
                         None => res.deleted.push(u),
                     }
                 }
                 for c in &mut res.containers {
-                    c.mounts = None;
+                    std::sync::Arc::make_mut(c).mounts = None;
                     if !known.contains(&c.uuid) {
                         if let Some(err) = self.mounts.get(&c.uuid) {
                             res.mounts_errors.push((c.uuid.clone(), err.clone()));
                         } else {
-                            c.mounts = Some(BTreeMap::new());
+                            std::sync::Arc::make_mut(c).mounts = Some(BTreeMap::new());
                         }
                     }
                 }

@@ -26,6 +26,7 @@ use super::config::Config;
 use super::metrics::{BootOutcome, PoolMetrics};
 use super::ops::{Ops, Pending};
 use super::rng::Rng;
+use super::scheduler::PlanInstance;
 use super::select::{TypeId, TypeTable};
 use super::time::Timestamp;
 use super::types::{
@@ -85,6 +86,66 @@ enum CloudReq {
 struct Creating {
     type_id: TypeId,
     started: Timestamp,
+}
+
+/// One instance as a scheduling pass reads it: a reference to a worker, or a pending create.
+#[derive(Clone, Copy, Debug)]
+pub enum PoolInstance<'a> {
+    /// A worker.
+    Worker(&'a Worker),
+    /// A create in flight, of this type.
+    Creating(&'a InstanceType),
+}
+
+impl PlanInstance for PoolInstance<'_> {
+    fn id(&self) -> &str {
+        match self {
+            PoolInstance::Worker(w) => &w.id,
+            PoolInstance::Creating(_) => "",
+        }
+    }
+    fn type_name(&self) -> &str {
+        match self {
+            PoolInstance::Worker(w) => &w.itype.name,
+            PoolInstance::Creating(t) => &t.name,
+        }
+    }
+    fn price(&self) -> f64 {
+        match self {
+            PoolInstance::Worker(w) => w.itype.price,
+            PoolInstance::Creating(t) => t.price,
+        }
+    }
+    fn running_uuids(&self) -> impl Iterator<Item = &str> {
+        let w = match self {
+            PoolInstance::Worker(w) => Some(*w),
+            PoolInstance::Creating(_) => None,
+        };
+        w.into_iter().flat_map(|w| {
+            w.running
+                .keys()
+                .chain(w.starting.keys())
+                .map(String::as_str)
+        })
+    }
+    fn running_count(&self) -> usize {
+        match self {
+            PoolInstance::Worker(w) => w.runner_count(),
+            PoolInstance::Creating(_) => 0,
+        }
+    }
+    fn state(&self) -> WorkerState {
+        match self {
+            PoolInstance::Worker(w) => w.state,
+            PoolInstance::Creating(_) => WorkerState::Booting,
+        }
+    }
+    fn idle_behavior(&self) -> IdleBehavior {
+        match self {
+            PoolInstance::Worker(w) => w.idle_behavior,
+            PoolInstance::Creating(_) => IdleBehavior::Run,
+        }
+    }
 }
 
 /// Which container runs where, and `Running()` kept in step with it.
@@ -353,9 +414,20 @@ impl Pool {
         self.views(Worker::view)
     }
 
-    /// `Instances()` as a scheduling pass reads it (see [`Worker::plan_view`]).
-    pub fn plan_instances(&self) -> Vec<InstanceView> {
-        self.views(Worker::plan_view)
+    /// `Instances()` as a scheduling pass reads it: references to the workers, nothing copied.
+    pub fn plan_instances(&self) -> Vec<PoolInstance<'_>> {
+        // The order of `views`: pending creates (the empty ID) first, by type name, stable;
+        // then workers by ID (the map's order).
+        let mut v: Vec<PoolInstance<'_>> =
+            Vec::with_capacity(self.workers.len() + self.creating.len());
+        v.extend(
+            self.creating
+                .values()
+                .map(|c| PoolInstance::Creating(self.types.get(c.type_id))),
+        );
+        v.sort_by(|a, b| a.type_name().cmp(b.type_name()));
+        v.extend(self.workers.values().map(PoolInstance::Worker));
+        v
     }
 
     fn views(&self, view: fn(&Worker) -> InstanceView) -> Vec<InstanceView> {

@@ -146,28 +146,7 @@ impl Worker {
         }
     }
 
-    /// The view the scheduler reads: `view()` without the fields a pass never looks at
-    /// (address, provider type, last container), which saves copying them on every pass.
-    pub fn plan_view(&self) -> InstanceView {
-        let mut uuids: Vec<String> = Vec::with_capacity(self.runner_count());
-        uuids.extend(self.running.keys().cloned());
-        uuids.extend(self.starting.keys().cloned());
-        uuids.sort_unstable();
-        InstanceView {
-            instance: self.id.clone(),
-            address: String::new(),
-            price: self.itype.price,
-            arvados_instance_type: self.itype.name.clone(),
-            provider_instance_type: String::new(),
-            last_container_uuid: String::new(),
-            last_busy: self.busy,
-            running_container_uuids: Some(uuids),
-            worker_state: self.state,
-            idle_behavior: self.idle_behavior,
-        }
-    }
-
-    /// The view the scheduler and the management API see.
+    /// The view the management API sees.
     pub fn view(&self) -> InstanceView {
         let mut uuids: Vec<String> = self
             .running
