@@ -1,8 +1,18 @@
 //! The `arvados-dispatch-cloud` command.
 //!
-//! Subcommands so far: `check-config`, which loads the cluster config, prints its warnings to
-//! stderr and a summary to stdout. Exit status: 0 on success, 2 when the config cannot be used
-//! (and for usage errors, as clap does). Secrets are never printed.
+//! Subcommands so far:
+//! * `check-config` loads the cluster config, prints its warnings to stderr and a summary to
+//!   stdout. Exit status: 0 on success, 2 when the config cannot be used (and for usage errors,
+//!   as clap does).
+//! * `instance list [-header]`, `instance hold|drain|run ID...`, `instance kill [-reason R] ID...`,
+//!   `container list [-header]` and `container kill [-reason R] UUID...` talk to the management
+//!   API of every `Services.DispatchCloud.InternalURLs` (or `--url`), with the ManagementToken
+//!   (or `--token`, or `$ARVADOS_MANAGEMENT_TOKEN`). List output and exit statuses are those of
+//!   Go's `arvados-server instance` (reference-scheduler.md §6): 0 when every ID got a 200, 1
+//!   otherwise, 2 when no ID was given. Go-style single-dash long flags (`-header`, `-reason R`)
+//!   are accepted as well as `--header`.
+//!
+//! Secrets are never printed.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,17 +38,62 @@ struct Cli {
 enum Command {
     /// Load and validate the cluster config; print warnings to stderr and a summary to stdout.
     CheckConfig,
+    /// List the dispatcher's cloud instances or change their idle behaviour (management API).
+    #[cfg(feature = "runtime")]
+    Instance {
+        #[command(flatten)]
+        remote: admin::Remote,
+        #[command(subcommand)]
+        action: admin::InstanceAction,
+    },
+    /// List the dispatcher's container queue or kill a container (management API).
+    #[cfg(feature = "runtime")]
+    Container {
+        #[command(flatten)]
+        remote: admin::Remote,
+        #[command(subcommand)]
+        action: admin::ContainerAction,
+    },
 }
 
 /// Exit status for a config that cannot be used.
 const EXIT_BAD_CONFIG: u8 = 2;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(go_style_flags(std::env::args_os()));
     let path = cli.config.clone().unwrap_or_else(default_config_path);
     match cli.command {
         Command::CheckConfig => check_config(&path),
+        #[cfg(feature = "runtime")]
+        Command::Instance { remote, action } => admin::instance(&path, &remote, action),
+        #[cfg(feature = "runtime")]
+        Command::Container { remote, action } => admin::container(&path, &remote, action),
     }
+}
+
+/// Long flags Go's `flag` package lets users spell with one dash.
+const GO_LONG_FLAGS: [&str; 5] = ["header", "reason", "url", "token", "config"];
+
+/// Rewrites `-header`, `-reason R` and `-reason=R` (and the other [`GO_LONG_FLAGS`]) into
+/// clap's `--` form, up to a `--` argument.
+fn go_style_flags(args: impl Iterator<Item = std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    let mut out = Vec::new();
+    let mut done = false;
+    for a in args {
+        if !done && let Some(s) = a.to_str() {
+            if s == "--" {
+                done = true;
+            } else if let Some(rest) = s.strip_prefix('-')
+                && !rest.starts_with('-')
+                && GO_LONG_FLAGS.contains(&rest.split('=').next().unwrap_or_default())
+            {
+                out.push(format!("-{s}").into());
+                continue;
+            }
+        }
+        out.push(a);
+    }
+    out
 }
 
 /// `$ARVADOS_CONFIG` if set (as Arvados honours it), else [`config::DEFAULT_PATH`].
@@ -162,4 +217,230 @@ fn table<const N: usize>(rows: &[[String; N]]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// The `instance` and `container` subcommands: management-API clients.
+#[cfg(feature = "runtime")]
+mod admin {
+    use std::path::Path;
+    use std::process::ExitCode;
+
+    use clap::{Args, Subcommand};
+
+    use arvados_dispatch_cloud::config;
+    use arvados_dispatch_cloud::http::client::{self, AdminClient, EXIT_FAILED, EXIT_USAGE, Token};
+
+    /// Where the dispatchers are and how to authenticate.
+    #[derive(Debug, Args)]
+    pub struct Remote {
+        /// A dispatcher base URL, such as http://localhost:9006 (repeatable) [default: every
+        /// Services.DispatchCloud.InternalURLs of the config].
+        #[arg(long, global = true, value_name = "URL")]
+        url: Vec<String>,
+        /// The management token [default: $ARVADOS_MANAGEMENT_TOKEN, else the config's
+        /// ManagementToken].
+        #[arg(long, global = true, value_name = "TOKEN")]
+        token: Option<Token>,
+    }
+
+    /// `instance` actions.
+    #[derive(Debug, Subcommand)]
+    pub enum InstanceAction {
+        /// Print the instances: instance, address, state, idle behaviour, config type, provider
+        /// type, price and running containers, tab-separated.
+        List {
+            /// Print column headings first.
+            #[arg(long)]
+            header: bool,
+        },
+        /// Stop scheduling new containers on the instances and never shut them down.
+        Hold {
+            /// Cloud instance IDs.
+            #[arg(value_name = "INSTANCE_ID")]
+            ids: Vec<String>,
+        },
+        /// Shut the instances down once they are idle.
+        Drain {
+            /// Cloud instance IDs.
+            #[arg(value_name = "INSTANCE_ID")]
+            ids: Vec<String>,
+        },
+        /// Return the instances to normal behaviour.
+        Run {
+            /// Cloud instance IDs.
+            #[arg(value_name = "INSTANCE_ID")]
+            ids: Vec<String>,
+        },
+        /// Destroy the instances now, whatever runs on them.
+        Kill {
+            /// Reason to write in the dispatcher's logs.
+            #[arg(long, default_value = "")]
+            reason: String,
+            /// Cloud instance IDs.
+            #[arg(value_name = "INSTANCE_ID")]
+            ids: Vec<String>,
+        },
+    }
+
+    /// `container` actions.
+    #[derive(Debug, Subcommand)]
+    pub enum ContainerAction {
+        /// Print the scheduler queue: UUID, state, priority, first eligible provider type, first
+        /// seen, scheduling status, tab-separated.
+        List {
+            /// Print column headings first.
+            #[arg(long)]
+            header: bool,
+        },
+        /// Stop the containers' crunch-run processes (SIGTERM).
+        Kill {
+            /// Reason to write in the dispatcher's logs.
+            #[arg(long, default_value = "")]
+            reason: String,
+            /// Container UUIDs.
+            #[arg(value_name = "CONTAINER_UUID")]
+            uuids: Vec<String>,
+        },
+    }
+
+    /// The client for `remote`, with the config filling in what the flags and environment do
+    /// not give. Errors are printed here.
+    fn connect(path: &Path, remote: &Remote) -> Result<AdminClient, ExitCode> {
+        let env_token = std::env::var("ARVADOS_MANAGEMENT_TOKEN")
+            .ok()
+            .filter(|t| !t.is_empty())
+            .map(Token::new);
+        let mut token = remote.token.clone().or(env_token);
+        let mut urls = remote.url.clone();
+        if token.is_none() || urls.is_empty() {
+            let loaded = config::load_file(path).map_err(|e| {
+                eprintln!("error: {e}");
+                ExitCode::from(EXIT_FAILED)
+            })?;
+            if token.is_none() {
+                token = Some(Token::new(loaded.secrets.management_token.clone()));
+            }
+            if urls.is_empty() {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                urls = client::dispatch_internal_urls(&text, &loaded.cluster_id);
+            }
+            if urls.is_empty()
+                && let Some(hp) = loaded.listen_host_port()
+            {
+                // A legacy `Listen: ":9006"` means this host.
+                let hp = if hp.starts_with(':') {
+                    format!("localhost{hp}")
+                } else {
+                    hp
+                };
+                urls.push(format!("http://{hp}"));
+            }
+        }
+        if urls.is_empty() {
+            eprintln!("no Services.DispatchCloud.InternalURLs configured");
+            return Err(ExitCode::from(EXIT_FAILED));
+        }
+        let token = token.unwrap_or_else(|| Token::new(""));
+        client::install_crypto_provider();
+        AdminClient::new(urls, token).map_err(|e| {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILED)
+        })
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> Result<F::Output, ExitCode> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| {
+                eprintln!("error: cannot start the async runtime: {e}");
+                ExitCode::from(EXIT_FAILED)
+            })?;
+        Ok(rt.block_on(f))
+    }
+
+    fn list_done(r: Result<Result<(), client::ClientError>, ExitCode>) -> ExitCode {
+        match r {
+            Ok(Ok(())) => ExitCode::SUCCESS,
+            Ok(Err(e)) => {
+                eprintln!("{e}");
+                ExitCode::from(EXIT_FAILED)
+            }
+            Err(code) => code,
+        }
+    }
+
+    fn act(
+        path: &Path,
+        remote: &Remote,
+        api_path: &str,
+        id_param: &str,
+        ids: &[String],
+        reason: Option<&str>,
+        what: &str,
+    ) -> ExitCode {
+        if ids.is_empty() {
+            eprintln!("usage error: no {what} provided");
+            return ExitCode::from(EXIT_USAGE);
+        }
+        let c = match connect(path, remote) {
+            Ok(c) => c,
+            Err(code) => return code,
+        };
+        let mut err = std::io::stderr();
+        match block_on(c.act(api_path, id_param, ids, reason, &mut err)) {
+            Ok(code) => ExitCode::from(code),
+            Err(code) => code,
+        }
+    }
+
+    /// `instance ...`.
+    pub fn instance(path: &Path, remote: &Remote, action: InstanceAction) -> ExitCode {
+        let (name, ids, reason) = match action {
+            InstanceAction::List { header } => {
+                let c = match connect(path, remote) {
+                    Ok(c) => c,
+                    Err(code) => return code,
+                };
+                let mut out = std::io::stdout();
+                return list_done(block_on(c.list_instances(header, &mut out)));
+            }
+            InstanceAction::Hold { ids } => ("hold", ids, None),
+            InstanceAction::Drain { ids } => ("drain", ids, None),
+            InstanceAction::Run { ids } => ("run", ids, None),
+            InstanceAction::Kill { ids, reason } => ("kill", ids, Some(reason)),
+        };
+        act(
+            path,
+            remote,
+            &format!("/arvados/v1/dispatch/instances/{name}"),
+            "instance_id",
+            &ids,
+            reason.as_deref(),
+            "instance IDs",
+        )
+    }
+
+    /// `container ...`.
+    pub fn container(path: &Path, remote: &Remote, action: ContainerAction) -> ExitCode {
+        match action {
+            ContainerAction::List { header } => {
+                let c = match connect(path, remote) {
+                    Ok(c) => c,
+                    Err(code) => return code,
+                };
+                let mut out = std::io::stdout();
+                list_done(block_on(c.list_containers(header, &mut out)))
+            }
+            ContainerAction::Kill { uuids, reason } => act(
+                path,
+                remote,
+                "/arvados/v1/dispatch/containers/kill",
+                "container_uuid",
+                &uuids,
+                Some(&reason),
+                "container UUIDs",
+            ),
+        }
+    }
 }

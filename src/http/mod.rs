@@ -14,6 +14,7 @@
 //! * the management token never reaches a log line, an error or `Debug` output.
 
 pub mod auth;
+pub mod client;
 pub mod metrics;
 pub mod wire;
 
