@@ -92,6 +92,9 @@ pub trait InstanceSet: Send + Sync {
     fn stop<'a>(&'a self) -> BoxFuture<'a, ()>;
 }
 
+/// A callback given an instance ID each time a connection to it reaches host-key verification.
+pub type ConnectHook = Arc<dyn Fn(&str) + Send + Sync>;
+
 /// The host-key verifier of one instance (Go's `TagVerifier`): the driver's check first; if
 /// the driver has none, the instance secret from the `InstanceSecret` tag. An instance without
 /// either can never be verified.
@@ -100,7 +103,7 @@ pub struct InstanceVerifier {
     set: Arc<dyn InstanceSet>,
     instance: String,
     secret: String,
-    on_connect: Option<Arc<dyn Fn(&str) + Send + Sync>>,
+    on_connect: Option<ConnectHook>,
 }
 
 impl InstanceVerifier {
@@ -121,7 +124,7 @@ impl InstanceVerifier {
 
     /// Calls `f(instance id)` each time a connection reaches verification (the runtime feeds
     /// the core `Input::SshConnected` from it).
-    pub fn on_connect(mut self, f: Arc<dyn Fn(&str) + Send + Sync>) -> Self {
+    pub fn on_connect(mut self, f: ConnectHook) -> Self {
         self.on_connect = Some(f);
         self
     }

@@ -793,7 +793,6 @@ impl Executor {
             };
             let verdict =
                 timeout_at(deadline, target.verifier.verify_host_key(&presented, &conn)).await;
-            drop(conn);
             match verdict {
                 Err(_) => {
                     return fail(
