@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use arvados_dispatch_cloud::cloud::loopback::{Loopback, LoopbackParams, QUOTA_MESSAGE};
 use arvados_dispatch_cloud::cloud::{
-    CloudErrorKind, CreateRequest, InstanceInfo, InstanceSet, InstanceVerifier,
+    CloudErrorKind, CreateRequest, InstanceInfo, InstanceSet, InstanceVerifier, ssh_target,
 };
 use arvados_dispatch_cloud::core::command::ExecErrorKind;
 use arvados_dispatch_cloud::core::types::InstanceType;
@@ -21,6 +21,7 @@ use arvados_dispatch_cloud::ssh::{Executor, ExecutorConfig, SshError, Target};
 use russh::keys::PrivateKey;
 use russh::keys::ssh_key::private::Ed25519Keypair;
 use sshd::ScratchDir;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::time::Instant;
 
 fn later() -> Instant {
@@ -72,11 +73,7 @@ fn request(key: &PrivateKey, tag_pairs: &[(&str, &str)]) -> CreateRequest {
 fn executor(key: &PrivateKey, set: Arc<dyn InstanceSet>, inst: &InstanceInfo) -> Executor {
     Executor::new(
         ExecutorConfig::new(key.clone(), "22"),
-        Target {
-            address: inst.address.clone(),
-            remote_user: inst.remote_user.clone(),
-            verifier: Arc::new(InstanceVerifier::new(set, inst.id.clone(), "")),
-        },
+        ssh_target(set, inst, "", None),
     )
 }
 
@@ -113,9 +110,24 @@ async fn lifecycle_survives_a_driver_restart() {
                 .is_empty()
         );
 
-        let exr = executor(&key, first.clone(), &inst);
+        let connects = Arc::new(AtomicUsize::new(0));
+        let hook_count = connects.clone();
+        let hook: arvados_dispatch_cloud::cloud::ConnectHook = Arc::new(move |id: &str| {
+            assert_eq!(id, "loopback-tiny");
+            hook_count.fetch_add(1, Ordering::SeqCst);
+        });
+        let exr = Executor::new(
+            ExecutorConfig::new(key.clone(), "22"),
+            ssh_target(first.clone(), &inst, "", Some(hook)),
+        );
         let out = exr.exec("echo hi", b"", &[], later()).await.expect("exec");
         assert_eq!(out.stdout, b"hi\n");
+        exr.exec("true", b"", &[], later()).await.expect("exec 2");
+        assert_eq!(
+            connects.load(Ordering::SeqCst),
+            1,
+            "one connection, one report"
+        );
         let verified = exr.verified_host_key().expect("verified host key");
         assert_eq!(
             Some(verified.key_data().clone()),

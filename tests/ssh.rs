@@ -252,7 +252,8 @@ async fn instance_secret_good_and_bad() {
     sshd.set_instance_secret(&format!("{secret}\n"));
     let bad = Counting::new(Arc::new(InstanceSecretVerifier::new(secret)));
     let exr = executor(&config, &sshd.address(), bad.clone());
-    let e = bounded(exr.exec("echo never", b"", &[], later()))
+    let marker = dir.path().join("ran");
+    let e = bounded(exr.exec(&format!("touch {}", marker.display()), b"", &[], later()))
         .await
         .unwrap_err();
     assert!(
@@ -261,6 +262,11 @@ async fn instance_secret_good_and_bad() {
     );
     assert_eq!(e.kind(), ExecErrorKind::HostKey);
     assert!(exr.verified_host_key().is_none());
+    assert!(
+        !marker.exists(),
+        "the command ran although the host key was refused"
+    );
+    assert_eq!(bad.calls(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

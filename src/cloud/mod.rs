@@ -26,7 +26,9 @@ pub use crate::core::command::{CapacityScope, CloudError, CloudErrorKind};
 pub use crate::core::types::InstanceInfo;
 use crate::core::types::InstanceType;
 pub use crate::ssh::BoxFuture;
-use crate::ssh::{HostKeyError, HostKeyVerifier, UnverifiedConnection, verify_instance_secret};
+use crate::ssh::{
+    HostKeyError, HostKeyVerifier, Target, UnverifiedConnection, verify_instance_secret,
+};
 
 /// A [`CloudError`] of `kind` with `message`.
 pub fn cloud_error(kind: CloudErrorKind, message: impl Into<String>) -> CloudError {
@@ -159,12 +161,31 @@ impl HostKeyVerifier for InstanceVerifier {
     }
 }
 
+/// The SSH target of instance `info` of `set`: its address and user, verified by an
+/// [`InstanceVerifier`] expecting `secret` (the `InstanceSecret` tag value, "" if missing).
+pub fn ssh_target(
+    set: Arc<dyn InstanceSet>,
+    info: &InstanceInfo,
+    secret: &str,
+    on_connect: Option<ConnectHook>,
+) -> Target {
+    let mut verifier = InstanceVerifier::new(set, info.id.clone(), secret);
+    if let Some(f) = on_connect {
+        verifier = verifier.on_connect(f);
+    }
+    Target {
+        address: info.address.clone(),
+        remote_user: info.remote_user.clone(),
+        verifier: Arc::new(verifier),
+    }
+}
+
 /// A driver that cannot be set up from the config.
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
     /// `CloudVMs.Driver` names a driver this build does not have.
-    #[error("cloud driver {0:?} is not available in this build (known: loopback{1})")]
-    Unknown(String, &'static str),
+    #[error("cloud driver {0:?} is not available in this build (it has: loopback)")]
+    Unknown(String),
     /// The loopback driver's parameters or state file are bad.
     #[error(transparent)]
     Loopback(#[from] loopback::LoopbackError),
@@ -180,6 +201,6 @@ pub async fn new_instance_set(
             let params = loopback::LoopbackParams::from_driver_parameters(params)?;
             Ok(Arc::new(loopback::Loopback::new(params).await?))
         }
-        other => Err(DriverError::Unknown(other.to_string(), "")),
+        other => Err(DriverError::Unknown(other.to_string())),
     }
 }
