@@ -84,7 +84,7 @@ impl ApiState {
         Arc::new(|| {
             let ms = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| crate::core::time::millis(d))
+                .map(crate::core::time::millis)
                 .unwrap_or(0);
             Timestamp(ms)
         })
@@ -190,13 +190,20 @@ async fn guard(State(st): State<ApiState>, req: Request, next: Next) -> Response
         .await
 }
 
+/// A mutex poisoned by a panicking thread: answered with a 500 and the message.
+#[derive(Clone, Copy, Debug)]
+struct Poisoned(&'static str);
+
+impl IntoResponse for Poisoned {
+    fn into_response(self) -> Response {
+        error(StatusCode::INTERNAL_SERVER_ERROR, self.0)
+    }
+}
+
 /// Locks the dispatcher; a poisoned lock becomes a 500 with a message.
-fn lock(st: &ApiState) -> Result<MutexGuard<'_, Dispatcher>, Response> {
+fn lock(st: &ApiState) -> Result<MutexGuard<'_, Dispatcher>, Poisoned> {
     st.dispatcher.lock().map_err(|_| {
-        error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "dispatcher state is unavailable: a thread panicked while holding its lock",
-        )
+        Poisoned("dispatcher state is unavailable: a thread panicked while holding its lock")
     })
 }
 
@@ -219,7 +226,7 @@ async fn containers(State(st): State<ApiState>) -> Response {
     let (items, types) = {
         let d = match lock(&st) {
             Ok(d) => d,
-            Err(r) => return r,
+            Err(p) => return p.into_response(),
         };
         (d.scheduler_queue(), d.types().clone())
     };
@@ -231,7 +238,7 @@ async fn container(State(st): State<ApiState>, Extension(p): Extension<Params>) 
     let (item, types) = {
         let d = match lock(&st) {
             Ok(d) => d,
-            Err(r) => return r,
+            Err(p) => return p.into_response(),
         };
         (d.scheduler_queue_item(uuid), d.types().clone())
     };
@@ -252,7 +259,7 @@ async fn kill_container(State(st): State<ApiState>, Extension(p): Extension<Para
     let result = {
         let mut d = match lock(&st) {
             Ok(d) => d,
-            Err(r) => return r,
+            Err(p) => return p.into_response(),
         };
         let t = now(&st, &d);
         d.kill_container(t, uuid, reason)
@@ -269,7 +276,7 @@ async fn kill_container(State(st): State<ApiState>, Extension(p): Extension<Para
 async fn instances(State(st): State<ApiState>) -> Response {
     let views = match lock(&st) {
         Ok(d) => d.instances(),
-        Err(r) => return r,
+        Err(p) => return p.into_response(),
     };
     json_response(StatusCode::OK, &wire::instance_list(&views))
 }
@@ -293,7 +300,7 @@ fn instance_action(st: &ApiState, p: &Params, action: InstanceAction) -> Respons
     let result = {
         let mut d = match lock(st) {
             Ok(d) => d,
-            Err(r) => return r,
+            Err(p) => return p.into_response(),
         };
         let t = now(st, &d);
         match action {
@@ -328,13 +335,10 @@ async fn kill_instance(State(st): State<ApiState>, Extension(p): Extension<Param
 
 // ----- metrics and health -------------------------------------------------------------------
 
-fn gather(st: &ApiState) -> Result<Vec<metrics::Family>, Response> {
+fn gather(st: &ApiState) -> Result<Vec<metrics::Family>, Poisoned> {
     let d = lock(st)?;
     let mut memory = st.memory.lock().map_err(|_| {
-        error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "metrics state is unavailable: a thread panicked while holding its lock",
-        )
+        Poisoned("metrics state is unavailable: a thread panicked while holding its lock")
     })?;
     let t = now(st, &d);
     Ok(metrics::gather(&d, t, &mut memory))
@@ -350,14 +354,14 @@ async fn metrics_text(State(st): State<ApiState>) -> Response {
             );
             r
         }
-        Err(r) => r,
+        Err(p) => p.into_response(),
     }
 }
 
 async fn metrics_json(State(st): State<ApiState>) -> Response {
     match gather(&st) {
         Ok(f) => json_response(StatusCode::OK, &metrics::encode_json(&f)),
-        Err(r) => r,
+        Err(p) => p.into_response(),
     }
 }
 
@@ -380,7 +384,7 @@ async fn health(
     }
     let load_error = match lock(&st) {
         Ok(d) => d.pool().runner().load_error.clone(),
-        Err(r) => return r,
+        Err(p) => return p.into_response(),
     };
     let body = match load_error {
         None => json!({"health": "OK"}),
