@@ -843,3 +843,115 @@ fn close_handle_in_background(handle: client::Handle<ClientHandler>) {
         address: String::new(),
     }));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use russh::keys::ssh_key::LineEnding;
+    use russh::keys::ssh_key::private::Ed25519Keypair;
+
+    fn key_text() -> String {
+        PrivateKey::from(Ed25519Keypair::from_seed(&[9; 32]))
+            .to_openssh(LineEnding::LF)
+            .expect("encode")
+            .to_string()
+    }
+
+    #[test]
+    fn private_key_literal_file_and_errors() {
+        let text = key_text();
+        let key = load_private_key(&text).expect("literal key");
+        let dir = std::env::temp_dir().join(format!("adc-ssh-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("k");
+        std::fs::write(&path, &text).expect("write");
+        let from_file = load_private_key(&format!("file://{}", path.display())).expect("file key");
+        assert_eq!(key.public_key(), from_file.public_key());
+        let _ = std::fs::remove_dir_all(&dir);
+
+        let e = load_private_key("file:///nonexistent/adc-key").unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/adc-key"), "{e}");
+        // A damaged key's error does not repeat the key.
+        let damaged = text.replace('A', "*");
+        let e = load_private_key(&damaged).unwrap_err().to_string();
+        let body: Vec<&str> = damaged
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect();
+        for line in body {
+            assert!(!e.contains(line), "the error shows key material: {e}");
+        }
+    }
+
+    #[test]
+    fn debug_never_shows_the_key() {
+        let text = key_text();
+        let config = ExecutorConfig::new(load_private_key(&text).expect("key"), "22");
+        let shown = format!("{config:?}");
+        assert!(shown.contains("SHA256:"), "{shown}");
+        for line in text.lines().filter(|l| !l.starts_with("-----")) {
+            assert!(!shown.contains(line), "{shown}");
+        }
+        let v = InstanceSecretVerifier::new("s3cr3t-value");
+        assert!(!format!("{v:?}").contains("s3cr3t-value"));
+    }
+
+    #[test]
+    fn errors_map_to_core_kinds() {
+        use core_cmd::ExecErrorKind as K;
+        let a = || "127.0.0.1:22".to_string();
+        let cases = [
+            (SshError::NoAddress, K::NoAddress),
+            (
+                SshError::Connect {
+                    address: a(),
+                    reason: "refused".into(),
+                },
+                K::Connect,
+            ),
+            (
+                SshError::Auth {
+                    address: a(),
+                    user: "root".into(),
+                },
+                K::Auth,
+            ),
+            (
+                SshError::HostKey {
+                    address: a(),
+                    reason: BAD_INSTANCE_SECRET.into(),
+                },
+                K::HostKey,
+            ),
+            (
+                SshError::Timeout {
+                    address: a(),
+                    what: "remote command",
+                },
+                K::Timeout,
+            ),
+            (
+                SshError::Signal {
+                    signal: "TERM".into(),
+                    stdout: vec![],
+                    stderr: vec![],
+                },
+                K::Exit(143),
+            ),
+        ];
+        for (e, kind) in cases {
+            let core: core_cmd::ExecError = e.clone().into();
+            assert_eq!(core.kind, kind, "{e:?}");
+            assert_eq!(core.message, e.to_string());
+        }
+        let core: core_cmd::ExecError = SshError::Exit {
+            status: 2,
+            stdout: b"out".to_vec(),
+            stderr: b"err".to_vec(),
+        }
+        .into();
+        assert_eq!(core.kind, K::Exit(2));
+        assert_eq!((core.stdout.as_str(), core.stderr.as_str()), ("out", "err"));
+        assert_eq!(core.message, "process exited with status 2");
+    }
+}
