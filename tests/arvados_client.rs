@@ -819,3 +819,149 @@ fn params_follow_go_encoding() {
         "limit=1000&order=priority+desc&select=%5B%22uuid%22%5D"
     );
 }
+
+/// `dispatch-sim controller` from this target directory, built on demand.
+fn dispatch_sim_bin() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("DISPATCH_SIM_BIN") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(std::path::Path::parent)
+        .expect("test binary in target/<profile>/deps")
+        .to_path_buf();
+    let bin = profile_dir.join("dispatch-sim");
+    if !bin.exists() {
+        let target = profile_dir.parent().expect("target dir");
+        let status = std::process::Command::new(env!("CARGO"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["build", "-p", "dispatch-sim", "--bin", "dispatch-sim"])
+            .env("CARGO_TARGET_DIR", target)
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building dispatch-sim failed");
+    }
+    bin
+}
+
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_and_the_standin_controller_agree() {
+    within(async {
+        use std::io::BufRead;
+        let dir =
+            std::env::temp_dir().join(format!("arvados-client-standin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let w = dir.join("workload.yaml");
+        let mut text = String::from("max_dispatch_attempts: 3\ncontainers:\n");
+        for i in 0..130 {
+            text.push_str(&format!(
+                "  - {{priority: {}, scratch: 1000, supervisor: {}}}\n",
+                i + 1,
+                i % 10 == 0
+            ));
+        }
+        std::fs::write(&w, text).expect("workload");
+        let mut child = std::process::Command::new(dispatch_sim_bin())
+            .args([
+                "controller",
+                "--quiet",
+                "--listen",
+                "127.0.0.1:0",
+                "--token",
+                TOKEN,
+                "--workload",
+            ])
+            .arg(&w)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start dispatch-sim controller");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("address line");
+        let _guard = Killed(child);
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .expect("address")
+            .to_string();
+        let c = client(&format!("http://{addr}"));
+        let uuid = |i: usize| format!("zzzzz-dz642-{i:015}");
+
+        let r = c.poll(&[], &[]).await.expect("poll");
+        assert_eq!(
+            r.containers.len(),
+            130,
+            "all Queued with priority > 0 fit one page"
+        );
+        assert_eq!(r.containers[0].uuid, uuid(129), "highest priority first");
+        assert!(r.containers.iter().all(|c| {
+            c.mounts
+                .as_ref()
+                .is_some_and(|m| m["/tmp"].capacity == 1000)
+        }));
+        assert!(
+            r.containers[0].created_at.0 > 1_700_000_000_000,
+            "created_at parsed"
+        );
+
+        let up = c.lock(&uuid(5)).await.expect("lock");
+        assert_eq!(up.state, ContainerState::Locked);
+        assert_eq!(
+            up.locked_by_uuid.as_deref(),
+            Some("zzzzz-gj3su-dispatchersimul0")
+        );
+        let e = c.lock(&uuid(5)).await.expect_err("second lock");
+        assert_eq!(e.status(), Some(422));
+        assert!(e.to_string().contains("cannot lock when Locked"), "{e}");
+        c.lock(&uuid(6)).await.expect("lock");
+        c.cancel(&uuid(6)).await.expect("cancel");
+        c.cancel_unsatisfiable(&uuid(7), true, "no suitable instance type")
+            .await
+            .expect("cancel unsatisfiable");
+        let v = c.get_container(&uuid(7), None).await.expect("get");
+        assert_eq!(v["state"], "Cancelled");
+        assert_eq!(v["runtime_status"]["error"], "no suitable instance type");
+
+        // "mine" returns the locked one; the missing re-fetch (21 UUIDs: a long query sent as a
+        // POST override) returns the cancelled ones and reports unknown UUIDs as deleted.
+        let known: Vec<String> = (0..130).map(uuid).collect();
+        let mut missing: Vec<String> = vec![uuid(6), uuid(7)];
+        missing.extend((0..19).map(|i| format!("zzzzz-dz642-gone{i:011}")));
+        let r = c.poll(&known, &missing).await.expect("poll");
+        let find = |u: &str| r.containers.iter().find(|c| c.uuid == u).cloned();
+        assert_eq!(find(&uuid(5)).expect("mine").state, ContainerState::Locked);
+        assert_eq!(
+            find(&uuid(6)).expect("refetched").state,
+            ContainerState::Cancelled
+        );
+        assert_eq!(
+            find(&uuid(7)).expect("refetched").state,
+            ContainerState::Cancelled
+        );
+        assert_eq!(r.deleted.len(), 19);
+        assert_eq!(r.containers.len(), 130 - 3 + 3);
+
+        let up = c.unlock(&uuid(5)).await.expect("unlock");
+        assert_eq!(up.state, ContainerState::Queued);
+        assert_eq!(up.locked_by_uuid, None);
+        let mut fields = arvados_dispatch_cloud::arvados::Fields::new();
+        fields.insert("state".into(), json!("Running"));
+        let e = c
+            .update_container(&uuid(5), fields)
+            .await
+            .expect_err("Queued -> Running");
+        assert_eq!(e.status(), Some(422));
+    })
+    .await
+}
