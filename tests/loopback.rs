@@ -395,3 +395,43 @@ async fn corrupt_state_file_is_an_error() {
     let e = Loopback::new(p.clone()).await.unwrap_err();
     assert!(e.to_string().contains("loopback.json"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovered_instance_moves_when_its_port_is_taken() {
+    let dir = ScratchDir::new("loopback-port");
+    let key = client_key(8);
+    bounded(async {
+        let first = Loopback::new(params(dir.path(), 1)).await.expect("driver");
+        let inst = first.create(request(&key, &[])).await.expect("create");
+        first.stop().await;
+        drop(first);
+        // Someone else now holds the port.
+        let squatter = std::net::TcpListener::bind(&inst.address).expect("take the port");
+        let second: Arc<Loopback> = Arc::new(
+            Loopback::new(params(dir.path(), 1))
+                .await
+                .expect("driver 2"),
+        );
+        let listed = second.list(&BTreeMap::new()).await.expect("list");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].id, inst.id);
+        assert_ne!(listed[0].address, inst.address, "a new port");
+        let exr = executor(&key, second.clone(), &listed[0]);
+        let out = exr
+            .exec("echo moved", b"", &[], later())
+            .await
+            .expect("exec");
+        assert_eq!(out.stdout, b"moved\n");
+        second.stop().await;
+        drop(second);
+        drop(squatter);
+        // The new port was saved.
+        let third = Loopback::new(params(dir.path(), 1))
+            .await
+            .expect("driver 3");
+        let listed3 = third.list(&BTreeMap::new()).await.expect("list");
+        assert_eq!(listed3[0].address, listed[0].address);
+        third.stop().await;
+    })
+    .await;
+}
