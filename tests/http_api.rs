@@ -947,3 +947,37 @@ fn install_guide_curl_example() {
         assert!(body.contains(want), "{body}");
     });
 }
+
+#[test]
+fn container_list_is_cached_for_a_second() {
+    let (d, now, loaded) = busy_dispatcher();
+    let token = loaded.secrets.management_token.clone();
+    let core = loaded.core.clone();
+    run(async move {
+        let api = serve(d, now, &token).await;
+        let count = |v: Value| v["items"].as_array().map(Vec::len);
+        let path = "/arvados/v1/dispatch/containers";
+        assert_eq!(count(api.json(path, &token).await), Some(4));
+        // Swap in a dispatcher whose first pass saw an empty queue.
+        {
+            let mut fresh = Dispatcher::new(core, options(1), now);
+            fresh.run_pass(now);
+            *api.state.dispatcher.lock().unwrap() = fresh;
+        }
+        api.clock.fetch_add(999, Ordering::SeqCst);
+        assert_eq!(count(api.json(path, &token).await), Some(4), "cached");
+        // The single-container route reads the live queue.
+        let (status, _) = api
+            .get(
+                "/arvados/v1/dispatch/container?container_uuid=zzzzz-dz642-000000000000001",
+                Some(&token),
+            )
+            .await;
+        assert_eq!(status, 404);
+        api.clock.fetch_add(1, Ordering::SeqCst);
+        assert_eq!(count(api.json(path, &token).await), Some(0), "refreshed");
+        // Unknown paths answer 404 once authenticated.
+        let (status, body) = api.get("/no/such/path", Some(&token)).await;
+        assert_eq!((status, body.as_str()), (404, "404 page not found\n"));
+    });
+}

@@ -41,6 +41,9 @@ use metrics::LabelMemory;
 /// The largest request body read (form parameters are small).
 pub const MAX_BODY_BYTES: usize = 1 << 20;
 
+/// How long a `/containers` body is served from the cache (Go's `schedQueueRefresh`).
+pub const QUEUE_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The 403 body when the management token is empty.
 pub const NOT_CONFIGURED: &str = "Management API authentication is not configured";
 
@@ -60,6 +63,8 @@ pub struct ApiState {
     pub clock: Clock,
     /// Metric label values seen by earlier scrapes.
     memory: Arc<Mutex<LabelMemory>>,
+    /// The last `/containers` body and when it was built (Go's `schedQueueRefresh`).
+    queue_cache: Arc<Mutex<Option<(Timestamp, Bytes)>>>,
 }
 
 impl ApiState {
@@ -76,6 +81,7 @@ impl ApiState {
             management_token,
             clock,
             memory: Arc::default(),
+            queue_cache: Arc::default(),
         }
     }
 
@@ -222,15 +228,41 @@ async fn not_found() -> Response {
 
 // ----- containers ---------------------------------------------------------------------------
 
+/// The scheduler queue. The body is rebuilt at most once per [`QUEUE_CACHE_TTL`], as Go
+/// rebuilds its snapshot, so that frequent callers do not copy a large queue each time.
 async fn containers(State(st): State<ApiState>) -> Response {
-    let (items, types) = {
-        let d = match lock(&st) {
-            Ok(d) => d,
-            Err(p) => return p.into_response(),
-        };
-        (d.scheduler_queue(), d.types().clone())
+    let t = (st.clock)();
+    let cached = st.queue_cache.lock().ok().and_then(|c| {
+        c.as_ref()
+            .filter(|(at, _)| t >= *at && t < *at + QUEUE_CACHE_TTL)
+            .map(|(_, body)| body.clone())
+    });
+    let body = match cached {
+        Some(body) => body,
+        None => {
+            let (items, types) = {
+                let d = match lock(&st) {
+                    Ok(d) => d,
+                    Err(p) => return p.into_response(),
+                };
+                (d.scheduler_queue(), d.types().clone())
+            };
+            let mut text = wire::queue_list(items.as_deref(), &types).to_string();
+            text.push('\n');
+            let body = Bytes::from(text);
+            // Only a first pass's queue is worth caching: before it, the list is null.
+            if items.is_some()
+                && let Ok(mut c) = st.queue_cache.lock()
+            {
+                *c = Some((t, body.clone()));
+            }
+            body
+        }
     };
-    json_response(StatusCode::OK, &wire::queue_list(items.as_deref(), &types))
+    let mut r = (StatusCode::OK, body).into_response();
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
 }
 
 async fn container(State(st): State<ApiState>, Extension(p): Extension<Params>) -> Response {
