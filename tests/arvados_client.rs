@@ -643,6 +643,8 @@ async fn a_503_reaches_the_core_as_an_api_error_with_its_status() {
     within(async {
         let (url, _fake) = serve(Box::new(|_req: &Req| (503, fixture("error_503.html")))).await;
         let c = client(&url);
+        assert_eq!(c.last_503(), None);
+        assert_eq!(c.concurrency_limit(), 8);
         let cmd = Command {
             op: OpId(3),
             deadline: Timestamp(0),
@@ -657,6 +659,8 @@ async fn a_503_reaches_the_core_as_an_api_error_with_its_status() {
         };
         assert_eq!(op, OpId(3));
         assert!(e.is_503(), "{e:?}");
+        assert!(c.last_503().is_some(), "the 503 is remembered");
+        assert_eq!(c.concurrency_limit(), 4, "a 503 halves the limit");
         assert!(e.message.contains("/lock"), "{e}");
         let poll = Command {
             op: OpId(4),

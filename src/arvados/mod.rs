@@ -10,8 +10,10 @@
 //! Invariants: the token is sent only in the `Authorization: Bearer` header and never appears in
 //! `Debug` output, logs or errors; every failure is an [`Error`] that names the request and keeps
 //! the HTTP status, so [`Client::execute`] can hand the core an [`ApiError`] whose status shows a
-//! 503 (§4.9). Nothing here panics on a bad response.
+//! 503 (§4.9). Requests pass through the §4.9 concurrency limiter ([`limiter`]), which also
+//! remembers the last 503. Nothing here panics on a bad response.
 
+pub mod limiter;
 pub mod wire;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -218,6 +220,7 @@ struct Inner {
     insecure: bool,
     request_timeout: Duration,
     token_uuid: tokio::sync::OnceCell<String>,
+    limiter: limiter::Limiter,
 }
 
 /// A controller client. Cheap to clone (the connection pool is shared).
@@ -366,8 +369,19 @@ impl Client {
                 insecure,
                 request_timeout,
                 token_uuid: tokio::sync::OnceCell::new(),
+                limiter: limiter::Limiter::default(),
             }),
         })
+    }
+
+    /// When the controller last answered 503 (reference-scheduler.md §4.9).
+    pub fn last_503(&self) -> Option<std::time::SystemTime> {
+        self.inner.limiter.last_503()
+    }
+
+    /// The current concurrent-request limit (§4.9).
+    pub fn concurrency_limit(&self) -> usize {
+        self.inner.limiter.limit()
     }
 
     /// The controller base URL.
@@ -412,7 +426,12 @@ impl Client {
         };
         req = req.header(AUTHORIZATION, self.inner.auth.clone());
         let what = || (mname.clone(), path.to_string());
-        let resp = req.send().await.map_err(|e| {
+        let permit = self.inner.limiter.acquire().await;
+        let sent = req.send().await;
+        self.inner
+            .limiter
+            .report(sent.as_ref().ok().map(|r| r.status().as_u16()));
+        let resp = sent.map_err(|e| {
             let (method, path) = what();
             if e.is_timeout() {
                 Error::Timeout {
@@ -436,6 +455,7 @@ impl Client {
                 message: format!("reading the response: {}", transport_message(&e)),
             }
         })?;
+        drop(permit);
         if !status.is_success() {
             let (method, path) = what();
             return Err(Error::Status {
