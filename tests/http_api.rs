@@ -981,3 +981,25 @@ fn container_list_is_cached_for_a_second() {
         assert_eq!((status, body.as_str()), (404, "404 page not found\n"));
     });
 }
+
+#[test]
+fn health_reports_a_runner_that_cannot_load() {
+    use arvados_dispatch_cloud::core::pool::remote::RunnerSpec;
+    let loaded = fixture("current-layout.yml");
+    let token = loaded.secrets.management_token.clone();
+    let mut opts = options(1);
+    opts.runner = RunnerSpec {
+        load_error: Some("open /usr/bin/crunch-run: no such file or directory".into()),
+        ..RunnerSpec::installed("crunch-run")
+    };
+    let d = Dispatcher::new(loaded.core.clone(), opts, Timestamp(1_000_000));
+    run(async move {
+        let api = serve(d, Timestamp(1_000_000), &token).await;
+        let (status, body) = api.get("/_health/ping", Some(&token)).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            body,
+            "{\"error\":\"open /usr/bin/crunch-run: no such file or directory\",\"health\":\"ERROR\"}\n"
+        );
+    });
+}

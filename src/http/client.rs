@@ -247,12 +247,12 @@ impl AdminClient {
         header: bool,
         out: &mut dyn Write,
     ) -> Result<(), ClientError> {
+        // As Go does, the headings come first, even if a request then fails.
+        if header {
+            let _ = writeln!(out, "{INSTANCE_HEADER}");
+        }
         let items = self.items("/arvados/v1/dispatch/instances").await?;
         let mut text = String::new();
-        if header {
-            text.push_str(INSTANCE_HEADER);
-            text.push('\n');
-        }
         for i in &items {
             text.push_str(&instance_row(i));
             text.push('\n');
@@ -267,12 +267,12 @@ impl AdminClient {
         header: bool,
         out: &mut dyn Write,
     ) -> Result<(), ClientError> {
+        // As Go does, the headings come first, even if a request then fails.
+        if header {
+            let _ = writeln!(out, "{CONTAINER_HEADER}");
+        }
         let items = self.items("/arvados/v1/dispatch/containers").await?;
         let mut text = String::new();
-        if header {
-            text.push_str(CONTAINER_HEADER);
-            text.push('\n');
-        }
         for i in &items {
             text.push_str(&container_row(i));
             text.push('\n');
