@@ -43,7 +43,8 @@ pub struct Controller {
     /// The table.
     pub rows: BTreeMap<String, Row>,
     queued: BTreeSet<(Reverse<i64>, String)>,
-    mine: BTreeSet<String>,
+    /// Locked by the dispatcher (Locked or Running), with the current record.
+    mine: BTreeMap<String, Arc<Container>>,
     max_dispatch_attempts: i64,
     outages: Vec<Window>,
     /// Calls answered with 503.
@@ -65,7 +66,7 @@ impl Controller {
         Controller {
             rows: BTreeMap::new(),
             queued: BTreeSet::new(),
-            mine: BTreeSet::new(),
+            mine: BTreeMap::new(),
             max_dispatch_attempts,
             outages,
             count_503: 0,
@@ -85,7 +86,12 @@ impl Controller {
                 .insert((Reverse(row.c.priority), uuid.to_string()));
         }
         if row.c.locked_by_uuid.is_some() {
-            self.mine.insert(uuid.to_string());
+            match self.mine.get_mut(uuid) {
+                Some(c) => *c = Arc::clone(&row.c),
+                None => {
+                    self.mine.insert(uuid.to_string(), Arc::clone(&row.c));
+                }
+            }
         } else {
             self.mine.remove(uuid);
         }
@@ -192,10 +198,6 @@ impl Controller {
         }
     }
 
-    fn record(&self, uuid: &str) -> Arc<Container> {
-        Arc::clone(&self.rows[uuid].c)
-    }
-
     /// One poll (reference-scheduler.md §4.2): "avail" pages by priority until 100 non-supervisor
     /// containers, "mine", then the missing re-fetch, and mounts for new containers.
     pub fn poll(
@@ -210,6 +212,7 @@ impl Controller {
         let mut res = PollResult::default();
         let mut non_supervisors = 0usize;
         let mut page = 0usize;
+        let mut avail: Vec<&str> = Vec::new();
         for (_, uuid) in &self.queued {
             if page == AVAIL_PAGE {
                 if non_supervisors >= AVAIL_TARGET {
@@ -218,39 +221,33 @@ impl Controller {
                 page = 0;
             }
             page += 1;
-            if !self.rows[uuid].c.scheduling_parameters.supervisor {
+            let c = &self.rows[uuid].c;
+            if !c.scheduling_parameters.supervisor {
                 non_supervisors += 1;
             }
-            res.containers.push(self.record(uuid));
+            res.containers.push(Arc::clone(c));
+            avail.push(uuid);
         }
+        avail.sort_unstable();
         // "mine" (locked by the dispatcher) never overlaps "avail" (Queued, so not locked).
-        let avail_end = res
-            .containers
-            .last()
-            .map(|c| (Reverse(c.priority), c.uuid.clone()));
-        for uuid in &self.mine {
-            res.containers.push(self.record(uuid));
-        }
-        // Whether a UUID is already in the answer: locked, or among the "avail" pages.
-        let returned = |uuid: &String| -> bool {
-            let Some(r) = self.rows.get(uuid) else {
-                return false;
-            };
-            r.c.locked_by_uuid.is_some()
-                || (r.c.state == ContainerState::Queued
-                    && r.c.priority > 0
-                    && avail_end
-                        .as_ref()
-                        .is_some_and(|end| (Reverse(r.c.priority), uuid.clone()) <= *end))
-        };
+        res.containers.extend(self.mine.values().cloned());
+        // The missing re-fetch skips what the lists returned. `missing` comes sorted (the
+        // dispatcher's queue keys), so it is merged with `mine` rather than looked up.
+        let sorted = missing.is_sorted();
+        let mut mine = self.mine.keys().peekable();
         for uuid in missing {
-            if returned(uuid) {
+            let in_mine = if sorted {
+                while mine.next_if(|m| *m < uuid).is_some() {}
+                mine.peek() == Some(&uuid)
+            } else {
+                self.mine.contains_key(uuid)
+            };
+            if in_mine || avail.binary_search(&uuid.as_str()).is_ok() {
                 continue;
             }
-            if self.rows.contains_key(uuid) {
-                res.containers.push(self.record(uuid));
-            } else {
-                res.deleted.push(uuid.clone());
+            match self.rows.get(uuid) {
+                Some(r) => res.containers.push(Arc::clone(&r.c)),
+                None => res.deleted.push(uuid.clone()),
             }
         }
         // `known` comes sorted (the dispatcher's queue keys); check it by binary search.

@@ -123,43 +123,59 @@ impl Queue {
             let deleted: BTreeSet<&String> = result.deleted.iter().collect();
             next.retain(|c| !deleted.contains(&c.uuid));
         }
-        let returned = |uuid: &str| next.binary_search_by(|c| c.uuid.as_str().cmp(uuid)).is_ok();
-        // Drop cached entries the poll did not return (cancelled, completed, deleted, or taken by
-        // another dispatcher), except those changed locally since the poll began.
-        let stale: Vec<String> = self
-            .entries
-            .keys()
-            .filter(|u| !returned(u) && !dont.contains(*u))
-            .cloned()
-            .collect();
+        // One merge of the cached entries with the returned records, both in UUID order:
+        // unchanged records (the same shared record, or equal fields) keep the cached one;
+        // changed ones replace it; entries the poll did not return (cancelled, completed,
+        // deleted, or taken by another dispatcher) are dropped, except those changed locally
+        // since the poll began. New records, and changed ones of entries with no eligible
+        // type, are handled after, still in UUID order.
+        enum Later {
+            Untyped(String),
+            New(Arc<Container>),
+        }
+        let mut later: Vec<Later> = Vec::new();
+        let mut stale: Vec<String> = Vec::new();
+        let mut it = next.into_iter().peekable();
+        for (uuid, ent) in self.entries.iter_mut() {
+            while let Some(c) = it.next_if(|c| c.uuid < *uuid) {
+                later.push(Later::New(c));
+            }
+            let Some(mut ctr) = it.next_if(|c| c.uuid == *uuid) else {
+                if !dont.contains(uuid) {
+                    stale.push(uuid.clone());
+                }
+                continue;
+            };
+            if Arc::ptr_eq(&ent.container, &ctr) || dont.contains(uuid) {
+                continue;
+            }
+            if ctr.mounts.is_some() {
+                Arc::make_mut(&mut ctr).mounts = None;
+            }
+            if *ent.container == *ctr {
+                continue;
+            }
+            ent.container = ctr;
+            if ent.types.is_empty() {
+                later.push(Later::Untyped(uuid.clone()));
+            }
+        }
+        later.extend(it.map(Later::New));
         for uuid in stale {
             self.entries.remove(&uuid);
             fx.dropped += 1;
         }
-        for mut ctr in next {
-            if dont.contains(&ctr.uuid) {
-                continue;
-            }
-            if let Some(ent) = self.entries.get_mut(&ctr.uuid) {
-                // Unchanged records (the same shared record, or equal fields) keep the cached
-                // one: most of a poll is the same locked containers as last time.
-                if Arc::ptr_eq(&ent.container, &ctr) {
-                    continue;
-                }
-                if ctr.mounts.is_some() {
-                    Arc::make_mut(&mut ctr).mounts = None;
-                }
-                if *ent.container == *ctr {
-                    continue;
-                }
-                let untyped = ent.types.is_empty();
-                ent.container = ctr;
-                if untyped {
-                    let uuid = ent.container.uuid.clone();
+        for item in later {
+            let mut ctr = match item {
+                Later::Untyped(uuid) => {
                     if let Some(msg) = self.untyped_schedulable(&uuid) {
                         fx.cancel_unsatisfiable.push(msg);
                     }
+                    continue;
                 }
+                Later::New(ctr) => ctr,
+            };
+            if dont.contains(&ctr.uuid) {
                 continue;
             }
             let uuid = ctr.uuid.clone();
