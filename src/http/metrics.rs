@@ -210,6 +210,8 @@ pub fn gather(d: &Dispatcher, now: Timestamp, memory: &mut LabelMemory) -> Vec<F
         .map(|k| (k.clone(), 0))
         .collect();
     for e in d.queue().entries().values() {
+        // An entry with no eligible type (compatibility.md, S B1) counts under "" instead of
+        // crashing the scrape as Go's unguarded index does.
         let it = e
             .types
             .first()
