@@ -807,6 +807,10 @@ fn the_token_never_appears_in_debug_output_or_url_errors() {
     assert!(e.to_string().contains("ftp://x"), "{e}");
     assert!(!e.to_string().contains("secret"), "{e}");
     assert!(Client::new("https://h", "", false).is_err());
+    let host = |u: &str| Client::new(u, TOKEN, false).expect("client").api_host();
+    assert_eq!(host("https://zzzzz.example:8443/"), "zzzzz.example:8443");
+    assert_eq!(host("https://zzzzz.example"), "zzzzz.example");
+    assert_eq!(host("http://127.0.0.1:9"), "http://127.0.0.1:9");
 }
 
 #[test]

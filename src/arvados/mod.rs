@@ -13,6 +13,7 @@
 //! 503 (§4.9). Requests pass through the §4.9 concurrency limiter ([`limiter`]), which also
 //! remembers the last 503. Nothing here panics on a bad response.
 
+pub mod config_data;
 pub mod limiter;
 pub mod wire;
 
@@ -382,6 +383,29 @@ impl Client {
     /// The current concurrent-request limit (§4.9).
     pub fn concurrency_limit(&self) -> usize {
         self.inner.limiter.limit()
+    }
+
+    /// The `APIHost` crunch-run gets in ConfigData: `host[:port]` of an HTTPS controller URL.
+    /// A plain-HTTP controller (only the loopback stand-in, `dispatch-sim controller`) keeps
+    /// its `http://` scheme, which `crunch-run-standin` understands; the real crunch-run
+    /// always speaks HTTPS.
+    pub fn api_host(&self) -> String {
+        let b = &self.inner.base;
+        let host = b.host_str().unwrap_or("");
+        let hostport = match b.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.to_string(),
+        };
+        if b.scheme() == "http" {
+            format!("http://{hostport}")
+        } else {
+            hostport
+        }
+    }
+
+    /// Whether certificate checks are off (`ARVADOS_API_HOST_INSECURE`).
+    pub fn insecure(&self) -> bool {
+        self.inner.insecure
     }
 
     /// The controller base URL.
