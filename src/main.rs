@@ -38,6 +38,14 @@ struct Cli {
 enum Command {
     /// Load and validate the cluster config; print warnings to stderr and a summary to stdout.
     CheckConfig,
+    /// Run the dispatcher: poll the controller, run containers on cloud VMs, serve the
+    /// management API and metrics. SIGTERM or SIGINT stops it without destroying any VM.
+    #[cfg(feature = "runtime")]
+    Serve {
+        /// Log line format on stderr.
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
     /// List the dispatcher's cloud instances or change their idle behaviour (management API).
     #[cfg(feature = "runtime")]
     Instance {
@@ -56,6 +64,68 @@ enum Command {
     },
 }
 
+/// How `serve` writes its log lines.
+#[cfg(feature = "runtime")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line (fields include `container` and `instance`).
+    Json,
+}
+
+/// `serve`: load the config, set up logging, run the shell until SIGTERM/SIGINT.
+#[cfg(feature = "runtime")]
+fn serve(path: &std::path::Path, format: LogFormat) -> ExitCode {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_env("ARVADOS_DISPATCH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    let loaded = match config::load_file(path) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    for w in &loaded.warnings {
+        tracing::warn!("{w}");
+    }
+    let cluster_json = cluster_json(path, &loaded.cluster_id);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(arvados_dispatch_cloud::runtime::serve(loaded, cluster_json)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
+    }
+}
+
+/// The cluster's section of the config file as JSON (crunch-run's ConfigData `Cluster`).
+#[cfg(feature = "runtime")]
+fn cluster_json(path: &std::path::Path, cluster_id: &str) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let v: serde_json::Value = serde_yaml::from_str(&text).ok()?;
+    v.get("Clusters")?.get(cluster_id).cloned()
+}
+
 /// Exit status for a config that cannot be used.
 const EXIT_BAD_CONFIG: u8 = 2;
 
@@ -64,6 +134,8 @@ fn main() -> ExitCode {
     let path = cli.config.clone().unwrap_or_else(default_config_path);
     match cli.command {
         Command::CheckConfig => check_config(&path),
+        #[cfg(feature = "runtime")]
+        Command::Serve { log_format } => serve(&path, log_format),
         #[cfg(feature = "runtime")]
         Command::Instance { remote, action } => admin::instance(&path, &remote, action),
         #[cfg(feature = "runtime")]

@@ -1,1 +1,525 @@
-//! The production shell: a tokio loop that owns the core `Dispatcher` and runs its commands.
+//! The production shell: a tokio loop that owns the core [`Dispatcher`] and carries out its
+//! commands with the real adapters (controller client, cloud driver, SSH).
+//!
+//! The loop follows the core's contract (DESIGN.md, "The core's interface"): after every input,
+//! timeout or admin call it drains `poll_command()` to `None`, spawns one task per command, and
+//! sleeps until `poll_timeout()`, the next completion, or a wake-up from the management API. Each
+//! task is bounded by the deadline the core gave its command and always reports exactly one
+//! completion, so an adapter that hangs turns into a timeout error instead of a lost operation.
+//!
+//! The dispatcher sits behind a `std::sync::Mutex` shared with the management API; nobody holds
+//! it across an `await`. The time handed to the core is the wall clock in milliseconds since the
+//! Unix epoch, clamped so that it never goes backwards.
+//!
+//! Stopping (SIGTERM, SIGINT) ends the loop and the HTTP server, releases the driver (loopback
+//! stops its SSH servers) and destroys nothing: as with the Go dispatcher, the next process
+//! recovers every instance from its cloud tags.
+//!
+//! Secrets (the system root token, the dispatcher's private key, instance secrets) reach the
+//! adapters only; no log line or error carries them.
+
+pub mod config_data;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, anyhow};
+use md5::{Digest, Md5};
+use tokio::sync::{Notify, mpsc};
+
+use crate::arvados;
+use crate::cloud::{self, CreateRequest, InstanceSet};
+use crate::config::Loaded;
+use crate::core::Dispatcher;
+use crate::core::command::{
+    CloudErrorKind, Command, CommandKind, ExecError, ExecErrorKind, ExecStdin, Input,
+};
+use crate::core::dispatcher::Options;
+use crate::core::pool::remote::RunnerSpec;
+use crate::core::time::Timestamp;
+use crate::core::types::InstanceInfo;
+use crate::http;
+use crate::ssh::{self, Executor, ExecutorConfig};
+
+/// The current wall-clock time as the core counts it.
+pub fn wall_clock() -> Timestamp {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    Timestamp(ms)
+}
+
+/// Locks the dispatcher. A panic inside the core while locked is a bug; the shell stops rather
+/// than drive a core in an unknown state.
+fn lock(d: &Mutex<Dispatcher>) -> MutexGuard<'_, Dispatcher> {
+    d.lock()
+        .expect("the dispatcher mutex is poisoned: the core panicked earlier")
+}
+
+/// How the runner binary is deployed: the spec the core needs and the bytes to send.
+fn load_runner(loaded: &Loaded) -> (RunnerSpec, Option<Arc<Vec<u8>>>) {
+    let c = &loaded.core;
+    let path = &c.cloud_vms.deploy_runner_binary;
+    if path.is_empty() {
+        return (
+            RunnerSpec::installed(&c.containers.crunch_run_command),
+            None,
+        );
+    }
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let md5 = hex(&Md5::digest(&bytes));
+            (
+                RunnerSpec::deployed(&c.cloud_vms.deploy_runner_directory, &md5),
+                Some(Arc::new(bytes)),
+            )
+        }
+        Err(e) => {
+            tracing::error!(path = %path, error = %e, "cannot load DeployRunnerBinary");
+            (RunnerSpec::unloadable(path, &e.to_string()), None)
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A seed for the core's random stream (instance secrets, probe jitter): from the OS.
+fn os_seed() -> u64 {
+    let mut buf = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        if f.read_exact(&mut buf).is_ok() {
+            return u64::from_le_bytes(buf);
+        }
+    }
+    wall_clock().0 ^ u64::from(std::process::id())
+}
+
+/// Everything `serve` sets up, before the loop starts. Tests build one and drive it.
+pub struct Shell {
+    dispatcher: Arc<Mutex<Dispatcher>>,
+    wake: Arc<Notify>,
+    api: arvados::Client,
+    cloud: Arc<dyn InstanceSet>,
+    ssh: ExecutorConfig,
+    runner_binary: Option<Arc<Vec<u8>>>,
+    config_data: Arc<config_data::Renderer>,
+    /// What the shell knows of each instance: address, user, secret (from create and list
+    /// results), and its executor.
+    instances: BTreeMap<String, Known>,
+    secret_tag: String,
+    done_tx: mpsc::UnboundedSender<Input>,
+    done_rx: mpsc::UnboundedReceiver<Input>,
+    management_token: String,
+    listen: Option<String>,
+}
+
+struct Known {
+    info: InstanceInfo,
+    executor: Executor,
+}
+
+impl std::fmt::Debug for Shell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shell")
+            .field("instances", &self.instances.len())
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shell {
+    /// Sets up the adapters from a loaded config. Fails with a message naming the config key
+    /// when something required is missing or unusable.
+    pub async fn new(
+        loaded: &Loaded,
+        cluster_json: Option<serde_json::Value>,
+    ) -> anyhow::Result<Shell> {
+        let controller = loaded.controller_url.as_deref().ok_or_else(|| {
+            anyhow!("Services.Controller.ExternalURL is not set: the dispatcher cannot reach the controller")
+        })?;
+        if loaded.secrets.system_root_token.is_empty() {
+            return Err(anyhow!("SystemRootToken is empty"));
+        }
+        let api = arvados::Client::new(
+            controller,
+            &loaded.secrets.system_root_token,
+            loaded.tls_insecure,
+        )
+        .context("setting up the controller client")?;
+        let key = ssh::load_private_key(&loaded.secrets.dispatch_private_key)
+            .context("Containers.DispatchPrivateKey")?;
+        let ssh = ExecutorConfig::new(key, loaded.core.cloud_vms.ssh_port.clone());
+        let cloud =
+            cloud::new_instance_set(&loaded.core.cloud_vms.driver, &loaded.driver_parameters)
+                .await
+                .with_context(|| {
+                    format!(
+                        "Containers.CloudVMs.Driver {:?} with its DriverParameters",
+                        loaded.core.cloud_vms.driver
+                    )
+                })?;
+        let (runner, runner_binary) = load_runner(loaded);
+        let now = wall_clock();
+        let dispatcher = Dispatcher::new(
+            loaded.core.clone(),
+            Options {
+                seed: os_seed(),
+                instance_set_id: loaded.instance_set_id.clone(),
+                runner,
+            },
+            now,
+        );
+        let config_data = Arc::new(config_data::Renderer::new(loaded, &api, cluster_json));
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Ok(Shell {
+            dispatcher: Arc::new(Mutex::new(dispatcher)),
+            wake: Arc::new(Notify::new()),
+            api,
+            cloud,
+            ssh,
+            runner_binary,
+            config_data,
+            instances: BTreeMap::new(),
+            secret_tag: format!("{}InstanceSecret", loaded.core.cloud_vms.tag_key_prefix),
+            done_tx,
+            done_rx,
+            management_token: loaded.secrets.management_token.clone(),
+            listen: loaded.listen_host_port(),
+        })
+    }
+
+    /// The dispatcher, shared with the management API.
+    pub fn dispatcher(&self) -> Arc<Mutex<Dispatcher>> {
+        Arc::clone(&self.dispatcher)
+    }
+
+    /// The management API's state for this shell.
+    pub fn api_state(&self) -> http::ApiState {
+        http::ApiState::new(
+            Arc::clone(&self.dispatcher),
+            Arc::clone(&self.wake),
+            self.management_token.clone(),
+            Arc::new(wall_clock),
+        )
+    }
+
+    /// Serves the management API on the configured address (if any) and runs the loop until
+    /// `shutdown` completes. Nothing is destroyed on the way out.
+    pub async fn run(
+        mut self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let stop = Arc::new(Notify::new());
+        let server = match self.listen.clone() {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(&addr)
+                    .await
+                    .with_context(|| {
+                        format!("listening on {addr} (Services.DispatchCloud.InternalURLs)")
+                    })?;
+                tracing::info!(address = %addr, "management API listening");
+                let app = http::router(self.api_state());
+                let stop = Arc::clone(&stop);
+                Some(tokio::spawn(async move {
+                    let r = axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { stop.notified().await })
+                        .await;
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "management API server failed");
+                    }
+                }))
+            }
+            None => {
+                tracing::warn!(
+                    "no Services.DispatchCloud.InternalURLs entry for this host: management API disabled"
+                );
+                None
+            }
+        };
+        let mut shutdown = Box::pin(shutdown);
+        loop {
+            let timeout = self.drain();
+            let sleep = async {
+                match timeout {
+                    Some(t) => {
+                        let now = wall_clock();
+                        tokio::time::sleep(Duration::from_millis(t.0.saturating_sub(now.0))).await
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(input) = self.done_rx.recv() => self.deliver(input),
+                _ = sleep => {
+                    let mut d = lock(&self.dispatcher);
+                    let now = wall_clock().max(d.now());
+                    d.handle_timeout(now);
+                }
+                _ = self.wake.notified() => {}
+            }
+        }
+        tracing::info!("stopping: instances are left running for the next dispatcher to adopt");
+        stop.notify_waiters();
+        if let Some(h) = server {
+            let _ = h.await;
+        }
+        self.cloud.stop().await;
+        Ok(())
+    }
+
+    /// Drains the core's commands into tasks; returns its next wake-up time.
+    fn drain(&mut self) -> Option<Timestamp> {
+        let mut cmds = Vec::new();
+        let timeout = {
+            let mut d = lock(&self.dispatcher);
+            while let Some(c) = d.poll_command() {
+                cmds.push(c);
+            }
+            d.poll_timeout()
+        };
+        for c in cmds {
+            self.spawn(c);
+        }
+        timeout
+    }
+
+    /// Hands a completion to the core, keeping the shell's instance table in step.
+    fn deliver(&mut self, input: Input) {
+        match &input {
+            Input::CreateFinished {
+                result: Ok(info), ..
+            } => self.learn(info.clone()),
+            Input::InstancesListed {
+                result: Ok(list), ..
+            } => {
+                let live: std::collections::BTreeSet<&str> =
+                    list.iter().map(|i| i.id.as_str()).collect();
+                let gone: Vec<String> = self
+                    .instances
+                    .keys()
+                    .filter(|id| !live.contains(id.as_str()))
+                    .cloned()
+                    .collect();
+                for id in gone {
+                    self.forget(&id);
+                }
+                for info in list.clone() {
+                    self.learn(info);
+                }
+            }
+            Input::DestroyFinished { .. } => {}
+            _ => {}
+        }
+        let mut d = lock(&self.dispatcher);
+        let now = wall_clock().max(d.now());
+        d.handle_input(now, input);
+    }
+
+    fn learn(&mut self, info: InstanceInfo) {
+        let secret = info.tags.get(&self.secret_tag).cloned().unwrap_or_default();
+        let tx = self.done_tx.clone();
+        let hook: cloud::ConnectHook = Arc::new(move |id: &str| {
+            let _ = tx.send(Input::SshConnected {
+                instance: id.to_string(),
+            });
+        });
+        let target = cloud::ssh_target(Arc::clone(&self.cloud), &info, &secret, Some(hook));
+        match self.instances.get_mut(&info.id) {
+            Some(k) => {
+                if k.info.address != info.address || k.info.remote_user != info.remote_user {
+                    k.executor.set_target(target);
+                }
+                k.info = info;
+            }
+            None => {
+                let executor = Executor::new(self.ssh.clone(), target);
+                self.instances
+                    .insert(info.id.clone(), Known { info, executor });
+            }
+        }
+    }
+
+    fn forget(&mut self, id: &str) {
+        if let Some(k) = self.instances.remove(id) {
+            tokio::spawn(async move { k.executor.close().await });
+        }
+    }
+
+    /// Runs one command as a task bounded by its deadline; its completion comes back through
+    /// the channel.
+    fn spawn(&mut self, cmd: Command) {
+        let tx = self.done_tx.clone();
+        let now = wall_clock();
+        let budget = Duration::from_millis(cmd.deadline.0.saturating_sub(now.0).max(1));
+        let deadline = tokio::time::Instant::now() + budget;
+        let op = cmd.op;
+        match &cmd.kind {
+            CommandKind::PollQueue { .. }
+            | CommandKind::Lock { .. }
+            | CommandKind::Unlock { .. }
+            | CommandKind::Cancel { .. }
+            | CommandKind::CancelUnsatisfiable { .. } => {
+                let api = self.api.clone();
+                tokio::spawn(async move {
+                    if let Some(input) = api.execute(&cmd, budget).await {
+                        let _ = tx.send(input);
+                    }
+                });
+            }
+            CommandKind::Create {
+                instance_type,
+                image_id,
+                tags,
+                init_command,
+                install_public_key,
+            } => {
+                let req = CreateRequest {
+                    instance_type: Arc::clone(instance_type),
+                    image_id: image_id.clone(),
+                    tags: tags.clone(),
+                    init_command: init_command.clone(),
+                    public_key: install_public_key.then(|| self.ssh.public_key().clone()),
+                };
+                let set = Arc::clone(&self.cloud);
+                let secret_tag = self.secret_tag.clone();
+                tokio::spawn(async move {
+                    let want = req.tags.clone();
+                    let result = match tokio::time::timeout_at(deadline, set.create(req)).await {
+                        Ok(r) => r.map(|mut info| {
+                            // The shell needs the secret to verify the host; keep it even if
+                            // the driver's answer has no tags yet.
+                            if let Some(s) = want.get(&secret_tag) {
+                                info.tags.entry(secret_tag).or_insert_with(|| s.clone());
+                            }
+                            info
+                        }),
+                        Err(_) => Err(timed_out("create", budget)),
+                    };
+                    let _ = tx.send(Input::CreateFinished { op, result });
+                });
+            }
+            CommandKind::Destroy { instance } => {
+                let set = Arc::clone(&self.cloud);
+                let id = instance.clone();
+                tokio::spawn(async move {
+                    let result = tokio::time::timeout_at(deadline, set.destroy(&id))
+                        .await
+                        .unwrap_or_else(|_| Err(timed_out("destroy", budget)));
+                    let _ = tx.send(Input::DestroyFinished { op, result });
+                });
+            }
+            CommandKind::ListInstances { tags } => {
+                let set = Arc::clone(&self.cloud);
+                let tags = tags.clone();
+                tokio::spawn(async move {
+                    let result = tokio::time::timeout_at(deadline, set.list(&tags))
+                        .await
+                        .unwrap_or_else(|_| Err(timed_out("list", budget)));
+                    let _ = tx.send(Input::InstancesListed { op, result });
+                });
+            }
+            CommandKind::SetTags { instance, tags } => {
+                let set = Arc::clone(&self.cloud);
+                let (id, tags) = (instance.clone(), tags.clone());
+                tokio::spawn(async move {
+                    let result = tokio::time::timeout_at(deadline, set.set_tags(&id, tags))
+                        .await
+                        .unwrap_or_else(|_| Err(timed_out("set tags", budget)));
+                    let _ = tx.send(Input::TagsSet { op, result });
+                });
+            }
+            CommandKind::Exec {
+                instance,
+                command,
+                stdin,
+                ..
+            } => {
+                let Some(known) = self.instances.get(instance) else {
+                    let _ = tx.send(Input::ExecFinished {
+                        op,
+                        result: Err(ExecError {
+                            kind: ExecErrorKind::NoAddress,
+                            stdout: String::new(),
+                            stderr: String::new(),
+                            message: format!("instance {instance} is not known to the shell yet"),
+                        }),
+                    });
+                    return;
+                };
+                let executor = known.executor.clone();
+                let stdin = match stdin {
+                    ExecStdin::Empty => Ok(Arc::new(Vec::new())),
+                    ExecStdin::RunnerBinary => self
+                        .runner_binary
+                        .clone()
+                        .ok_or_else(|| "DeployRunnerBinary is not loaded".to_string()),
+                    ExecStdin::ConfigData {
+                        uuid,
+                        instance_type,
+                        address,
+                    } => Ok(Arc::new(
+                        self.config_data
+                            .render(uuid, instance_type, address)
+                            .into_bytes(),
+                    )),
+                };
+                let command = command.clone();
+                tokio::spawn(async move {
+                    let result = match stdin {
+                        Ok(stdin) => {
+                            ssh::to_core(executor.exec(&command, &stdin, &[], deadline).await)
+                        }
+                        Err(message) => Err(ExecError {
+                            kind: ExecErrorKind::Other,
+                            stdout: String::new(),
+                            stderr: String::new(),
+                            message,
+                        }),
+                    };
+                    let _ = tx.send(Input::ExecFinished { op, result });
+                });
+            }
+        }
+    }
+}
+
+fn timed_out(what: &str, after: Duration) -> cloud::CloudError {
+    cloud::cloud_error(
+        CloudErrorKind::Transient,
+        format!("cloud {what} call timed out after {after:?}"),
+    )
+}
+
+/// `arvados-dispatch-cloud serve`: sets up the shell from `loaded` and runs it until SIGTERM or
+/// SIGINT.
+pub async fn serve(loaded: Loaded, cluster_json: Option<serde_json::Value>) -> anyhow::Result<()> {
+    let shell = Shell::new(&loaded, cluster_json).await?;
+    tracing::info!(cluster = %loaded.cluster_id, driver = %loaded.core.cloud_vms.driver,
+        "dispatcher started");
+    shell.run(shutdown_signal()).await
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        }
+        _ => {
+            tracing::warn!("cannot install signal handlers; stopping only on Ctrl-C");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
