@@ -258,28 +258,23 @@ fn start_ctl(ctl: Arc<Ctl>) -> String {
     format!("http://{addr}")
 }
 
-/// ConfigData as the dispatcher renders it for a client of the controller at `url`.
+/// ConfigData in the shape the dispatcher sends (reference-workers.md §2.5), with the
+/// `ARVADOS_API_HOST` the controller client reports for `url`.
 fn config_data(url: &str) -> String {
     let client = arvados_dispatch_cloud::arvados::Client::new(url, TOKEN, false).expect("client");
-    let it = arvados_dispatch_cloud::core::types::InstanceType {
-        name: "loopback".into(),
-        provider_type: "loopback".into(),
-        vcpus: 1,
-        ram: 1 << 30,
-        ..Default::default()
-    };
-    let p = arvados_dispatch_cloud::arvados::config_data::ConfigDataParams {
-        api_host: &client.api_host(),
-        token: TOKEN,
-        insecure: client.insecure(),
-        instance_type: &it,
-        address: "127.0.0.1:2222",
-        uuid: "zzzzz-dz642-000000000000001",
-        keep_buffers_per_vcpu: 0,
-        cluster: None,
-        ec2_spot_check: false,
-    };
-    arvados_dispatch_cloud::arvados::config_data::render(&p).to_string()
+    json!({
+        "Env": {
+            "ARVADOS_API_HOST": client.api_host(),
+            "ARVADOS_API_TOKEN": TOKEN,
+            "InstanceType": "{\n    \"ProviderType\": \"loopback\"\n}\n",
+            "GatewayAddress": "127.0.0.1:0",
+            "GatewayAuthSecret": "00",
+        },
+        "KeepBuffers": 0,
+        "Cluster": null,
+        "EC2SpotCheck": false,
+    })
+    .to_string()
 }
 
 /// Waits (generously) until `f` holds.

@@ -13,7 +13,6 @@
 //! 503 (§4.9). Requests pass through the §4.9 concurrency limiter ([`limiter`]), which also
 //! remembers the last 503. Nothing here panics on a bad response.
 
-pub mod config_data;
 pub mod limiter;
 pub mod wire;
 
