@@ -220,7 +220,14 @@ async fn poll_sends_the_go_queries_and_pages() {
             reqs[0].path,
             "/arvados/v1/api_client_authorizations/current"
         );
-        let lists: Vec<&Req> = reqs.iter().filter(|r| r.is_list()).collect();
+        // The two lists run concurrently: "avail" requests first, then "mine", each in order.
+        let is_avail = |r: &&Req| r.param("filters").is_some_and(|f| f.contains("Queued"));
+        let mut lists: Vec<&Req> = reqs
+            .iter()
+            .filter(|r| r.is_list())
+            .filter(is_avail)
+            .collect();
+        lists.extend(reqs.iter().filter(|r| r.is_list() && !is_avail(r)));
         assert_eq!(lists.len(), 4, "{lists:#?}");
         // "avail": first page, then the next offset.
         let a0 = lists[0];

@@ -651,10 +651,12 @@ impl Client {
     /// "avail" records come first, so the core keeps them over "mine" duplicates.
     pub async fn poll(&self, known: &[String], missing: &[String]) -> Result<PollResult, Error> {
         let me = self.token_uuid().await?;
-        let avail = self.list_avail().await?;
-        let mine = self
-            .list_all_by_uuid(&[json!(["locked_by_uuid", "=", me])], Some(PAGE_LIMIT))
-            .await?;
+        // The two lists run concurrently, as in Go.
+        let mine_filters = [json!(["locked_by_uuid", "=", me])];
+        let (avail, mine) = tokio::try_join!(
+            self.list_avail(),
+            self.list_all_by_uuid(&mine_filters, Some(PAGE_LIMIT))
+        )?;
         let mut seen: BTreeSet<String> = BTreeSet::new();
         let mut records: Vec<WireContainer> = Vec::new();
         for c in avail.into_iter().chain(mine) {
