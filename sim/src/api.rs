@@ -212,7 +212,7 @@ impl Controller {
         let mut res = PollResult::default();
         let mut non_supervisors = 0usize;
         let mut page = 0usize;
-        let mut avail: Vec<&str> = Vec::new();
+        let mut avail: Vec<(&str, usize)> = Vec::new();
         for (_, uuid) in &self.queued {
             if page == AVAIL_PAGE {
                 if non_supervisors >= AVAIL_TARGET {
@@ -225,12 +225,14 @@ impl Controller {
             if !c.scheduling_parameters.supervisor {
                 non_supervisors += 1;
             }
+            avail.push((uuid, res.containers.len()));
             res.containers.push(Arc::clone(c));
-            avail.push(uuid);
         }
         avail.sort_unstable();
         // "mine" (locked by the dispatcher) never overlaps "avail" (Queued, so not locked).
+        let mine_start = res.containers.len();
         res.containers.extend(self.mine.values().cloned());
+        let mine_end = res.containers.len();
         // The missing re-fetch skips what the lists returned. `missing` comes sorted (the
         // dispatcher's queue keys), so it is merged with `mine` rather than looked up.
         let sorted = missing.is_sorted();
@@ -242,7 +244,11 @@ impl Controller {
             } else {
                 self.mine.contains_key(uuid)
             };
-            if in_mine || avail.binary_search(&uuid.as_str()).is_ok() {
+            if in_mine
+                || avail
+                    .binary_search_by(|(a, _)| (*a).cmp(uuid.as_str()))
+                    .is_ok()
+            {
                 continue;
             }
             match self.rows.get(uuid) {
@@ -250,19 +256,32 @@ impl Controller {
                 None => res.deleted.push(uuid.clone()),
             }
         }
-        // `known` comes sorted (the dispatcher's queue keys); check it by binary search.
-        let sorted = known.is_sorted();
-        let is_known = |uuid: &String| -> bool {
-            if sorted {
-                known.binary_search(uuid).is_ok()
-            } else {
-                known.contains(uuid)
+        // New records (not in `known`) carry mounts. `known` comes sorted (the dispatcher's
+        // queue keys), and so do the three parts of the answer once "avail" is sorted: each
+        // part is merged with `known` instead of searching it per record.
+        let mut unknown: Vec<usize> = Vec::new();
+        if known.is_sorted() {
+            mark_unknown(known, avail.iter().copied(), &mut unknown);
+            let parts = [mine_start..mine_end, mine_end..res.containers.len()];
+            for part in parts {
+                let items = part.map(|i| (res.containers[i].uuid.as_str(), i));
+                if sorted {
+                    mark_unknown(known, items, &mut unknown);
+                } else {
+                    unknown.extend(
+                        items
+                            .filter(|(u, _)| known.binary_search_by(|k| k.as_str().cmp(u)).is_err())
+                            .map(|(_, i)| i),
+                    );
+                }
             }
-        };
-        for c in &mut res.containers {
-            if !is_known(&c.uuid) {
-                Arc::make_mut(c).mounts = Some(BTreeMap::new());
-            }
+        } else {
+            unknown.extend(
+                (0..res.containers.len()).filter(|&i| !known.contains(&res.containers[i].uuid)),
+            );
+        }
+        for i in unknown {
+            Arc::make_mut(&mut res.containers[i]).mounts = Some(BTreeMap::new());
         }
         Ok(res)
     }
@@ -343,5 +362,23 @@ impl Controller {
             self.set_state(now, uuid, ContainerState::Cancelled, message);
         }
         Ok(())
+    }
+}
+
+/// Appends to `out` the index of each item (UUID, index) whose UUID is not in `known`. Both
+/// `known` and `items` are in UUID order, so one merge answers every item.
+fn mark_unknown<'a>(
+    known: &[String],
+    items: impl Iterator<Item = (&'a str, usize)>,
+    out: &mut Vec<usize>,
+) {
+    let mut k = 0;
+    for (uuid, i) in items {
+        while k < known.len() && known[k].as_str() < uuid {
+            k += 1;
+        }
+        if known.get(k).is_none_or(|s| s.as_str() != uuid) {
+            out.push(i);
+        }
     }
 }

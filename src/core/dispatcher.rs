@@ -786,10 +786,18 @@ impl Dispatcher {
         let any_unknown = self.pool.any_unknown();
         let q_updated = self.queue.updated().unwrap_or(Timestamp::ZERO);
         let mut todo: Vec<(String, Act)> = Vec::new();
-        for e in self.queue.entries().values() {
+        // The queue and `Running()` are both in UUID order: one merge finds each entry's
+        // runner record, and the `Running()` UUIDs the queue lacks (the strays), without a
+        // lookup per entry.
+        let mut strays: Vec<String> = Vec::new();
+        let mut running = self.pool.running().iter().peekable();
+        for (key, e) in self.queue.entries() {
+            while let Some((u, _)) = running.next_if(|(u, _)| u.as_str() < key.as_str()) {
+                strays.push(u.clone());
+            }
             let (uuid, state, priority) =
                 (&e.container.uuid, e.container.state, e.container.priority);
-            let proc = self.pool.running_get(uuid);
+            let proc = running.next_if(|(u, _)| *u == key).map(|(_, t)| *t);
             let exited_before_poll = matches!(proc, Some(Some(t)) if q_updated > t);
             let act = match state {
                 ContainerState::Running => {
@@ -837,13 +845,7 @@ impl Dispatcher {
                 todo.push((uuid.clone(), a));
             }
         }
-        let entries = self.queue.entries();
-        let strays: Vec<String> = self
-            .pool
-            .running_uuids()
-            .filter(|u| !entries.contains_key(*u))
-            .cloned()
-            .collect();
+        strays.extend(running.map(|(u, _)| u.clone()));
         for (uuid, act) in todo {
             match act {
                 Act::Cancel(reason) => self.cancel(now, &uuid, reason),
@@ -861,19 +863,24 @@ impl Dispatcher {
 
     /// `updateMetrics()` (§3.2).
     fn update_metrics(&mut self, now: Timestamp) {
+        // The queue and `Running()` are both in UUID order: merge them rather than look each
+        // entry up.
+        let mut running = self.pool.running().keys().peekable();
         let oldest = self
             .queue
             .entries()
-            .values()
-            .filter(|e| {
+            .iter()
+            .filter(|(key, e)| {
+                while running.next_if(|u| u.as_str() < key.as_str()).is_some() {}
+                let has_runner = running.next_if(|u| u == key).is_some();
                 e.container.priority > 0
                     && matches!(
                         e.container.state,
                         ContainerState::Queued | ContainerState::Locked
                     )
-                    && self.pool.running_get(&e.container.uuid).is_none()
+                    && !has_runner
             })
-            .map(|e| e.container.created_at)
+            .map(|(_, e)| e.container.created_at)
             .min();
         self.metrics.longest_wait_seconds = oldest.map_or(0.0, |t| now.since(t).as_secs_f64());
     }

@@ -153,6 +153,9 @@ impl Queue {
                 Arc::make_mut(&mut ctr).mounts = None;
             }
             if *ent.container == *ctr {
+                // Keep the poll's record (equal to the cached one) so that the next poll, which
+                // returns the same shared record, is recognised without comparing fields.
+                ent.container = ctr;
                 continue;
             }
             ent.container = ctr;

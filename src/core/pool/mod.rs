@@ -187,10 +187,19 @@ impl RunnerBook {
     }
 }
 
+/// Tag keys with the configured prefix.
+#[derive(Debug)]
+struct TagKeys {
+    instance_type: String,
+    idle_behavior: String,
+    instance_set_id: String,
+}
+
 /// The pool.
 #[derive(Debug)]
 pub struct Pool {
     cfg: Arc<Config>,
+    tag_keys: TagKeys,
     types: TypeTable,
     runner: RunnerSpec,
     instance_set_id: String,
@@ -237,6 +246,7 @@ impl Pool {
         now: Timestamp,
     ) -> Pool {
         Pool {
+            tag_keys: Pool::tag_keys(&cfg),
             cfg,
             types,
             runner,
@@ -297,6 +307,16 @@ impl Pool {
     fn probe_interval(&self) -> Duration {
         nonzero(self.cfg.cloud_vms.probe_interval, Duration::from_secs(10))
     }
+    /// The prefixed tag keys, computed once: a listing reads them for every instance.
+    fn tag_keys(cfg: &Config) -> TagKeys {
+        let tag = |key: &str| format!("{}{key}", cfg.cloud_vms.tag_key_prefix);
+        TagKeys {
+            instance_type: tag("InstanceType"),
+            idle_behavior: tag("IdleBehavior"),
+            instance_set_id: tag("InstanceSetID"),
+        }
+    }
+
     fn tag(&self, key: &str) -> String {
         format!("{}{key}", self.cfg.cloud_vms.tag_key_prefix)
     }
@@ -741,7 +761,16 @@ impl Pool {
         if w.state == WorkerState::Shutdown || w.tags_busy {
             return;
         }
-        if self.desired_tags(w) == w.info.tags {
+        // `desired_tags(w) == w.info.tags` without building the map: the desired tags are the
+        // listed ones with two keys set, so they are equal exactly when both keys already hold
+        // the desired values.
+        if w.info.tags.get(&self.tag_keys.instance_type) == Some(&w.itype.name)
+            && w.info
+                .tags
+                .get(&self.tag_keys.idle_behavior)
+                .map(String::as_str)
+                == Some(w.idle_behavior.as_str())
+        {
             return;
         }
         self.workers.get_mut(id).expect("checked").tags_busy = true;
@@ -769,11 +798,6 @@ impl Pool {
     fn update_worker(&mut self, now: Timestamp, info: InstanceInfo, secret_hint: Option<&str>) {
         self.stamp += 1;
         let stamp = self.stamp;
-        let type_name = info
-            .tags
-            .get(&self.tag("InstanceType"))
-            .cloned()
-            .unwrap_or_default();
         if let Some(w) = self.workers.get_mut(&info.id) {
             w.info = info;
             w.seen = stamp;
@@ -781,6 +805,11 @@ impl Pool {
             self.save_tags(&id);
             return;
         }
+        let type_name = info
+            .tags
+            .get(&self.tag_keys.instance_type)
+            .cloned()
+            .unwrap_or_default();
         let secret = secret_hint
             .map(str::to_string)
             .or_else(|| info.tags.get(&self.tag("InstanceSecret")).cloned())
@@ -975,12 +1004,11 @@ impl Pool {
                 return;
             }
         };
-        let set_key = self.tag("InstanceSetID");
         let shutdown_timeout = self.timeout_shutdown();
         let mut seen_ids = BTreeSet::new();
         for info in list {
             // Drivers may ignore the tag filter; apply it here.
-            if info.tags.get(&set_key) != Some(&self.instance_set_id)
+            if info.tags.get(&self.tag_keys.instance_set_id) != Some(&self.instance_set_id)
                 || !seen_ids.insert(info.id.clone())
             {
                 continue;
