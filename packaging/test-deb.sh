@@ -33,16 +33,21 @@ work=$(mktemp -d /tmp/adc-test-deb.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 
 # Build. The binary is invoked directly (not as "cargo deb") so that it need not be on $PATH.
-deb=$work/arvados-dispatch-cloud.deb
-"$cargo_deb" --output "$deb" || fail "cargo-deb failed"
-[ -f "$deb" ] || fail "cargo-deb did not write $deb"
-echo "test-deb: package built"
+# TEST_DEB_PACKAGE=FILE checks an existing package instead of building one.
+if [ -n "${TEST_DEB_PACKAGE:-}" ]; then
+    deb=$TEST_DEB_PACKAGE
+else
+    deb=$work/arvados-dispatch-cloud.deb
+    "$cargo_deb" --output "$deb" || fail "cargo-deb failed"
+    echo "test-deb: package built"
+fi
+[ -f "$deb" ] || fail "no package at $deb"
 
 # Contents.
 dpkg-deb -c "$deb" | tee "$work/contents.txt"
 for path in \
     ./usr/bin/arvados-dispatch-cloud \
-    ./lib/systemd/system/arvados-dispatch-cloud.service \
+    ./usr/lib/systemd/system/arvados-dispatch-cloud.service \
     ./usr/share/doc/arvados-dispatch-cloud/examples/config.example.yml \
     ./usr/share/doc/arvados-dispatch-cloud/README.md \
     ./usr/share/doc/arvados-dispatch-cloud/install.md; do
@@ -67,11 +72,15 @@ bin=$root/usr/bin/arvados-dispatch-cloud
     fail "check-config rejected the packaged example config"
 }
 grep -q 'ExecStart=/usr/bin/arvados-dispatch-cloud serve' \
-    "$root/lib/systemd/system/arvados-dispatch-cloud.service" || fail "unit ExecStart"
+    "$root/usr/lib/systemd/system/arvados-dispatch-cloud.service" || fail "unit ExecStart"
 
-# Maintainer scripts: the unit must be neither enabled nor started on installation.
+# Maintainer scripts: the unit must be neither enabled nor started on installation. cargo-deb's
+# "dont-enable" fragment re-enables the unit only if it was enabled before (an upgrade), and its
+# "restartnostart" fragment only restarts a running unit; the enabling fragment says that
+# was-enabled defaults to true, and the starting fragments invoke "start".
 dpkg-deb -e "$deb" "$work/control"
-if grep -qs -e 'deb-systemd-helper enable' -e 'deb-systemd-invoke start' -e 'deb-systemd-invoke \$_dh_action' \
+grep -q 'deb-systemd-helper debian-installed' "$work/control/postinst" || fail "postinst lacks the dont-enable fragment"
+if grep -qs -e 'was-enabled defaults to true' -e 'deb-systemd-invoke start' -e '_dh_action=start' \
     "$work/control/postinst"; then
     fail "postinst enables or starts the unit"
 fi
