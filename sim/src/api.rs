@@ -5,10 +5,11 @@
 //! to Running and Running to Complete. 503 windows answer every call with 503.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arvados_dispatch_cloud::core::command::{ApiError, ContainerUpdate, PollResult};
+use arvados_dispatch_cloud::core::fastcmp::{str_cmp, str_eq};
 use arvados_dispatch_cloud::core::types::{Container, ContainerState};
 
 use crate::scenario::Window;
@@ -42,7 +43,9 @@ pub struct Row {
 pub struct Controller {
     /// The table.
     pub rows: BTreeMap<String, Row>,
-    queued: BTreeSet<(Reverse<i64>, String)>,
+    /// Queued with priority > 0, by descending priority then UUID, with the current record
+    /// (so that a poll reads the records without a lookup per UUID).
+    queued: BTreeMap<(Reverse<i64>, String), Arc<Container>>,
     /// Locked by the dispatcher (Locked or Running), with the current record.
     mine: BTreeMap<String, Arc<Container>>,
     max_dispatch_attempts: i64,
@@ -65,7 +68,7 @@ impl Controller {
     pub fn new(max_dispatch_attempts: i64, outages: Vec<Window>) -> Controller {
         Controller {
             rows: BTreeMap::new(),
-            queued: BTreeSet::new(),
+            queued: BTreeMap::new(),
             mine: BTreeMap::new(),
             max_dispatch_attempts,
             outages,
@@ -74,27 +77,34 @@ impl Controller {
         }
     }
 
-    fn reindex(&mut self, uuid: &str, before: Option<(ContainerState, i64, bool)>) {
+    /// Drops the row's index entries (taken before a change, so that the row's record is
+    /// shared only with the dispatcher and `Arc::make_mut` copies it only when it must).
+    fn unindex(&mut self, uuid: &str, before: Option<(ContainerState, i64, bool)>) {
         if let Some((s, p, _)) = before
             && s == ContainerState::Queued
         {
             self.queued.remove(&(Reverse(p), uuid.to_string()));
         }
+        self.mine.remove(uuid);
+    }
+
+    /// Adds the row's index entries from its current record.
+    fn index(&mut self, uuid: &str) {
         let row = &self.rows[uuid];
         if row.c.state == ContainerState::Queued && row.c.priority > 0 {
-            self.queued
-                .insert((Reverse(row.c.priority), uuid.to_string()));
+            self.queued.insert(
+                (Reverse(row.c.priority), uuid.to_string()),
+                Arc::clone(&row.c),
+            );
         }
         if row.c.locked_by_uuid.is_some() {
-            match self.mine.get_mut(uuid) {
-                Some(c) => *c = Arc::clone(&row.c),
-                None => {
-                    self.mine.insert(uuid.to_string(), Arc::clone(&row.c));
-                }
-            }
-        } else {
-            self.mine.remove(uuid);
+            self.mine.insert(uuid.to_string(), Arc::clone(&row.c));
         }
+    }
+
+    fn reindex(&mut self, uuid: &str, before: Option<(ContainerState, i64, bool)>) {
+        self.unindex(uuid, before);
+        self.index(uuid);
     }
 
     fn snapshot(&self, uuid: &str) -> Option<(ContainerState, i64, bool)> {
@@ -145,6 +155,7 @@ impl Controller {
         if !ok {
             return false;
         }
+        self.unindex(uuid, Some(before));
         let row = self.rows.get_mut(uuid).expect("exists");
         let c = Arc::make_mut(&mut row.c);
         c.state = to;
@@ -174,6 +185,7 @@ impl Controller {
         if before.0.is_final() {
             return;
         }
+        self.unindex(uuid, Some(before));
         Arc::make_mut(&mut self.rows.get_mut(uuid).expect("exists").c).priority = 0;
         self.reindex(uuid, Some(before));
         if before.0 == ContainerState::Queued {
@@ -213,7 +225,7 @@ impl Controller {
         let mut non_supervisors = 0usize;
         let mut page = 0usize;
         let mut avail: Vec<(&str, usize)> = Vec::new();
-        for (_, uuid) in &self.queued {
+        for ((_, uuid), c) in &self.queued {
             if page == AVAIL_PAGE {
                 if non_supervisors >= AVAIL_TARGET {
                     break;
@@ -221,34 +233,29 @@ impl Controller {
                 page = 0;
             }
             page += 1;
-            let c = &self.rows[uuid].c;
             if !c.scheduling_parameters.supervisor {
                 non_supervisors += 1;
             }
             avail.push((uuid, res.containers.len()));
             res.containers.push(Arc::clone(c));
         }
-        avail.sort_unstable();
+        avail.sort_unstable_by(|a, b| str_cmp(a.0, b.0));
         // "mine" (locked by the dispatcher) never overlaps "avail" (Queued, so not locked).
         let mine_start = res.containers.len();
         res.containers.extend(self.mine.values().cloned());
         let mine_end = res.containers.len();
         // The missing re-fetch skips what the lists returned. `missing` comes sorted (the
         // dispatcher's queue keys), so it is merged with `mine` rather than looked up.
-        let sorted = missing.is_sorted();
+        let sorted = missing.is_sorted_by(|a, b| str_cmp(a, b).is_le());
         let mut mine = self.mine.keys().peekable();
         for uuid in missing {
             let in_mine = if sorted {
-                while mine.next_if(|m| *m < uuid).is_some() {}
+                while mine.next_if(|m| str_cmp(m, uuid).is_lt()).is_some() {}
                 mine.peek() == Some(&uuid)
             } else {
                 self.mine.contains_key(uuid)
             };
-            if in_mine
-                || avail
-                    .binary_search_by(|(a, _)| (*a).cmp(uuid.as_str()))
-                    .is_ok()
-            {
+            if in_mine || avail.binary_search_by(|(a, _)| str_cmp(a, uuid)).is_ok() {
                 continue;
             }
             match self.rows.get(uuid) {
@@ -260,7 +267,7 @@ impl Controller {
         // queue keys), and so do the three parts of the answer once "avail" is sorted: each
         // part is merged with `known` instead of searching it per record.
         let mut unknown: Vec<usize> = Vec::new();
-        if known.is_sorted() {
+        if known.is_sorted_by(|a, b| str_cmp(a, b).is_le()) {
             mark_unknown(known, avail.iter().copied(), &mut unknown);
             let parts = [mine_start..mine_end, mine_end..res.containers.len()];
             for part in parts {
@@ -270,7 +277,7 @@ impl Controller {
                 } else {
                     unknown.extend(
                         items
-                            .filter(|(u, _)| known.binary_search_by(|k| k.as_str().cmp(u)).is_err())
+                            .filter(|(u, _)| known.binary_search_by(|k| str_cmp(k, u)).is_err())
                             .map(|(_, i)| i),
                     );
                 }
@@ -374,10 +381,10 @@ fn mark_unknown<'a>(
 ) {
     let mut k = 0;
     for (uuid, i) in items {
-        while k < known.len() && known[k].as_str() < uuid {
+        while k < known.len() && str_cmp(&known[k], uuid).is_lt() {
             k += 1;
         }
-        if known.get(k).is_none_or(|s| s.as_str() != uuid) {
+        if known.get(k).is_none_or(|s| !str_eq(s, uuid)) {
             out.push(i);
         }
     }

@@ -26,6 +26,7 @@ use super::command::{
     OpId,
 };
 use super::config::Config;
+use super::fastcmp::{str_cmp, str_eq};
 use super::metrics::PoolMetrics;
 use super::ops::{Ops, Pending};
 use super::pool::remote::RunnerSpec;
@@ -792,12 +793,12 @@ impl Dispatcher {
         let mut strays: Vec<String> = Vec::new();
         let mut running = self.pool.running().iter().peekable();
         for (key, e) in self.queue.entries() {
-            while let Some((u, _)) = running.next_if(|(u, _)| u.as_str() < key.as_str()) {
+            while let Some((u, _)) = running.next_if(|(u, _)| str_cmp(u, key).is_lt()) {
                 strays.push(u.clone());
             }
             let (uuid, state, priority) =
                 (&e.container.uuid, e.container.state, e.container.priority);
-            let proc = running.next_if(|(u, _)| *u == key).map(|(_, t)| *t);
+            let proc = running.next_if(|(u, _)| str_eq(u, key)).map(|(_, t)| *t);
             let exited_before_poll = matches!(proc, Some(Some(t)) if q_updated > t);
             let act = match state {
                 ContainerState::Running => {
@@ -871,8 +872,8 @@ impl Dispatcher {
             .entries()
             .iter()
             .filter(|(key, e)| {
-                while running.next_if(|u| u.as_str() < key.as_str()).is_some() {}
-                let has_runner = running.next_if(|u| u == key).is_some();
+                while running.next_if(|u| str_cmp(u, key).is_lt()).is_some() {}
+                let has_runner = running.next_if(|u| str_eq(u, key)).is_some();
                 e.container.priority > 0
                     && matches!(
                         e.container.state,

@@ -5,9 +5,8 @@
 //! list means the state is consistent. The simulator's ground-truth checks (sim/check.rs)
 //! verify the same properties against the simulated world.
 
-use std::collections::BTreeMap;
-
 use super::dispatcher::Dispatcher;
+use super::fastcmp::{str_cmp, str_eq};
 use super::types::ContainerState;
 
 impl Dispatcher {
@@ -15,17 +14,29 @@ impl Dispatcher {
     pub fn check_invariants(&self) -> Vec<String> {
         let mut v = self.pool().check_invariants(self.ops());
         // No container has runners on two instances.
-        let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+        // The runners sorted by UUID, ties in visiting order: a UUID seen before is reported
+        // against the worker that last held it, in visiting order, as a map of UUID to the
+        // last worker would (without building the map).
+        let mut runners: Vec<(&str, &str, usize)> = Vec::new();
         for w in self.pool().workers().values() {
             for uuid in w.running.keys().chain(w.starting.keys()) {
-                if let Some(other) = seen.insert(uuid.as_str(), w.id.as_str()) {
-                    v.push(format!(
-                        "container {uuid} has runners on {other} and {}",
-                        w.id
-                    ));
-                }
+                runners.push((uuid, &w.id, runners.len()));
             }
         }
+        runners.sort_unstable_by(|a, b| str_cmp(a.0, b.0).then(a.2.cmp(&b.2)));
+        let mut twice: Vec<(usize, String)> = runners
+            .windows(2)
+            .filter(|p| str_eq(p[0].0, p[1].0))
+            .map(|p| {
+                let ((uuid, other, _), (_, id, seq)) = (p[0], p[1]);
+                (
+                    seq,
+                    format!("container {uuid} has runners on {other} and {id}"),
+                )
+            })
+            .collect();
+        twice.sort_unstable_by_key(|(seq, _)| *seq);
+        v.extend(twice.into_iter().map(|(_, msg)| msg));
         // Per-container operations and the poll are really in flight (each op completes once).
         for (uuid, op) in self.uuid_ops() {
             if !self.ops().contains(*op) {

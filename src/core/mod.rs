@@ -16,6 +16,7 @@ pub use config::Config;
 pub use time::Timestamp;
 pub mod command;
 pub mod dispatcher;
+pub mod fastcmp;
 pub mod invariants;
 pub mod metrics;
 pub mod ops;

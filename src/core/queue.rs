@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use super::command::{ContainerUpdate, PollResult};
 use super::config::ContainersConfig;
+use super::fastcmp::{str_cmp, str_eq};
 use super::select::{SelectError, TypeId, TypeTable, choose_instance_types, resources_needed};
 use super::time::Timestamp;
 use super::types::{Container, ContainerState, Resources};
@@ -117,8 +118,8 @@ impl Queue {
         // keeps the first record, which the adapter puts first for "avail". Sorting a vector
         // avoids copying every UUID into a map on every poll.
         let mut next: Vec<Arc<Container>> = result.containers;
-        next.sort_by(|a, b| a.uuid.cmp(&b.uuid));
-        next.dedup_by(|later, first| later.uuid == first.uuid);
+        next.sort_by(|a, b| str_cmp(&a.uuid, &b.uuid));
+        next.dedup_by(|later, first| str_eq(&later.uuid, &first.uuid));
         if !result.deleted.is_empty() {
             let deleted: BTreeSet<&String> = result.deleted.iter().collect();
             next.retain(|c| !deleted.contains(&c.uuid));
@@ -137,10 +138,10 @@ impl Queue {
         let mut stale: Vec<String> = Vec::new();
         let mut it = next.into_iter().peekable();
         for (uuid, ent) in self.entries.iter_mut() {
-            while let Some(c) = it.next_if(|c| c.uuid < *uuid) {
+            while let Some(c) = it.next_if(|c| str_cmp(&c.uuid, uuid).is_lt()) {
                 later.push(Later::New(c));
             }
-            let Some(mut ctr) = it.next_if(|c| c.uuid == *uuid) else {
+            let Some(mut ctr) = it.next_if(|c| str_eq(&c.uuid, uuid)) else {
                 if !dont.contains(uuid) {
                     stale.push(uuid.clone());
                 }

@@ -30,6 +30,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Duration;
 
+use super::fastcmp::{str_cmp, str_eq};
 use super::queue::QueueEntry;
 use super::select::{TypeId, TypeTable};
 use super::time::Timestamp;
@@ -303,7 +304,7 @@ impl InstKey<'_> {
 
     fn cmp(&self, o: &InstKey<'_>) -> Ordering {
         prefix_cmp(self.prefix(), o.prefix())
-            .then_with(|| self.id.cmp(o.id))
+            .then_with(|| str_cmp(self.id, o.id))
             // `tie` is unique: the original position, or a negative insertion number.
             .then(self.tie.cmp(&o.tie))
     }
@@ -1063,7 +1064,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
             placed.push((uuid, pos));
         }
     }
-    placed.sort_unstable();
+    placed.sort_unstable_by(|a, b| str_cmp(a.0, b.0).then(a.1.cmp(&b.1)));
     let mut missing = vec![false; nviews];
 
     // §2.5, first half: one merge, in UUID order, of the queue with `Running()` and with the
@@ -1093,10 +1094,10 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
         std::hint::black_box(touch);
         for &(uuid, e) in chunk {
             debug_assert_eq!(uuid, &e.container.uuid, "the queue is keyed by UUID");
-            while runs.next_if(|(u, _)| *u < uuid).is_some() {}
-            let run = runs.next_if(|(u, _)| *u == uuid).map(|(_, t)| t);
+            while runs.next_if(|(u, _)| str_cmp(u, uuid).is_lt()).is_some() {}
+            let run = runs.next_if(|(u, _)| str_eq(u, uuid)).map(|(_, t)| t);
             while let Some(&&(u, pos)) = on_instances.peek() {
-                match u.cmp(uuid.as_str()) {
+                match str_cmp(u, uuid) {
                     Ordering::Less => missing[pos] = true,
                     Ordering::Equal => remaining[pos].sub(&e.resources),
                     Ordering::Greater => break,
@@ -1159,7 +1160,18 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
             slot: None,
         });
     }
-    insts.sort_by(|a, b| a.key.cmp(&b.key));
+    // The instances come in ID order (the snapshot's contract), and `tie` is their position,
+    // so the key's ID-then-position tie-break is the position alone: a stable sort on the
+    // rest of the key gives the same order without comparing IDs. Checked, not assumed.
+    if snap
+        .instances
+        .windows(2)
+        .all(|w| str_cmp(w[0].id(), w[1].id()).is_le())
+    {
+        insts.sort_by(|a, b| prefix_cmp(a.key.prefix(), b.key.prefix()));
+    } else {
+        insts.sort_by(|a, b| a.key.cmp(&b.key));
+    }
     let ntypes = snap.types.len();
     let mut existing: Vec<Vec<usize>> = vec![Vec::new(); ntypes];
     let mut uniform = vec![true; ntypes];

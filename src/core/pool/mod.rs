@@ -23,6 +23,7 @@ use super::command::{
     ExecStdin, OpId,
 };
 use super::config::Config;
+use super::fastcmp::{str_cmp, str_eq};
 use super::metrics::{BootOutcome, PoolMetrics};
 use super::ops::{Ops, Pending};
 use super::rng::Rng;
@@ -1722,16 +1723,38 @@ impl Pool {
     /// Checks the pool's own consistency; returns a description of each violation.
     pub fn check_invariants(&self, ops: &Ops) -> Vec<String> {
         let mut v = Vec::new();
-        let mut indexed = 0usize;
+        // Every runner, in the order the checks below visit them, and which of them the index
+        // does not map to their worker: found by one merge of the runners, sorted by UUID, with
+        // the index (no lookup per runner).
+        let mut runners: Vec<(&str, &str, usize)> = Vec::new();
         for w in self.workers.values() {
             for uuid in w.running.keys().chain(w.starting.keys()) {
-                indexed += 1;
-                if self.book.index.get(uuid) != Some(&w.id) {
+                runners.push((uuid, &w.id, runners.len()));
+            }
+        }
+        let indexed = runners.len();
+        let mut unindexed = vec![false; indexed];
+        runners.sort_unstable_by(|a, b| str_cmp(a.0, b.0).then(a.2.cmp(&b.2)));
+        let mut index = self.book.index.iter().peekable();
+        for &(uuid, id, seq) in &runners {
+            while index.next_if(|(u, _)| str_cmp(u, uuid).is_lt()).is_some() {}
+            let ok = index
+                .peek()
+                .is_some_and(|(u, w)| str_eq(u, uuid) && str_eq(w, id));
+            unindexed[seq] = !ok;
+        }
+        let mut seq = 0;
+        for w in self.workers.values() {
+            for uuid in w.running.keys().chain(w.starting.keys()) {
+                if unindexed[seq] {
                     v.push(format!("runner {uuid} on {} is not indexed to it", w.id));
                 }
+                seq += 1;
             }
+            let mut starting = w.starting.keys().peekable();
             for uuid in w.running.keys() {
-                if w.starting.contains_key(uuid) {
+                while starting.next_if(|u| str_cmp(u, uuid).is_lt()).is_some() {}
+                if starting.peek().is_some_and(|u| str_eq(u, uuid)) {
                     v.push(format!(
                         "runner {uuid} on {} is both starting and running",
                         w.id
@@ -1753,11 +1776,19 @@ impl Pool {
                 v.push(format!("idle instance {} has runners", w.id));
             }
         }
+        // `Running()` against the runners and the exit placeholders: one merge of the three.
+        let mut index = self.book.index.keys().peekable();
+        let mut exited = self.book.exited.iter().peekable();
         for (uuid, got) in &self.book.map {
-            let want = if self.book.index.contains_key(uuid) {
+            while index.next_if(|u| str_cmp(u, uuid).is_lt()).is_some() {}
+            while exited.next_if(|(u, _)| str_cmp(u, uuid).is_lt()).is_some() {}
+            let want = if index.peek().is_some_and(|u| str_eq(u, uuid)) {
                 Some(None)
             } else {
-                self.book.exited.get(uuid).map(|t| Some(*t))
+                exited
+                    .peek()
+                    .filter(|(u, _)| str_eq(u, uuid))
+                    .map(|(_, t)| Some(**t))
             };
             if want != Some(*got) {
                 v.push(format!(
