@@ -10,6 +10,8 @@
 
 #![warn(missing_docs)]
 
+#[cfg(feature = "shell")]
+pub mod adapters;
 pub mod api;
 pub mod check;
 pub mod cloud;

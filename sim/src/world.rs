@@ -166,6 +166,9 @@ pub struct World {
     pub check_every: u64,
     ended_all_at: Option<u64>,
     end: u64,
+    /// External mode (see [`World::new_external`]): the completions of routed commands, kept
+    /// here for the caller instead of entering the event heap.
+    outbox: Option<Vec<(u64, Input)>>,
 }
 
 /// Why a world could not be built.
@@ -180,6 +183,16 @@ impl World {
         dir: &std::path::Path,
         seed: u64,
         log_out: Option<Box<dyn Write>>,
+    ) -> Result<World, WorldError> {
+        World::build(scenario, dir, seed, log_out, false)
+    }
+
+    fn build(
+        scenario: Scenario,
+        dir: &std::path::Path,
+        seed: u64,
+        log_out: Option<Box<dyn Write>>,
+        external: bool,
     ) -> Result<World, WorldError> {
         let text = serde_yaml::to_string(&scenario.config)
             .map_err(|e| WorldError(format!("config: {e}")))?;
@@ -223,6 +236,7 @@ impl World {
             check_every: scenario.check_every.max(1),
             ended_all_at: None,
             end: millis(scenario.duration.0),
+            outbox: None,
             loaded,
             scenario,
         };
@@ -235,9 +249,73 @@ impl World {
         for r in w.scenario.restarts.clone() {
             w.push(millis(r.0), Ev::Restart);
         }
-        w.d.handle_timeout(Timestamp(0));
-        w.after_core();
+        if external {
+            w.outbox = Some(Vec::new());
+        } else {
+            w.d.handle_timeout(Timestamp(0));
+            w.after_core();
+        }
         Ok(w)
+    }
+
+    /// Builds the world in external mode: the dispatcher under test lives outside (the
+    /// production shell under tokio's paused clock) and drives the models through
+    /// [`World::route_external`] and [`World::advance_external`]. The world's own dispatcher
+    /// never runs. Scenarios with restarts are refused, because restarting is the caller's job.
+    pub fn new_external(
+        scenario: Scenario,
+        dir: &std::path::Path,
+        seed: u64,
+        log_out: Option<Box<dyn Write>>,
+    ) -> Result<World, WorldError> {
+        if !scenario.restarts.is_empty() {
+            return Err(WorldError(format!(
+                "scenario {:?} has {} restarts, which an external dispatcher must do itself",
+                scenario.name,
+                scenario.restarts.len()
+            )));
+        }
+        World::build(scenario, dir, seed, log_out, true)
+    }
+
+    /// External mode: routes `cmd` to the models at virtual time `now` (ms) exactly as the
+    /// world's own loop does, and returns its completions with their due times, in order.
+    pub fn route_external(&mut self, now: u64, cmd: Command) -> Vec<(u64, Input)> {
+        assert!(
+            self.outbox.is_some(),
+            "route_external needs World::new_external"
+        );
+        self.now = self.now.max(now);
+        self.route(cmd);
+        self.outbox.replace(Vec::new()).unwrap_or_default()
+    }
+
+    /// External mode: the time of the next world event (an arrival, crunch-run progress, a
+    /// reclaim, a user cancel), if any.
+    pub fn next_event_at(&self) -> Option<u64> {
+        self.heap.peek().map(|Reverse(it)| it.at)
+    }
+
+    /// External mode: handles every world event due at or before `now` (ms), in order.
+    pub fn advance_external(&mut self, now: u64) {
+        assert!(
+            self.outbox.is_some(),
+            "advance_external needs World::new_external"
+        );
+        while self.heap.peek().is_some_and(|Reverse(it)| it.at <= now) {
+            let Some(Reverse(item)) = self.heap.pop() else {
+                break;
+            };
+            self.now = self.now.max(item.at);
+            self.totals.events += 1;
+            self.handle(item.ev);
+        }
+        self.now = self.now.max(now);
+    }
+
+    /// When the last container ended after every arrival, if that has happened.
+    pub fn ended_all_at(&self) -> Option<u64> {
+        self.ended_all_at
     }
 
     fn push(&mut self, at: u64, ev: Ev) {
@@ -250,6 +328,10 @@ impl World {
     }
 
     fn deliver(&mut self, at: u64, input: Input) {
+        if let Some(out) = self.outbox.as_mut() {
+            out.push((at, input));
+            return;
+        }
         let generation = self.generation;
         self.push(at, Ev::Deliver { generation, input });
     }
@@ -787,6 +869,16 @@ impl World {
 }
 
 fn new_dispatcher(loaded: &Loaded, seed: u64, generation: u32, now: u64) -> Dispatcher {
+    Dispatcher::new(
+        loaded.core.clone(),
+        dispatcher_options(loaded, seed, generation),
+        Timestamp(now),
+    )
+}
+
+/// The options of the simulated dispatcher of generation `generation` (0, then one more per
+/// restart) in a run with root seed `seed`.
+pub fn dispatcher_options(loaded: &Loaded, seed: u64, generation: u32) -> Options {
     let c = &loaded.core;
     let runner = if c.cloud_vms.deploy_runner_binary.is_empty() {
         RunnerSpec::installed(&c.containers.crunch_run_command)
@@ -797,10 +889,9 @@ fn new_dispatcher(loaded: &Loaded, seed: u64, generation: u32, now: u64) -> Disp
             "5eb63bbbe01eeed093cb22bb8f5acdc3",
         )
     };
-    let options = Options {
+    Options {
         seed: arvados_dispatch_cloud::core::rng::derive_seed(seed, &format!("core{generation}")),
         instance_set_id: INSTANCE_SET_ID.into(),
         runner,
-    };
-    Dispatcher::new(c.clone(), options, Timestamp(now))
+    }
 }

@@ -40,10 +40,21 @@ impl Renderer {
     /// A renderer for the cluster of `loaded`, whose controller `api` talks to. `cluster` is
     /// the cluster's config as JSON (sent only when LocalKeepBlobBuffersPerVCPU > 0).
     pub fn new(loaded: &Loaded, api: &arvados::Client, cluster: Option<Value>) -> Renderer {
+        Renderer::for_host(loaded, api.api_host(), api.insecure(), cluster)
+    }
+
+    /// A renderer for the cluster of `loaded` whose controller is at `api_host` (`host:port`),
+    /// for shells whose controller is not an [`arvados::Client`] (the simulated one).
+    pub fn for_host(
+        loaded: &Loaded,
+        api_host: String,
+        insecure: bool,
+        cluster: Option<Value>,
+    ) -> Renderer {
         Renderer {
-            api_host: api.api_host(),
+            api_host,
             token: loaded.secrets.system_root_token.clone(),
-            insecure: api.insecure(),
+            insecure,
             buffers_per_vcpu: loaded.core.containers.local_keep_blob_buffers_per_vcpu,
             cluster: cluster.unwrap_or(Value::Null),
             ec2: loaded.core.cloud_vms.driver == "ec2",

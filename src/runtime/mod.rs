@@ -1,15 +1,25 @@
 //! The production shell: a tokio loop that owns the core [`Dispatcher`] and carries out its
-//! commands with the real adapters (controller client, cloud driver, SSH).
+//! commands through its adapters: in production the controller client, the cloud driver and
+//! SSH; in the paused-clock tests the simulator's models (`dispatch-sim`, feature `shell`).
 //!
 //! The loop follows the core's contract (DESIGN.md, "The core's interface"): after every input,
 //! timeout or admin call it drains `poll_command()` to `None`, spawns one task per command, and
 //! sleeps until `poll_timeout()`, the next completion, or a wake-up from the management API. Each
 //! task is bounded by the deadline the core gave its command and always reports exactly one
 //! completion, so an adapter that hangs turns into a timeout error instead of a lost operation.
+//! The loop polls its wake-up sources in a fixed order (stop, completions, the core's timer,
+//! management wake-ups), so that on a current-thread runtime under tokio's paused clock a run
+//! is a function of its adapters' seeds.
+//!
+//! The adapters ([`Adapters`]) are the only way out: a [`Clock`], a [`ControllerApi`], the cloud
+//! [`InstanceSet`] and the [`Executors`] that run remote commands, plus an optional
+//! [`Observer`] that sees every command, input and timer firing (tests record a transcript with
+//! it). [`Shell::new`] builds the production set; [`Shell::with_adapters`] takes any set.
 //!
 //! The dispatcher sits behind a `std::sync::Mutex` shared with the management API; nobody holds
-//! it across an `await`. The time handed to the core is the wall clock in milliseconds since the
-//! Unix epoch, clamped so that it never goes backwards.
+//! it across an `await`. In production the time handed to the core is the wall clock in
+//! milliseconds since the Unix epoch; the shell clamps every reading so that the core's time
+//! never goes backwards.
 //!
 //! Stopping (SIGTERM, SIGINT) ends the loop and the HTTP server, releases the driver (loopback
 //! stops its SSH servers) and destroys nothing: as with the Go dispatcher, the next process
@@ -20,6 +30,9 @@
 
 pub mod config_data;
 
+/// The SSH public key type of [`Executors::public_key`].
+pub use russh::keys::PublicKey;
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,13 +41,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, anyhow};
 use md5::{Digest, Md5};
 use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
 
 use crate::arvados;
-use crate::cloud::{self, CreateRequest, InstanceSet};
+use crate::cloud::{self, BoxFuture, ConnectHook, CreateRequest, InstanceSet};
 use crate::config::Loaded;
 use crate::core::Dispatcher;
 use crate::core::command::{
-    CloudErrorKind, Command, CommandKind, ExecError, ExecErrorKind, ExecStdin, Input,
+    CloudErrorKind, Command, CommandKind, ExecError, ExecErrorKind, ExecOutput, ExecStdin, Input,
 };
 use crate::core::dispatcher::Options;
 use crate::core::pool::remote::RunnerSpec;
@@ -49,6 +63,143 @@ pub fn wall_clock() -> Timestamp {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
     Timestamp(ms)
+}
+
+/// The time as the core counts it, in milliseconds.
+pub trait Clock: Send + Sync {
+    /// The current time. Readings need not be monotonic; the shell clamps them.
+    fn now(&self) -> Timestamp;
+}
+
+/// The production clock: [`wall_clock`], milliseconds since the Unix epoch.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WallClock;
+
+impl Clock for WallClock {
+    fn now(&self) -> Timestamp {
+        wall_clock()
+    }
+}
+
+/// A clock that follows tokio's clock (and so its paused, auto-advancing test clock):
+/// milliseconds since `origin`.
+#[derive(Clone, Copy, Debug)]
+pub struct TokioClock {
+    origin: Instant,
+}
+
+impl TokioClock {
+    /// A clock reading 0 at `origin`.
+    pub fn new(origin: Instant) -> TokioClock {
+        TokioClock { origin }
+    }
+
+    /// The instant at which this clock reads `t`.
+    pub fn instant(&self, t: Timestamp) -> Instant {
+        self.origin + Duration::from_millis(t.0)
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> Timestamp {
+        Timestamp(self.origin.elapsed().as_millis() as u64)
+    }
+}
+
+/// The controller, as the shell uses it.
+pub trait ControllerApi: Send + Sync {
+    /// Carries out an API command of the core within `budget` and returns its completion;
+    /// `None` for a command that is not an API command.
+    fn execute(&self, cmd: Command, budget: Duration) -> BoxFuture<'static, Option<Input>>;
+}
+
+impl ControllerApi for arvados::Client {
+    fn execute(&self, cmd: Command, budget: Duration) -> BoxFuture<'static, Option<Input>> {
+        let api = self.clone();
+        Box::pin(async move { arvados::Client::execute(&api, &cmd, budget).await })
+    }
+}
+
+/// Remote commands on instances (production: one SSH executor per instance).
+///
+/// The shell tells it about every instance a create or list result shows (`learn`, again
+/// whenever the address or user may have changed) and every instance that left the cloud's
+/// list (`forget`).
+pub trait Executors: Send {
+    /// Learns instance `info`, or updates what is known of it. `on_connect` must be called
+    /// each time a connection to it reaches host-key verification.
+    fn learn(&mut self, info: &InstanceInfo, on_connect: ConnectHook);
+
+    /// Forgets instance `id` and releases its connection.
+    fn forget(&mut self, id: &str);
+
+    /// Starts `command` with `stdin` on instance `instance`, to finish before `deadline`;
+    /// `None` if the instance is not known.
+    fn exec(
+        &self,
+        instance: &str,
+        command: &str,
+        stdin: Arc<Vec<u8>>,
+        deadline: Instant,
+    ) -> Option<BoxFuture<'static, Result<ExecOutput, ExecError>>>;
+
+    /// The public key to install on new instances (`DeployPublicKey`), if there is one.
+    fn public_key(&self) -> Option<PublicKey>;
+}
+
+/// Sees what the core sees, in the order it sees it. Tests record a transcript with it;
+/// production has none. Every method is called with the dispatcher locked, so it must not
+/// lock the dispatcher itself.
+pub trait Observer: Send + Sync {
+    /// The core emitted `cmd` at `now`.
+    fn command(&self, now: Timestamp, cmd: &Command) {
+        let _ = (now, cmd);
+    }
+
+    /// `input` is about to be handed to the core at `now`.
+    fn input(&self, now: Timestamp, input: &Input) {
+        let _ = (now, input);
+    }
+
+    /// The core's timer fired at `now`.
+    fn timeout(&self, now: Timestamp) {
+        let _ = now;
+    }
+
+    /// The core is at rest: its commands were drained after an input, timeout or wake-up.
+    fn settled(&self, dispatcher: &Dispatcher) {
+        let _ = dispatcher;
+    }
+}
+
+/// Everything the shell talks to.
+pub struct Adapters {
+    /// The core's time.
+    pub clock: Arc<dyn Clock>,
+    /// The controller.
+    pub api: Arc<dyn ControllerApi>,
+    /// The cloud account.
+    pub cloud: Arc<dyn InstanceSet>,
+    /// Remote commands.
+    pub executors: Box<dyn Executors>,
+    /// Sees every command, input and timer firing, if set.
+    pub observer: Option<Arc<dyn Observer>>,
+    /// The runner binary to send for `ExecStdin::RunnerBinary`, if loaded.
+    pub runner_binary: Option<Arc<Vec<u8>>>,
+    /// Renders crunch-run's ConfigData for `ExecStdin::ConfigData`.
+    pub config_data: Arc<config_data::Renderer>,
+}
+
+impl std::fmt::Debug for Adapters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Adapters")
+            .field("observer", &self.observer.is_some())
+            .field(
+                "runner_binary",
+                &self.runner_binary.as_ref().map(|b| b.len()),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 /// Locks the dispatcher. A panic inside the core while locked is a bug; the shell stops rather
@@ -99,23 +250,13 @@ fn os_seed() -> u64 {
     wall_clock().0 ^ u64::from(std::process::id())
 }
 
-/// Everything `serve` sets up, before the loop starts. Tests build one and drive it.
-pub struct Shell {
-    dispatcher: Arc<Mutex<Dispatcher>>,
-    wake: Arc<Notify>,
-    api: arvados::Client,
+/// The production [`Executors`]: one SSH executor per instance, verifying host keys through
+/// the driver or the instance secret tag.
+struct SshExecutors {
+    config: ExecutorConfig,
     cloud: Arc<dyn InstanceSet>,
-    ssh: ExecutorConfig,
-    runner_binary: Option<Arc<Vec<u8>>>,
-    config_data: Arc<config_data::Renderer>,
-    /// What the shell knows of each instance: address, user, secret (from create and list
-    /// results), and its executor.
-    instances: BTreeMap<String, Known>,
     secret_tag: String,
-    done_tx: mpsc::UnboundedSender<Input>,
-    done_rx: mpsc::UnboundedReceiver<Input>,
-    management_token: String,
-    listen: Option<String>,
+    instances: BTreeMap<String, Known>,
 }
 
 struct Known {
@@ -123,18 +264,87 @@ struct Known {
     executor: Executor,
 }
 
+impl Executors for SshExecutors {
+    fn learn(&mut self, info: &InstanceInfo, on_connect: ConnectHook) {
+        let secret = info.tags.get(&self.secret_tag).cloned().unwrap_or_default();
+        let target = cloud::ssh_target(Arc::clone(&self.cloud), info, &secret, Some(on_connect));
+        match self.instances.get_mut(&info.id) {
+            Some(k) => {
+                if k.info.address != info.address || k.info.remote_user != info.remote_user {
+                    k.executor.set_target(target);
+                }
+                k.info = info.clone();
+            }
+            None => {
+                let executor = Executor::new(self.config.clone(), target);
+                self.instances.insert(
+                    info.id.clone(),
+                    Known {
+                        info: info.clone(),
+                        executor,
+                    },
+                );
+            }
+        }
+    }
+
+    fn forget(&mut self, id: &str) {
+        if let Some(k) = self.instances.remove(id) {
+            tokio::spawn(async move { k.executor.close().await });
+        }
+    }
+
+    fn exec(
+        &self,
+        instance: &str,
+        command: &str,
+        stdin: Arc<Vec<u8>>,
+        deadline: Instant,
+    ) -> Option<BoxFuture<'static, Result<ExecOutput, ExecError>>> {
+        let executor = self.instances.get(instance)?.executor.clone();
+        let command = command.to_string();
+        Some(Box::pin(async move {
+            ssh::to_core(executor.exec(&command, &stdin, &[], deadline).await)
+        }))
+    }
+
+    fn public_key(&self) -> Option<PublicKey> {
+        Some(self.config.public_key().clone())
+    }
+}
+
+/// Everything `serve` sets up, before the loop starts. Tests build one and drive it.
+pub struct Shell {
+    dispatcher: Arc<Mutex<Dispatcher>>,
+    wake: Arc<Notify>,
+    clock: Arc<dyn Clock>,
+    api: Arc<dyn ControllerApi>,
+    cloud: Arc<dyn InstanceSet>,
+    executors: Box<dyn Executors>,
+    observer: Option<Arc<dyn Observer>>,
+    runner_binary: Option<Arc<Vec<u8>>>,
+    config_data: Arc<config_data::Renderer>,
+    /// The IDs of the instances the executors know (from create and list results).
+    known: std::collections::BTreeSet<String>,
+    secret_tag: String,
+    done_tx: mpsc::UnboundedSender<Input>,
+    done_rx: mpsc::UnboundedReceiver<Input>,
+    management_token: String,
+    listen: Option<String>,
+}
+
 impl std::fmt::Debug for Shell {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shell")
-            .field("instances", &self.instances.len())
+            .field("instances", &self.known.len())
             .field("listen", &self.listen)
             .finish_non_exhaustive()
     }
 }
 
 impl Shell {
-    /// Sets up the adapters from a loaded config. Fails with a message naming the config key
-    /// when something required is missing or unusable.
+    /// Sets up the production adapters from a loaded config. Fails with a message naming the
+    /// config key when something required is missing or unusable.
     pub async fn new(
         loaded: &Loaded,
         cluster_json: Option<serde_json::Value>,
@@ -164,33 +374,53 @@ impl Shell {
                     )
                 })?;
         let (runner, runner_binary) = load_runner(loaded);
-        let now = wall_clock();
-        let dispatcher = Dispatcher::new(
-            loaded.core.clone(),
-            Options {
-                seed: os_seed(),
-                instance_set_id: loaded.instance_set_id.clone(),
-                runner,
-            },
-            now,
-        );
         let config_data = Arc::new(config_data::Renderer::new(loaded, &api, cluster_json));
-        let (done_tx, done_rx) = mpsc::unbounded_channel();
-        Ok(Shell {
-            dispatcher: Arc::new(Mutex::new(dispatcher)),
-            wake: Arc::new(Notify::new()),
-            api,
+        let executors = SshExecutors {
+            config: ssh,
+            cloud: Arc::clone(&cloud),
+            secret_tag: secret_tag(loaded),
+            instances: BTreeMap::new(),
+        };
+        let options = Options {
+            seed: os_seed(),
+            instance_set_id: loaded.instance_set_id.clone(),
+            runner,
+        };
+        let adapters = Adapters {
+            clock: Arc::new(WallClock),
+            api: Arc::new(api),
             cloud,
-            ssh,
+            executors: Box::new(executors),
+            observer: None,
             runner_binary,
             config_data,
-            instances: BTreeMap::new(),
-            secret_tag: format!("{}InstanceSecret", loaded.core.cloud_vms.tag_key_prefix),
+        };
+        Ok(Shell::with_adapters(loaded, options, adapters))
+    }
+
+    /// A shell for `loaded` whose core starts with `options` and which talks to the world only
+    /// through `adapters`. The management API listens where `loaded` says, if anywhere.
+    pub fn with_adapters(loaded: &Loaded, options: Options, adapters: Adapters) -> Shell {
+        let now = adapters.clock.now();
+        let dispatcher = Dispatcher::new(loaded.core.clone(), options, now);
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Shell {
+            dispatcher: Arc::new(Mutex::new(dispatcher)),
+            wake: Arc::new(Notify::new()),
+            clock: adapters.clock,
+            api: adapters.api,
+            cloud: adapters.cloud,
+            executors: adapters.executors,
+            observer: adapters.observer,
+            runner_binary: adapters.runner_binary,
+            config_data: adapters.config_data,
+            known: std::collections::BTreeSet::new(),
+            secret_tag: secret_tag(loaded),
             done_tx,
             done_rx,
             management_token: loaded.secrets.management_token.clone(),
             listen: loaded.listen_host_port(),
-        })
+        }
     }
 
     /// The dispatcher, shared with the management API.
@@ -200,11 +430,12 @@ impl Shell {
 
     /// The management API's state for this shell.
     pub fn api_state(&self) -> http::ApiState {
+        let clock = Arc::clone(&self.clock);
         http::ApiState::new(
             Arc::clone(&self.dispatcher),
             Arc::clone(&self.wake),
             self.management_token.clone(),
-            Arc::new(wall_clock),
+            Arc::new(move || clock.now()),
         )
     }
 
@@ -247,18 +478,22 @@ impl Shell {
             let sleep = async {
                 match timeout {
                     Some(t) => {
-                        let now = wall_clock();
+                        let now = self.clock.now();
                         tokio::time::sleep(Duration::from_millis(t.0.saturating_sub(now.0))).await
                     }
                     None => std::future::pending().await,
                 }
             };
             tokio::select! {
+                biased;
                 _ = &mut shutdown => break,
                 Some(input) = self.done_rx.recv() => self.deliver(input),
                 _ = sleep => {
                     let mut d = lock(&self.dispatcher);
-                    let now = wall_clock().max(d.now());
+                    let now = self.clock.now().max(d.now());
+                    if let Some(o) = &self.observer {
+                        o.timeout(now);
+                    }
                     d.handle_timeout(now);
                 }
                 _ = self.wake.notified() => {}
@@ -281,6 +516,13 @@ impl Shell {
             while let Some(c) = d.poll_command() {
                 cmds.push(c);
             }
+            if let Some(o) = &self.observer {
+                let now = d.now();
+                for c in &cmds {
+                    o.command(now, c);
+                }
+                o.settled(&d);
+            }
             d.poll_timeout()
         };
         for c in cmds {
@@ -289,75 +531,59 @@ impl Shell {
         timeout
     }
 
-    /// Hands a completion to the core, keeping the shell's instance table in step.
+    /// Hands a completion to the core, keeping the executors in step with the instances.
     fn deliver(&mut self, input: Input) {
         match &input {
             Input::CreateFinished {
                 result: Ok(info), ..
-            } => self.learn(info.clone()),
+            } => self.learn(info),
             Input::InstancesListed {
                 result: Ok(list), ..
             } => {
                 let live: std::collections::BTreeSet<&str> =
                     list.iter().map(|i| i.id.as_str()).collect();
                 let gone: Vec<String> = self
-                    .instances
-                    .keys()
+                    .known
+                    .iter()
                     .filter(|id| !live.contains(id.as_str()))
                     .cloned()
                     .collect();
                 for id in gone {
-                    self.forget(&id);
+                    self.known.remove(&id);
+                    self.executors.forget(&id);
                 }
-                for info in list.clone() {
+                for info in list {
                     self.learn(info);
                 }
             }
-            Input::DestroyFinished { .. } => {}
             _ => {}
         }
         let mut d = lock(&self.dispatcher);
-        let now = wall_clock().max(d.now());
+        let now = self.clock.now().max(d.now());
+        if let Some(o) = &self.observer {
+            o.input(now, &input);
+        }
         d.handle_input(now, input);
     }
 
-    fn learn(&mut self, info: InstanceInfo) {
-        let secret = info.tags.get(&self.secret_tag).cloned().unwrap_or_default();
+    fn learn(&mut self, info: &InstanceInfo) {
         let tx = self.done_tx.clone();
-        let hook: cloud::ConnectHook = Arc::new(move |id: &str| {
+        let hook: ConnectHook = Arc::new(move |id: &str| {
             let _ = tx.send(Input::SshConnected {
                 instance: id.to_string(),
             });
         });
-        let target = cloud::ssh_target(Arc::clone(&self.cloud), &info, &secret, Some(hook));
-        match self.instances.get_mut(&info.id) {
-            Some(k) => {
-                if k.info.address != info.address || k.info.remote_user != info.remote_user {
-                    k.executor.set_target(target);
-                }
-                k.info = info;
-            }
-            None => {
-                let executor = Executor::new(self.ssh.clone(), target);
-                self.instances
-                    .insert(info.id.clone(), Known { info, executor });
-            }
-        }
-    }
-
-    fn forget(&mut self, id: &str) {
-        if let Some(k) = self.instances.remove(id) {
-            tokio::spawn(async move { k.executor.close().await });
-        }
+        self.known.insert(info.id.clone());
+        self.executors.learn(info, hook);
     }
 
     /// Runs one command as a task bounded by its deadline; its completion comes back through
     /// the channel.
     fn spawn(&mut self, cmd: Command) {
         let tx = self.done_tx.clone();
-        let now = wall_clock();
+        let now = self.clock.now();
         let budget = Duration::from_millis(cmd.deadline.0.saturating_sub(now.0).max(1));
-        let deadline = tokio::time::Instant::now() + budget;
+        let deadline = Instant::now() + budget;
         let op = cmd.op;
         match &cmd.kind {
             CommandKind::PollQueue { .. }
@@ -365,9 +591,9 @@ impl Shell {
             | CommandKind::Unlock { .. }
             | CommandKind::Cancel { .. }
             | CommandKind::CancelUnsatisfiable { .. } => {
-                let api = self.api.clone();
+                let call = self.api.execute(cmd, budget);
                 tokio::spawn(async move {
-                    if let Some(input) = api.execute(&cmd, budget).await {
+                    if let Some(input) = call.await {
                         let _ = tx.send(input);
                     }
                 });
@@ -384,7 +610,11 @@ impl Shell {
                     image_id: image_id.clone(),
                     tags: tags.clone(),
                     init_command: init_command.clone(),
-                    public_key: install_public_key.then(|| self.ssh.public_key().clone()),
+                    public_key: if *install_public_key {
+                        self.executors.public_key()
+                    } else {
+                        None
+                    },
                 };
                 let set = Arc::clone(&self.cloud);
                 let secret_tag = self.secret_tag.clone();
@@ -440,19 +670,6 @@ impl Shell {
                 stdin,
                 ..
             } => {
-                let Some(known) = self.instances.get(instance) else {
-                    let _ = tx.send(Input::ExecFinished {
-                        op,
-                        result: Err(ExecError {
-                            kind: ExecErrorKind::NoAddress,
-                            stdout: String::new(),
-                            stderr: String::new(),
-                            message: format!("instance {instance} is not known to the shell yet"),
-                        }),
-                    });
-                    return;
-                };
-                let executor = known.executor.clone();
                 let stdin = match stdin {
                     ExecStdin::Empty => Ok(Arc::new(Vec::new())),
                     ExecStdin::RunnerBinary => self
@@ -469,24 +686,38 @@ impl Shell {
                             .into_bytes(),
                     )),
                 };
-                let command = command.clone();
-                tokio::spawn(async move {
-                    let result = match stdin {
-                        Ok(stdin) => {
-                            ssh::to_core(executor.exec(&command, &stdin, &[], deadline).await)
-                        }
-                        Err(message) => Err(ExecError {
-                            kind: ExecErrorKind::Other,
+                let call = match stdin {
+                    Err(message) => Err(ExecError {
+                        kind: ExecErrorKind::Other,
+                        stdout: String::new(),
+                        stderr: String::new(),
+                        message,
+                    }),
+                    Ok(stdin) => self
+                        .executors
+                        .exec(instance, command, stdin, deadline)
+                        .ok_or_else(|| ExecError {
+                            kind: ExecErrorKind::NoAddress,
                             stdout: String::new(),
                             stderr: String::new(),
-                            message,
+                            message: format!("instance {instance} is not known to the shell yet"),
                         }),
+                };
+                tokio::spawn(async move {
+                    let result = match call {
+                        Ok(call) => call.await,
+                        Err(e) => Err(e),
                     };
                     let _ = tx.send(Input::ExecFinished { op, result });
                 });
             }
         }
     }
+}
+
+/// The name of the tag that carries an instance's secret.
+fn secret_tag(loaded: &Loaded) -> String {
+    format!("{}InstanceSecret", loaded.core.cloud_vms.tag_key_prefix)
 }
 
 fn timed_out(what: &str, after: Duration) -> cloud::CloudError {
