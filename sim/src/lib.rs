@@ -5,8 +5,9 @@
 //! controller (`api`), cloud and VMs with crunch-run (`cloud`), fed by workloads (`workload`)
 //! described in scenario files (`scenario`). `world` owns virtual time and the event heap;
 //! `check` holds the ground-truth checks; `log` the canonical event log and its hash; `report`
-//! the summary. No threads, no sleeping, no wall clock: a simulated week takes seconds, and the
-//! same seed gives the same event log byte for byte.
+//! the summary; `sweep` runs a scenario under many dispatcher policies and seeds in parallel and
+//! `report_html` renders its report. A world has no threads, no sleeping and no wall clock: a
+//! simulated week takes seconds, and the same seed gives the same event log byte for byte.
 
 #![warn(missing_docs)]
 
@@ -19,7 +20,9 @@ pub mod controller;
 pub mod dist;
 pub mod log;
 pub mod report;
+pub mod report_html;
 pub mod scenario;
+pub mod sweep;
 pub mod workload;
 pub mod world;
 

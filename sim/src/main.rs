@@ -3,6 +3,9 @@
 //! `dispatch-sim run SCENARIO.yaml [--seed N] [--json FILE] [--log FILE]` prints a summary and
 //! exits 0 when the run passed (no invariant violation, every `expect:` line held), 1 when it did
 //! not, 2 when the scenario could not be loaded.
+//!
+//! `dispatch-sim sweep SWEEP.yaml --out DIR [--threads N]` runs a pricing-policy sweep (see
+//! docs/pricing.md) and writes results.csv, results.json, recommendation.yml and report.html.
 
 // The command line is the simulator's edge: it may read files and the wall clock; the world
 // itself may not (clippy.toml).
@@ -39,6 +42,17 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         log: Option<PathBuf>,
     },
+    /// Run a pricing-policy sweep: a base scenario under a grid of policies × seeds, in parallel.
+    Sweep {
+        /// The sweep file.
+        sweep: PathBuf,
+        /// Directory for results.csv, results.json, recommendation.yml and report.html.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Worker threads (default: all cores); results do not depend on it.
+        #[arg(long)]
+        threads: Option<usize>,
+    },
     /// Serve a stand-in Arvados controller over HTTP for end-to-end tests
     /// (see the `dispatch_sim::controller` docs for the workload format).
     Controller {
@@ -66,6 +80,11 @@ fn main() -> ExitCode {
             json,
             log,
         } => run(scenario, seed, json, log),
+        Command::Sweep {
+            sweep,
+            out,
+            threads,
+        } => run_sweep(&sweep, &out, threads),
         Command::Controller {
             listen,
             workload,
@@ -146,5 +165,86 @@ fn run(
         );
         return ExitCode::from(1);
     }
+    ExitCode::SUCCESS
+}
+
+fn run_sweep(path: &std::path::Path, out: &std::path::Path, threads: Option<usize>) -> ExitCode {
+    let sweep = match dispatch_sim::sweep::Sweep::load(path) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let pool = match rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.unwrap_or(0))
+        .build()
+    {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: cannot start the worker threads: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runs = sweep.policies.len() * sweep.seeds.len();
+    eprintln!(
+        "sweep {}: {} policies x {} seeds = {runs} runs on {} threads",
+        sweep.file.name,
+        sweep.policies.len(),
+        sweep.seeds.len(),
+        pool.current_num_threads()
+    );
+    let start = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let progress = |done: usize, total: usize| {
+        let frac = done as f64 / total.max(1) as f64;
+        if tty {
+            let bar = (frac * 40.0) as usize;
+            eprint!(
+                "\r[{}{}] {done}/{total} runs, {:.0}s",
+                "#".repeat(bar),
+                ".".repeat(40 - bar),
+                start.elapsed().as_secs_f64()
+            );
+        } else if done == total || done.is_multiple_of((total / 10).max(1)) {
+            eprintln!("{done}/{total} runs, {:.0}s", start.elapsed().as_secs_f64());
+        }
+    };
+    let outcome = pool.install(|| sweep.run(progress));
+    if tty {
+        eprintln!();
+    }
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = dispatch_sim::sweep::write_outputs(&outcome, out) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
+    let rec = &outcome.recommendation;
+    match (rec.policy, &rec.saving) {
+        (Some(i), Some(s)) => println!(
+            "recommended {}: {:.1}% cheaper than the default (per seed {:.1}%..{:.1}%), mean p95 wait {:.0}s vs {:.0}s",
+            outcome.policies[i].label,
+            s.of_mean_cost_percent,
+            s.min_percent,
+            s.max_percent,
+            outcome.policies[i].mean_wait_p95_s,
+            outcome.policies[0].mean_wait_p95_s
+        ),
+        _ => println!(
+            "no recommendation: {}",
+            rec.reason.as_deref().unwrap_or_default()
+        ),
+    }
+    println!(
+        "wrote {}/{{results.csv,results.json,recommendation.yml,report.html}} in {:.1}s",
+        out.display(),
+        start.elapsed().as_secs_f64()
+    );
     ExitCode::SUCCESS
 }
