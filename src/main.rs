@@ -178,7 +178,10 @@ fn default_config_path() -> PathBuf {
 
 /// `check-config`.
 fn check_config(path: &std::path::Path) -> ExitCode {
-    match config::load_file(path) {
+    match config::load_file(path).and_then(|loaded| {
+        config::azure_params::check_driver_parameters(&loaded)?;
+        Ok(loaded)
+    }) {
         Ok(loaded) => {
             for w in &loaded.warnings {
                 eprintln!("warning: {w}");

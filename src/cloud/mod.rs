@@ -14,6 +14,8 @@
 //!
 //! Invariant: drivers put no credential into an error message or a log line.
 
+#[cfg(feature = "azure")]
+pub mod azure;
 pub mod loopback;
 
 use std::collections::BTreeMap;
@@ -189,6 +191,10 @@ pub enum DriverError {
     /// The loopback driver's parameters or state file are bad.
     #[error(transparent)]
     Loopback(#[from] loopback::LoopbackError),
+    /// The Azure driver's parameters are bad.
+    #[cfg(feature = "azure")]
+    #[error(transparent)]
+    Azure(#[from] azure::AzureError),
 }
 
 /// The instance set for `CloudVMs.Driver` = `driver` with `DriverParameters` = `params`.
@@ -201,6 +207,8 @@ pub async fn new_instance_set(
             let params = loopback::LoopbackParams::from_driver_parameters(params)?;
             Ok(Arc::new(loopback::Loopback::new(params).await?))
         }
+        #[cfg(feature = "azure")]
+        "azure" => Ok(Arc::new(azure::Azure::from_driver_parameters(params, None)?)),
         other => Err(DriverError::Unknown(other.to_string())),
     }
 }

@@ -17,6 +17,7 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+pub mod azure_params;
 mod cluster;
 mod host;
 pub mod quota_group;
