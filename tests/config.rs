@@ -262,6 +262,27 @@ fn check_config_reports_a_bad_byte_size_with_its_path() {
 }
 
 #[test]
+fn check_config_requires_an_ec2_region() {
+    // Driver ec2 is the default; its DriverParameters are parsed as the driver parses them.
+    let f = TempFile::new(&format!(
+        "Clusters:\n  zzzzz:\n    Containers:\n      CloudVMs:\n        DriverParameters: {{SecretAccessKey: {CLOUD_SECRET}}}\n    InstanceTypes:\n      t1: {{VCPUs: 2, RAM: 4GiB, Price: 0.1}}\n"
+    ));
+    let (code, stdout, stderr) = check_config(&f.path);
+    assert_eq!(code, 2, "{stdout}");
+    assert_eq!(
+        stderr.trim_end(),
+        "error: Clusters.zzzzz.Containers.CloudVMs.DriverParameters.Region: the EC2 driver needs a region, such as us-east-1"
+    );
+    assert_no_secret(&stderr);
+    // Loopback has no Region.
+    let f = TempFile::new(
+        "Clusters:\n  zzzzz:\n    Containers:\n      CloudVMs:\n        Driver: loopback\n",
+    );
+    let (code, _, stderr) = check_config(&f.path);
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
 fn check_config_fails_on_missing_file_and_bad_yaml() {
     let (code, _, stderr) = check_config(Path::new("/nonexistent/arvados/config.yml"));
     assert_eq!(code, 2);
@@ -279,7 +300,7 @@ fn check_config_fails_on_missing_file_and_bad_yaml() {
 #[test]
 fn check_config_takes_the_global_config_option_and_arvados_config() {
     let f = TempFile::new(
-        "Clusters:\n  abcde:\n    InstanceTypes:\n      t1: {VCPUs: 2, RAM: 4GiB, Price: 0.1}\n",
+        "Clusters:\n  abcde:\n    Containers:\n      CloudVMs:\n        DriverParameters: {Region: us-east-1}\n    InstanceTypes:\n      t1: {VCPUs: 2, RAM: 4GiB, Price: 0.1}\n",
     );
     let p = f.path.to_str().expect("utf-8");
     let out = run(&["--config", p, "check-config"]);
@@ -1091,6 +1112,7 @@ fn secrets_never_appear_in_warnings_debug_or_summary() {
       CloudVMs:
         Bogus: {CLOUD_SECRET}
         DriverParameters:
+          Region: us-east-1
           SecretAccessKey: {CLOUD_SECRET}
     InstanceTypes:
       t: {{VCPUs: 1, RAM: 1GiB, Scratch: 1GB}}

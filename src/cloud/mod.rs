@@ -16,6 +16,8 @@
 
 #[cfg(feature = "azure")]
 pub mod azure;
+#[cfg(feature = "ec2")]
+pub mod ec2;
 pub mod loopback;
 
 use std::collections::BTreeMap;
@@ -195,6 +197,10 @@ pub enum DriverError {
     #[cfg(feature = "azure")]
     #[error(transparent)]
     Azure(#[from] azure::AzureError),
+    /// The EC2 driver's parameters or credentials are bad.
+    #[cfg(feature = "ec2")]
+    #[error(transparent)]
+    Ec2(#[from] ec2::Ec2Error),
 }
 
 /// The instance set for `CloudVMs.Driver` = `driver` with `DriverParameters` = `params`.
@@ -207,6 +213,8 @@ pub async fn new_instance_set(
             let params = loopback::LoopbackParams::from_driver_parameters(params)?;
             Ok(Arc::new(loopback::Loopback::new(params).await?))
         }
+        #[cfg(feature = "ec2")]
+        "ec2" => Ok(Arc::new(ec2::Ec2::from_driver_parameters(params)?)),
         #[cfg(feature = "azure")]
         "azure" => Ok(Arc::new(azure::Azure::from_driver_parameters(params, None)?)),
         other => Err(DriverError::Unknown(other.to_string())),

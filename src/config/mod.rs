@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 
 pub mod azure_params;
 mod cluster;
+pub mod ec2_params;
 mod host;
 pub mod quota_group;
 mod tree;

@@ -1,0 +1,1024 @@
+//! The EC2 driver (reference-workers.md §6.2) on `aws-sdk-ec2`, with a rustls-over-ring HTTP
+//! client and SDK retries disabled: the core does its own quota, capacity and rate-limit backoff.
+//!
+//! * `create` is one `RunInstances` per subnet tried: one network interface without a public IP,
+//!   the tags on the instance only, IMDSv2 required, user data `#!/bin/sh\n<init>\n`, an EBS
+//!   scratch volume `/dev/xvdt` when the type has AddedScratch, spot with `MaxPrice` for a
+//!   preemptible type, and the key pair found by fingerprint or imported. Subnets are tried from
+//!   the remembered index, wrapping around, moving on only after a subnet-specific error; the
+//!   last tried index is remembered either way.
+//! * `list` is `DescribeInstances` with one `tag:<key>` filter per tag, paged on `NextToken` (an
+//!   empty token ends the listing), skipping `shutting-down` and `terminated` instances.
+//! * `set_tags` is `CreateTags` with every tag (upsert only); `destroy` is `TerminateInstances`.
+//! * Errors are classified by [`classify`] into the core's [`CloudErrorKind`]s. For
+//!   `RunInstances` and `DescribeInstances`, a throttling code gives `RateLimited` with a retry
+//!   time from a [`Backoff`] (1 s, 2.5 s, 4.75 s, … capped at 60 s; one state for create and one
+//!   for list), and any other outcome resets that backoff.
+//!
+//! Not done here: spot price history (the [`InstanceSet`] trait has no `PriceHistory`), the
+//! `ec2_instance_starts_total` and `ec2_instances` metrics, and the IMDS/profile credential chain
+//! (static keys from DriverParameters or the `AWS_*` environment variables only).
+//!
+//! Invariant: the secret access key is given to the SDK's credentials provider and nowhere else;
+//! it never appears in an error, a log line or `Debug` output.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use aws_sdk_ec2::config::retry::RetryConfig;
+use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_ec2::primitives::Blob;
+use aws_sdk_ec2::types::{
+    BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
+    InstanceInterruptionBehavior, InstanceMarketOptionsRequest, InstanceMetadataEndpointState,
+    InstanceMetadataOptionsRequest, InstanceNetworkInterfaceSpecification, InstanceStateName,
+    MarketType, ResourceType, ShutdownBehavior, SpotMarketOptions, Tag, TagSpecification,
+    VolumeType,
+};
+use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
+use russh::keys::PublicKey;
+use russh::keys::ssh_key::HashAlg;
+use russh::keys::ssh_key::public::KeyData;
+
+use super::{
+    BoxFuture, CapacityScope, CloudError, CloudErrorKind, CreateRequest, InstanceInfo, InstanceSet,
+    cloud_error,
+};
+use crate::config::ConfigError;
+pub use crate::config::ec2_params::Ec2Params;
+use crate::core::time::Timestamp;
+
+/// The device name of the added scratch volume.
+pub const SCRATCH_DEVICE: &str = "/dev/xvdt";
+
+/// The prefix of the names of imported key pairs; the first fingerprint follows it.
+pub const KEY_PAIR_NAME_PREFIX: &str = "arvados-dispatch-keypair-";
+
+/// Bytes per GiB, for the scratch volume size.
+const GIB: i64 = 1 << 30;
+
+/// The SDK's default set of throttling error codes (the Go driver's throttle table).
+pub const THROTTLE_CODES: &[&str] = &[
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottledException",
+    "TooManyRequestsException",
+    "ProvisionedThroughputExceededException",
+    "TransactionInProgressException",
+    "RequestLimitExceeded",
+    "BandwidthLimitExceeded",
+    "LimitExceededException",
+    "RequestThrottled",
+    "SlowDown",
+    "PriorRequestNotComplete",
+    "EC2ThrottledException",
+];
+
+/// The codes that are quota errors.
+pub const QUOTA_CODES: &[&str] = &[
+    "InstanceLimitExceeded",
+    "InsufficientAddressCapacity",
+    "InsufficientFreeAddressesInSubnet",
+    "InsufficientVolumeCapacity",
+    "MaxSpotInstanceCountExceeded",
+];
+
+/// Codes that mean "try again later" without any throttling semantics (server-side failures).
+const TRANSIENT_CODES: &[&str] = &[
+    "InternalError",
+    "InternalFailure",
+    "ServiceUnavailable",
+    "Unavailable",
+    "RequestTimeout",
+    "RequestTimeoutException",
+];
+
+/// The clock used for `RateLimited.retry_at` (milliseconds since the Unix epoch).
+pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
+
+/// What an EC2 error is, before any backoff state is applied.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// A throttling code: rate limited, with a retry time from the backoff.
+    Throttle,
+    /// An account quota code.
+    Quota,
+    /// No capacity for the type, its quota group, or anything.
+    Capacity(CapacityScope),
+    /// The instance does not exist (`InvalidInstanceID.NotFound`). Other `*.NotFound` codes
+    /// (an image, subnet or key pair) are configuration errors, hence permanent.
+    NotFound,
+    /// A server-side or network failure.
+    Transient,
+    /// Anything else.
+    Permanent,
+}
+
+/// Classifies an EC2 error by its `code` (None when no service error was parsed, such as a
+/// connection failure), `message` and HTTP status.
+pub fn classify(code: Option<&str>, message: &str, http_status: Option<u16>) -> ErrorClass {
+    let Some(code) = code else {
+        return match http_status {
+            Some(s) if (400..500).contains(&s) && s != 408 && s != 429 => ErrorClass::Permanent,
+            Some(429) => ErrorClass::Throttle,
+            _ => ErrorClass::Transient,
+        };
+    };
+    if THROTTLE_CODES.contains(&code) {
+        ErrorClass::Throttle
+    } else if QUOTA_CODES.contains(&code) {
+        ErrorClass::Quota
+    } else if code == "VcpuLimitExceeded" {
+        ErrorClass::Capacity(CapacityScope::QuotaGroup)
+    } else if code == "InsufficientInstanceCapacity"
+        || (code == "Unsupported" && message.contains("requested instance type"))
+    {
+        ErrorClass::Capacity(CapacityScope::InstanceType)
+    } else if code == "InvalidInstanceID.NotFound" {
+        ErrorClass::NotFound
+    } else if TRANSIENT_CODES.contains(&code) || http_status.is_some_and(|s| s >= 500) {
+        ErrorClass::Transient
+    } else {
+        ErrorClass::Permanent
+    }
+}
+
+/// Whether an error of `code` with `message` is specific to the subnet tried, so that another
+/// subnet may work: the code contains `Subnet`; or it is `InsufficientInstanceCapacity`,
+/// `InsufficientVolumeCapacity` or `Unsupported`; or it contains `InvalidParameter` and the
+/// message matches `( subnet |sufficient free [Ii]pv[46] addresses)`.
+pub fn is_subnet_specific(code: &str, message: &str) -> bool {
+    if code.contains("Subnet")
+        || matches!(
+            code,
+            "InsufficientInstanceCapacity" | "InsufficientVolumeCapacity" | "Unsupported"
+        )
+    {
+        return true;
+    }
+    if !code.contains("InvalidParameter") {
+        return false;
+    }
+    if message.contains(" subnet ") {
+        return true;
+    }
+    ["I", "i"].iter().any(|i| {
+        ["4", "6"]
+            .iter()
+            .any(|v| message.contains(&format!("sufficient free {i}pv{v} addresses")))
+    })
+}
+
+/// The throttling backoff of one call kind: d ← d × 3/2 + 1 s, clamped to [1 s, 60 s]; reset
+/// to 0 by any other outcome.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backoff {
+    current: Duration,
+}
+
+impl Backoff {
+    /// The shortest delay.
+    pub const MIN: Duration = Duration::from_secs(1);
+    /// The longest delay.
+    pub const MAX: Duration = Duration::from_secs(60);
+
+    /// Advances the backoff after a throttling error and returns the delay to wait.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.current * 3 / 2 + Duration::from_secs(1);
+        self.current = d.clamp(Self::MIN, Self::MAX);
+        self.current
+    }
+
+    /// Forgets past throttling (any other outcome).
+    pub fn reset(&mut self) {
+        self.current = Duration::ZERO;
+    }
+}
+
+/// An EC2 call failure before classification: the parts the tables look at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct RawError {
+    /// The call, such as `RunInstances`.
+    op: &'static str,
+    /// The EC2 error code, if the service answered with one.
+    code: Option<String>,
+    /// The service's message, or a description of the transport failure.
+    message: String,
+    /// The HTTP status, if there was a response.
+    status: Option<u16>,
+}
+
+impl RawError {
+    fn from_sdk<E, R>(op: &'static str, e: &SdkError<E, R>) -> RawError
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: fmt::Debug + HttpStatus,
+    {
+        let code = e.code().map(str::to_string);
+        let message = match (e.message(), &code) {
+            (Some(m), _) => m.to_string(),
+            (None, Some(_)) => String::new(),
+            (None, None) => DisplayErrorContext(e).to_string(),
+        };
+        RawError {
+            op,
+            code,
+            message,
+            status: e.raw_response().map(HttpStatus::status_code),
+        }
+    }
+
+    fn class(&self) -> ErrorClass {
+        classify(self.code.as_deref(), &self.message, self.status)
+    }
+
+    fn text(&self) -> String {
+        match &self.code {
+            Some(c) if self.message.is_empty() => format!("{}: {c}", self.op),
+            Some(c) => format!("{}: {c}: {}", self.op, self.message),
+            None => format!("{}: {}", self.op, self.message),
+        }
+    }
+}
+
+/// The HTTP status of a raw SDK response.
+trait HttpStatus {
+    fn status_code(&self) -> u16;
+}
+
+impl HttpStatus for aws_sdk_ec2::config::http::HttpResponse {
+    fn status_code(&self) -> u16 {
+        self.status().as_u16()
+    }
+}
+
+/// An EC2 driver setup failure.
+#[derive(Debug, thiserror::Error)]
+pub enum Ec2Error {
+    /// A DriverParameters value is wrong.
+    #[error(transparent)]
+    Params(#[from] ConfigError),
+    /// Neither DriverParameters nor the environment give credentials.
+    #[error(
+        "EC2 DriverParameters: AccessKeyID and SecretAccessKey are not set, and neither are AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (this build has no IMDS or profile credential chain)"
+    )]
+    NoCredentials,
+    /// Only one of AccessKeyID and SecretAccessKey is set.
+    #[error("EC2 DriverParameters: {0} is set but {1} is not; set both or neither")]
+    HalfCredentials(&'static str, &'static str),
+}
+
+/// Mutable driver state.
+#[derive(Default)]
+struct State {
+    /// The subnet index the next create starts at.
+    subnet_start: usize,
+    /// Throttling backoff of RunInstances.
+    create_backoff: Backoff,
+    /// Throttling backoff of DescribeInstances.
+    list_backoff: Backoff,
+    /// Imported key pair names by first fingerprint.
+    key_names: HashMap<String, String>,
+}
+
+/// The EC2 instance set.
+pub struct Ec2 {
+    client: aws_sdk_ec2::Client,
+    params: Ec2Params,
+    state: Mutex<State>,
+    clock: Clock,
+}
+
+impl fmt::Debug for Ec2 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ec2")
+            .field("params", &self.params)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ec2 {
+    /// A driver from the DriverParameters object `v` (errors name `DriverParameters.<key>`).
+    pub fn from_driver_parameters(v: &serde_json::Value) -> Result<Ec2, Ec2Error> {
+        Ec2::new(Ec2Params::from_driver_parameters("DriverParameters", v)?)
+    }
+
+    /// A driver with `params`, the wall clock, and static credentials from `params` or else
+    /// from `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`.
+    pub fn new(params: Ec2Params) -> Result<Ec2, Ec2Error> {
+        let creds = match (
+            params.access_key_id.is_empty(),
+            params.secret_access_key.is_empty(),
+        ) {
+            (false, false) => Credentials::new(
+                params.access_key_id.clone(),
+                params.secret_access_key.clone(),
+                None,
+                None,
+                "DriverParameters",
+            ),
+            (false, true) => {
+                return Err(Ec2Error::HalfCredentials("AccessKeyID", "SecretAccessKey"));
+            }
+            (true, false) => {
+                return Err(Ec2Error::HalfCredentials("SecretAccessKey", "AccessKeyID"));
+            }
+            (true, true) => {
+                let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+                match (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) {
+                    (Some(id), Some(secret)) => {
+                        Credentials::new(id, secret, var("AWS_SESSION_TOKEN"), None, "environment")
+                    }
+                    _ => return Err(Ec2Error::NoCredentials),
+                }
+            }
+        };
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(Provider::Rustls(CryptoMode::Ring))
+            .build_https();
+        let mut conf = aws_sdk_ec2::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(params.region.clone()))
+            .http_client(http)
+            .credentials_provider(creds)
+            .retry_config(RetryConfig::disabled());
+        if let Some(url) = &params.endpoint {
+            conf = conf.endpoint_url(url.clone());
+        }
+        Ok(Ec2 {
+            client: aws_sdk_ec2::Client::from_conf(conf.build()),
+            params,
+            state: Mutex::new(State::default()),
+            clock: Arc::new(crate::runtime::wall_clock),
+        })
+    }
+
+    /// Replaces the clock used for rate-limit retry times (tests use a fixed one).
+    pub fn with_clock(mut self, clock: Clock) -> Ec2 {
+        self.clock = clock;
+        self
+    }
+
+    /// The parameters in use.
+    pub fn params(&self) -> &Ec2Params {
+        &self.params
+    }
+
+    /// The subnet index the next create starts at.
+    pub fn next_subnet_index(&self) -> usize {
+        self.state().subnet_start
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave the plain-data state inconsistent.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Turns a classified RunInstances or DescribeInstances error into a [`CloudError`],
+    /// advancing (on throttling) or resetting the `backoff` chosen by `pick`.
+    fn wrap(&self, raw: &RawError, pick: fn(&mut State) -> &mut Backoff) -> CloudError {
+        let class = raw.class();
+        let kind = {
+            let mut st = self.state();
+            let backoff = pick(&mut st);
+            if class == ErrorClass::Throttle {
+                let d = backoff.next_delay();
+                let now = (self.clock)();
+                CloudErrorKind::RateLimited {
+                    retry_at: Timestamp(
+                        now.as_millis()
+                            .saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                    ),
+                }
+            } else {
+                backoff.reset();
+                plain_kind(class)
+            }
+        };
+        cloud_error(kind, raw.text())
+    }
+
+    /// Classifies an error of a call without backoff state (Destroy, SetTags, key pairs):
+    /// throttling there is transient, as Go only logs those errors.
+    fn unwrapped(raw: &RawError) -> CloudError {
+        cloud_error(plain_kind(raw.class()), raw.text())
+    }
+
+    /// The key pair name for `key` (Go's `getKeyName`): a cached import, else the first key
+    /// pair whose fingerprint matches (not cached), else a new import (cached).
+    async fn key_name(&self, key: &PublicKey) -> Result<String, CloudError> {
+        let fps = key_fingerprints(key).map_err(|e| {
+            cloud_error(
+                CloudErrorKind::Permanent,
+                format!("Could not make key fingerprint: {e}"),
+            )
+        })?;
+        if let Some(name) = self.state().key_names.get(&fps[0]) {
+            return Ok(name.clone());
+        }
+        let found = self
+            .client
+            .describe_key_pairs()
+            .filters(
+                Filter::builder()
+                    .name("fingerprint")
+                    .set_values(Some(fps.clone()))
+                    .build(),
+            )
+            .send()
+            .await
+            .map_err(|e| {
+                let raw = RawError::from_sdk("DescribeKeyPairs", &e);
+                cloud_error(
+                    CloudErrorKind::Permanent,
+                    format!("Could not search for keypair: {}", raw.text()),
+                )
+            })?;
+        if let Some(name) = found.key_pairs().iter().find_map(|k| k.key_name()) {
+            return Ok(name.to_string());
+        }
+        let name = format!("{KEY_PAIR_NAME_PREFIX}{}", fps[0]);
+        let material = key.to_openssh().map_err(|e| {
+            cloud_error(
+                CloudErrorKind::Permanent,
+                format!("Could not encode public key: {e}"),
+            )
+        })?;
+        self.client
+            .import_key_pair()
+            .key_name(&name)
+            .public_key_material(Blob::new(material.into_bytes()))
+            .send()
+            .await
+            .map_err(|e| {
+                let raw = RawError::from_sdk("ImportKeyPair", &e);
+                cloud_error(
+                    CloudErrorKind::Permanent,
+                    format!("Could not import keypair: {}", raw.text()),
+                )
+            })?;
+        self.state().key_names.insert(fps[0].clone(), name.clone());
+        Ok(name)
+    }
+
+    /// One RunInstances call on `subnet` (None: no subnet configured).
+    async fn run_instances(
+        &self,
+        req: &CreateRequest,
+        subnet: Option<&str>,
+        key_name: Option<&str>,
+    ) -> Result<InstanceInfo, RawError> {
+        let t = &req.instance_type;
+        let tags: Vec<Tag> = req
+            .tags
+            .iter()
+            .map(|(k, v)| Tag::builder().key(k).value(v).build())
+            .collect();
+        let nic = InstanceNetworkInterfaceSpecification::builder()
+            .associate_public_ip_address(false)
+            .delete_on_termination(true)
+            .device_index(0)
+            .set_groups(Some(self.params.security_group_ids.clone()))
+            .set_subnet_id(subnet.map(str::to_string))
+            .build();
+        let mut call = self
+            .client
+            .run_instances()
+            .image_id(&req.image_id)
+            .instance_type(aws_sdk_ec2::types::InstanceType::from(
+                t.provider_type.as_str(),
+            ))
+            .min_count(1)
+            .max_count(1)
+            .network_interfaces(nic)
+            .disable_api_termination(false)
+            .instance_initiated_shutdown_behavior(ShutdownBehavior::Terminate)
+            .tag_specifications(
+                TagSpecification::builder()
+                    .resource_type(ResourceType::Instance)
+                    .set_tags(Some(tags))
+                    .build(),
+            )
+            .metadata_options(
+                InstanceMetadataOptionsRequest::builder()
+                    .http_endpoint(InstanceMetadataEndpointState::Enabled)
+                    .http_tokens(HttpTokensState::Required)
+                    .build(),
+            )
+            .user_data(base64(
+                format!("#!/bin/sh\n{}\n", req.init_command).as_bytes(),
+                true,
+            ));
+        if let Some(k) = key_name {
+            call = call.key_name(k);
+        }
+        if t.added_scratch > 0 {
+            let gib = (t.added_scratch + GIB - 1) / GIB;
+            call = call.block_device_mappings(
+                BlockDeviceMapping::builder()
+                    .device_name(SCRATCH_DEVICE)
+                    .ebs(
+                        EbsBlockDevice::builder()
+                            .delete_on_termination(true)
+                            .volume_size(i32::try_from(gib).unwrap_or(i32::MAX))
+                            .volume_type(VolumeType::from(self.params.ebs_volume_type.as_str()))
+                            .build(),
+                    )
+                    .build(),
+            );
+        }
+        if t.preemptible {
+            call = call.instance_market_options(
+                InstanceMarketOptionsRequest::builder()
+                    .market_type(MarketType::Spot)
+                    .spot_options(
+                        SpotMarketOptions::builder()
+                            .instance_interruption_behavior(InstanceInterruptionBehavior::Terminate)
+                            .max_price(go_float(t.price))
+                            .build(),
+                    )
+                    .build(),
+            );
+        }
+        if !self.params.iam_instance_profile.is_empty() {
+            call = call.iam_instance_profile(
+                IamInstanceProfileSpecification::builder()
+                    .name(&self.params.iam_instance_profile)
+                    .build(),
+            );
+        }
+        let out = call
+            .send()
+            .await
+            .map_err(|e| RawError::from_sdk("RunInstances", &e))?;
+        let inst = out.instances().first().ok_or_else(|| RawError {
+            op: "RunInstances",
+            code: None,
+            message: "the response lists no instance".into(),
+            status: None,
+        })?;
+        Ok(self.info(inst))
+    }
+
+    /// The core's view of an EC2 instance.
+    fn info(&self, inst: &aws_sdk_ec2::types::Instance) -> InstanceInfo {
+        InstanceInfo {
+            id: inst.instance_id().unwrap_or_default().to_string(),
+            address: inst.private_ip_address().unwrap_or_default().to_string(),
+            provider_type: inst
+                .instance_type()
+                .map(|t| t.as_str().to_string())
+                .unwrap_or_default(),
+            tags: inst
+                .tags()
+                .iter()
+                .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or("").to_string())))
+                .collect(),
+            remote_user: self.params.admin_username.clone(),
+        }
+    }
+
+    async fn do_create(&self, req: CreateRequest) -> Result<InstanceInfo, CloudError> {
+        let key_name = match &req.public_key {
+            Some(k) => Some(self.key_name(k).await?),
+            None => None,
+        };
+        let subnets = &self.params.subnet_ids;
+        let n = subnets.len().max(1);
+        let start = self.state().subnet_start % n;
+        let mut last: Option<RawError> = None;
+        let mut capacity: Option<RawError> = None;
+        for offset in 0..n {
+            let idx = (start + offset) % n;
+            let subnet = subnets.get(idx).map(String::as_str);
+            let result = self.run_instances(&req, subnet, key_name.as_deref()).await;
+            self.state().subnet_start = idx;
+            match result {
+                Ok(info) => {
+                    self.state().create_backoff.reset();
+                    return Ok(info);
+                }
+                Err(raw) => {
+                    let retry_elsewhere = raw
+                        .code
+                        .as_deref()
+                        .is_some_and(|c| is_subnet_specific(c, &raw.message));
+                    tracing::debug!(
+                        subnet = subnet.unwrap_or(""),
+                        error = %raw.text(),
+                        retry_elsewhere,
+                        "RunInstances failed"
+                    );
+                    if matches!(raw.class(), ErrorClass::Capacity(_)) {
+                        capacity = Some(raw.clone());
+                    }
+                    last = Some(raw);
+                    if !retry_elsewhere {
+                        break;
+                    }
+                }
+            }
+        }
+        let raw = capacity.or(last).unwrap_or(RawError {
+            op: "RunInstances",
+            code: None,
+            message: "no attempt was made".into(),
+            status: None,
+        });
+        Err(self.wrap(&raw, |s| &mut s.create_backoff))
+    }
+
+    async fn do_list(
+        &self,
+        filter: &BTreeMap<String, String>,
+    ) -> Result<Vec<InstanceInfo>, CloudError> {
+        let filters: Vec<Filter> = filter
+            .iter()
+            .map(|(k, v)| Filter::builder().name(format!("tag:{k}")).values(v).build())
+            .collect();
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .describe_instances()
+                .set_filters(Some(filters.clone()))
+                .set_next_token(token.take())
+                .send()
+                .await
+                .map_err(|e| {
+                    let raw = RawError::from_sdk("DescribeInstances", &e);
+                    self.wrap(&raw, |s| &mut s.list_backoff)
+                })?;
+            for inst in page.reservations().iter().flat_map(|r| r.instances()) {
+                let state = inst.state().and_then(|s| s.name());
+                if matches!(
+                    state,
+                    Some(InstanceStateName::ShuttingDown | InstanceStateName::Terminated)
+                ) {
+                    continue;
+                }
+                out.push(self.info(inst));
+            }
+            // An empty token also ends the listing (Arvados bug #22400).
+            match page.next_token() {
+                Some(t) if !t.is_empty() => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        self.state().list_backoff.reset();
+        Ok(out)
+    }
+}
+
+/// The core kind of a class outside the throttling path.
+fn plain_kind(class: ErrorClass) -> CloudErrorKind {
+    match class {
+        ErrorClass::Throttle | ErrorClass::Transient => CloudErrorKind::Transient,
+        ErrorClass::Quota => CloudErrorKind::Quota,
+        ErrorClass::Capacity(scope) => CloudErrorKind::Capacity(scope),
+        ErrorClass::NotFound => CloudErrorKind::NotFound,
+        ErrorClass::Permanent => CloudErrorKind::Permanent,
+    }
+}
+
+impl InstanceSet for Ec2 {
+    fn create<'a>(&'a self, req: CreateRequest) -> BoxFuture<'a, Result<InstanceInfo, CloudError>> {
+        Box::pin(self.do_create(req))
+    }
+
+    fn list<'a>(
+        &'a self,
+        filter: &'a BTreeMap<String, String>,
+    ) -> BoxFuture<'a, Result<Vec<InstanceInfo>, CloudError>> {
+        Box::pin(self.do_list(filter))
+    }
+
+    fn destroy<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), CloudError>> {
+        Box::pin(async move {
+            self.client
+                .terminate_instances()
+                .instance_ids(id)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| Self::unwrapped(&RawError::from_sdk("TerminateInstances", &e)))
+        })
+    }
+
+    fn set_tags<'a>(
+        &'a self,
+        id: &'a str,
+        tags: BTreeMap<String, String>,
+    ) -> BoxFuture<'a, Result<(), CloudError>> {
+        Box::pin(async move {
+            let tags: Vec<Tag> = tags
+                .iter()
+                .map(|(k, v)| Tag::builder().key(k).value(v).build())
+                .collect();
+            self.client
+                .create_tags()
+                .resources(id)
+                .set_tags(Some(tags))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| Self::unwrapped(&RawError::from_sdk("CreateTags", &e)))
+        })
+    }
+
+    fn stop<'a>(&'a self) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// The fingerprints EC2 may have recorded for `key`, the first being the one used in imported
+/// key pair names: for RSA, the MD5 and then the SHA-1 of the PKIX DER public key as
+/// colon-separated hex; for Ed25519, `SHA256:<base64>` without and then with a trailing `=`.
+pub fn key_fingerprints(key: &PublicKey) -> Result<Vec<String>, String> {
+    match key.key_data() {
+        KeyData::Rsa(rsa) => {
+            let n = rsa
+                .n()
+                .as_positive_bytes()
+                .ok_or("the RSA modulus is not positive")?;
+            let e = rsa
+                .e()
+                .as_positive_bytes()
+                .ok_or("the RSA exponent is not positive")?;
+            let der = rsa_pkix_der(n, e);
+            let md5 = {
+                use md5::Digest;
+                md5::Md5::digest(&der).to_vec()
+            };
+            Ok(vec![colon_hex(&md5), colon_hex(&sha1(&der))])
+        }
+        KeyData::Ed25519(_) => {
+            // ssh-key formats SHA256 fingerprints as `SHA256:` + unpadded base64.
+            let fp = key.fingerprint(HashAlg::Sha256).to_string();
+            Ok(vec![fp.clone(), format!("{fp}=")])
+        }
+        other => Err(format!(
+            "unsupported key type {}",
+            other.algorithm().as_str()
+        )),
+    }
+}
+
+/// Lower-case hex bytes joined by colons.
+fn colon_hex(bytes: &[u8]) -> String {
+    bytes
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// DER length octets.
+fn der_len(len: usize, out: &mut Vec<u8>) {
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes: Vec<u8> = len
+            .to_be_bytes()
+            .iter()
+            .copied()
+            .skip_while(|b| *b == 0)
+            .collect();
+        out.push(0x80 | bytes.len() as u8);
+        out.extend(bytes);
+    }
+}
+
+/// A DER element with `tag` around `content`.
+fn der(tag: u8, content: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    der_len(content.len(), &mut out);
+    out.extend_from_slice(content);
+    out
+}
+
+/// A DER INTEGER of the unsigned big-endian `bytes`.
+fn der_uint(bytes: &[u8]) -> Vec<u8> {
+    let trimmed: &[u8] = {
+        let first = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len());
+        &bytes[first..]
+    };
+    let mut content = Vec::with_capacity(trimmed.len() + 1);
+    if trimmed.first().is_none_or(|b| b & 0x80 != 0) {
+        content.push(0);
+    }
+    content.extend_from_slice(trimmed);
+    der(0x02, &content)
+}
+
+/// The PKIX SubjectPublicKeyInfo DER of an RSA public key (Go's `x509.MarshalPKIXPublicKey`).
+fn rsa_pkix_der(n: &[u8], e: &[u8]) -> Vec<u8> {
+    // AlgorithmIdentifier { rsaEncryption (1.2.840.113549.1.1.1), NULL }.
+    const ALGORITHM: &[u8] = &[
+        0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01, 0x05, 0x00,
+    ];
+    let rsa_key = der(0x30, &[der_uint(n), der_uint(e)].concat());
+    let mut bits = vec![0u8];
+    bits.extend(rsa_key);
+    der(0x30, &[ALGORITHM.to_vec(), der(0x03, &bits)].concat())
+}
+
+/// SHA-1 (FIPS 180-4), only for the legacy key pair fingerprint EC2 computes.
+fn sha1(data: &[u8]) -> [u8; 20] {
+    let mut h: [u32; 5] = [0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476, 0xC3D2E1F0];
+    let mut msg = data.to_vec();
+    let bit_len = (data.len() as u64).wrapping_mul(8);
+    msg.push(0x80);
+    while msg.len() % 64 != 56 {
+        msg.push(0);
+    }
+    msg.extend_from_slice(&bit_len.to_be_bytes());
+    for chunk in msg.chunks_exact(64) {
+        let mut w = [0u32; 80];
+        for (i, word) in chunk.chunks_exact(4).enumerate() {
+            w[i] = u32::from_be_bytes([word[0], word[1], word[2], word[3]]);
+        }
+        for i in 16..80 {
+            w[i] = (w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16]).rotate_left(1);
+        }
+        let [mut a, mut b, mut c, mut d, mut e] = h;
+        for (i, wi) in w.iter().enumerate() {
+            let (f, k) = match i {
+                0..=19 => ((b & c) | (!b & d), 0x5A827999),
+                20..=39 => (b ^ c ^ d, 0x6ED9EBA1),
+                40..=59 => ((b & c) | (b & d) | (c & d), 0x8F1BBCDC),
+                _ => (b ^ c ^ d, 0xCA62C1D6),
+            };
+            let temp = a
+                .rotate_left(5)
+                .wrapping_add(f)
+                .wrapping_add(e)
+                .wrapping_add(k)
+                .wrapping_add(*wi);
+            e = d;
+            d = c;
+            c = b.rotate_left(30);
+            b = a;
+            a = temp;
+        }
+        for (hv, v) in h.iter_mut().zip([a, b, c, d, e]) {
+            *hv = hv.wrapping_add(v);
+        }
+    }
+    let mut out = [0u8; 20];
+    for (i, v) in h.iter().enumerate() {
+        out[i * 4..i * 4 + 4].copy_from_slice(&v.to_be_bytes());
+    }
+    out
+}
+
+/// Standard base64, with or without `=` padding.
+pub fn base64(data: &[u8], pad: bool) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        let chars = chunk.len() + 1;
+        for i in 0..4 {
+            if i < chars {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else if pad {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// `f` formatted as Go's `%v` formats a float64 (shortest representation; exponent form with
+/// at least two exponent digits below 1e-4 and from 1e21).
+pub fn go_float(f: f64) -> String {
+    if f == 0.0 || !f.is_finite() {
+        return format!("{f}");
+    }
+    let exp = f.abs().log10().floor() as i32;
+    if (-4..21).contains(&exp) {
+        return format!("{f}");
+    }
+    // Rust writes "1e-5" or "1.5e21"; Go writes "1e-05" and "1.5e+21".
+    let s = format!("{f:e}");
+    match s.split_once('e') {
+        Some((mantissa, e)) => {
+            let (sign, digits) = match e.strip_prefix('-') {
+                Some(d) => ('-', d),
+                None => ('+', e),
+            };
+            format!("{mantissa}e{sign}{digits:0>2}")
+        }
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_sequence_and_reset() {
+        let mut b = Backoff::default();
+        let got: Vec<u128> = (0..10).map(|_| b.next_delay().as_millis()).collect();
+        assert_eq!(
+            got,
+            [
+                1000, 2500, 4750, 8125, 13187, 20781, 32171, 49257, 60000, 60000
+            ]
+        );
+        b.reset();
+        assert_eq!(b.next_delay(), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn sha1_known_answers() {
+        assert_eq!(
+            colon_hex(&sha1(b"abc")).replace(':', ""),
+            "a9993e364706816aba3e25717850c26c9cd0d89d"
+        );
+        assert_eq!(
+            colon_hex(&sha1(b"")).replace(':', ""),
+            "da39a3ee5e6b4b0d3255bfef95601890afd80709"
+        );
+        let long = vec![b'a'; 1000];
+        assert_eq!(
+            colon_hex(&sha1(&long)).replace(':', ""),
+            "291e9a6c66994949b57ba5e650361e98fc36b1ba"
+        );
+    }
+
+    #[test]
+    fn base64_both_forms() {
+        assert_eq!(base64(b"", true), "");
+        assert_eq!(base64(b"f", true), "Zg==");
+        assert_eq!(base64(b"fo", true), "Zm8=");
+        assert_eq!(base64(b"foo", true), "Zm9v");
+        assert_eq!(base64(b"foob", false), "Zm9vYg");
+        assert_eq!(base64(b"#!/bin/sh\n", true), "IyEvYmluL3NoCg==");
+    }
+
+    #[test]
+    fn go_float_matches_go_percent_v() {
+        assert_eq!(go_float(0.1), "0.1");
+        assert_eq!(go_float(1.0), "1");
+        assert_eq!(go_float(0.0001), "0.0001");
+        assert_eq!(go_float(0.00001), "1e-05");
+        assert_eq!(go_float(2.5e21), "2.5e+21");
+        assert_eq!(go_float(123.456), "123.456");
+    }
+
+    #[test]
+    fn der_integers() {
+        assert_eq!(
+            der_uint(&[0x01, 0x00, 0x01]),
+            [0x02, 0x03, 0x01, 0x00, 0x01]
+        );
+        assert_eq!(der_uint(&[0x00, 0x80]), [0x02, 0x02, 0x00, 0x80]);
+        let mut l = Vec::new();
+        der_len(257, &mut l);
+        assert_eq!(l, [0x82, 0x01, 0x01]);
+    }
+
+    #[test]
+    fn subnet_specific_rules() {
+        for (code, msg, want) in [
+            ("InvalidSubnetID.NotFound", "", true),
+            ("InsufficientFreeAddressesInSubnet", "", true),
+            ("InsufficientInstanceCapacity", "", true),
+            ("InsufficientVolumeCapacity", "", true),
+            ("Unsupported", "anything", true),
+            (
+                "InvalidParameterValue",
+                "Not enough free addresses in subnet subnet-1234 to satisfy the request",
+                true,
+            ),
+            (
+                "Client.InvalidParameterValue",
+                "There aren't sufficient free Ipv4 addresses or prefixes",
+                true,
+            ),
+            (
+                "ClientInvalidParameterValue",
+                "There aren't sufficient free ipv6 addresses",
+                true,
+            ),
+            ("InvalidParameterValue", "bad AMI", false),
+            ("InstanceLimitExceeded", "", false),
+            ("RequestLimitExceeded", "", false),
+        ] {
+            assert_eq!(is_subnet_specific(code, msg), want, "{code} {msg:?}");
+        }
+    }
+}

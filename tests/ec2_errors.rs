@@ -1,0 +1,590 @@
+//! The EC2 driver against a scripted EC2 Query endpoint on 127.0.0.1 that replies with the
+//! recorded responses in `fixtures/ec2/`: one row per error code of the reference tables
+//! (reference-workers.md §6.2) with the kind the core receives, the throttling backoff, the
+//! subnet failover order, paging, and the shape of a RunInstances request.
+#![cfg(feature = "ec2")]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arvados_dispatch_cloud::cloud::ec2::Ec2;
+use arvados_dispatch_cloud::cloud::{
+    CapacityScope, CloudError, CloudErrorKind, CreateRequest, InstanceInfo, InstanceSet,
+};
+use arvados_dispatch_cloud::core::time::Timestamp;
+use arvados_dispatch_cloud::core::types::InstanceType;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+/// The fixed "now" of the driver's clock, in milliseconds.
+const T0: u64 = 1_800_000_000_000;
+/// A generous bound on each driver call, so a hung call fails the test.
+const DEADLINE: Duration = Duration::from_secs(60);
+/// The secret access key given to the driver; it must never appear in an error.
+const SECRET: &str = "fixtureSeCrEtKey0123456789";
+
+/// One request the server received.
+#[derive(Clone, Debug)]
+struct Call {
+    /// The form parameters, decoded.
+    params: BTreeMap<String, String>,
+}
+
+impl Call {
+    fn action(&self) -> &str {
+        self.params.get("Action").map_or("", String::as_str)
+    }
+
+    fn subnet(&self) -> &str {
+        self.params
+            .get("NetworkInterface.1.SubnetId")
+            .map_or("", String::as_str)
+    }
+}
+
+/// Chooses the reply (HTTP status and fixture file name) for a request.
+type Script = Arc<dyn Fn(&Call) -> (u16, String) + Send + Sync>;
+
+#[derive(Clone)]
+struct Shared {
+    script: Script,
+    calls: Arc<Mutex<Vec<Call>>>,
+}
+
+/// A scripted EC2 endpoint on 127.0.0.1.
+struct FixtureServer {
+    addr: SocketAddr,
+    calls: Arc<Mutex<Vec<Call>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FixtureServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FixtureServer {
+    async fn start(script: impl Fn(&Call) -> (u16, String) + Send + Sync + 'static) -> Self {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let shared = Shared {
+            script: Arc::new(script),
+            calls: calls.clone(),
+        };
+        let app = axum::Router::new().fallback(handle).with_state(shared);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr");
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.expect("fixture server");
+        });
+        FixtureServer { addr, calls, task }
+    }
+
+    fn calls(&self) -> Vec<Call> {
+        self.calls.lock().expect("calls lock").clone()
+    }
+
+    /// The subnets of the RunInstances calls so far, in order.
+    fn run_subnets(&self) -> Vec<String> {
+        self.calls()
+            .iter()
+            .filter(|c| c.action() == "RunInstances")
+            .map(|c| c.subnet().to_string())
+            .collect()
+    }
+
+    /// A driver pointed at this server with `extra` DriverParameters and a fixed clock.
+    fn driver(&self, extra: serde_json::Value) -> Ec2 {
+        driver_at(&format!("http://{}", self.addr), extra)
+    }
+}
+
+fn driver_at(endpoint: &str, extra: serde_json::Value) -> Ec2 {
+    let mut params = serde_json::json!({
+        "Region": "us-east-1",
+        "AccessKeyID": "AKIDFIXTURE",
+        "SecretAccessKey": SECRET,
+        "Endpoint": endpoint,
+        "AdminUsername": "crunch",
+    });
+    if let (Some(p), serde_json::Value::Object(e)) = (params.as_object_mut(), extra) {
+        p.extend(e);
+    }
+    Ec2::from_driver_parameters(&params)
+        .expect("driver parameters")
+        .with_clock(Arc::new(|| Timestamp(T0)))
+}
+
+async fn handle(State(s): State<Shared>, body: String) -> Response {
+    let call = Call {
+        params: parse_form(&body),
+    };
+    let (status, file) = (s.script)(&call);
+    s.calls.lock().expect("calls lock").push(call);
+    let text = fixture(&file);
+    (
+        StatusCode::from_u16(status).expect("status"),
+        [(header::CONTENT_TYPE, "text/xml;charset=UTF-8")],
+        text,
+    )
+        .into_response()
+}
+
+fn fixture(name: &str) -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/ec2")
+        .join(name);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("fixture {}: {e}", p.display()))
+}
+
+/// Decodes an `application/x-www-form-urlencoded` body.
+fn parse_form(body: &str) -> BTreeMap<String, String> {
+    fn decode(s: &str) -> String {
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'+' => out.push(b' '),
+                b'%' if i + 2 < b.len() => {
+                    let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
+                    match u8::from_str_radix(hex, 16) {
+                        Ok(v) => {
+                            out.push(v);
+                            i += 2;
+                        }
+                        Err(_) => out.push(b'%'),
+                    }
+                }
+                c => out.push(c),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    body.split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => (decode(k), decode(v)),
+            None => (decode(kv), String::new()),
+        })
+        .collect()
+}
+
+fn request(provider_type: &str) -> CreateRequest {
+    let t = InstanceType {
+        name: "m5large".into(),
+        provider_type: provider_type.into(),
+        vcpus: 2,
+        ram: 8 << 30,
+        price: 0.1,
+        ..Default::default()
+    };
+    CreateRequest {
+        instance_type: Arc::new(t),
+        image_id: "ami-0123".into(),
+        tags: [
+            ("ArvadosInstanceSetID", "zzzzz-gj3su-000000000000000"),
+            ("ArvadosInstanceType", "m5large"),
+            ("ArvadosIdleBehavior", "run"),
+            (
+                "ArvadosInstanceSecret",
+                "0123456789abcdef0123456789abcdef01234567",
+            ),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
+        init_command: "echo hello".into(),
+        public_key: None,
+    }
+}
+
+async fn create(d: &Ec2, req: CreateRequest) -> Result<InstanceInfo, CloudError> {
+    tokio::time::timeout(DEADLINE, d.create(req))
+        .await
+        .expect("create finished before the deadline")
+}
+
+async fn list(d: &Ec2, filter: &BTreeMap<String, String>) -> Result<Vec<InstanceInfo>, CloudError> {
+    tokio::time::timeout(DEADLINE, d.list(filter))
+        .await
+        .expect("list finished before the deadline")
+}
+
+fn rate_limited(after_ms: u64) -> CloudErrorKind {
+    CloudErrorKind::RateLimited {
+        retry_at: Timestamp(T0 + after_ms),
+    }
+}
+
+#[tokio::test]
+async fn each_error_code_reaches_the_core_as_its_kind() {
+    use CloudErrorKind::*;
+    let table: &[(&str, u16, CloudErrorKind)] = &[
+        // Throttling (the SDK's default throttle codes): rate limited, first delay 1 s.
+        ("RequestLimitExceeded", 503, rate_limited(1000)),
+        ("Throttling", 400, rate_limited(1000)),
+        // Quota.
+        ("InstanceLimitExceeded", 400, Quota),
+        ("InsufficientAddressCapacity", 400, Quota),
+        ("InsufficientFreeAddressesInSubnet", 400, Quota),
+        ("InsufficientVolumeCapacity", 400, Quota),
+        ("MaxSpotInstanceCountExceeded", 400, Quota),
+        // Capacity, with its scope.
+        (
+            "InsufficientInstanceCapacity",
+            500,
+            Capacity(CapacityScope::InstanceType),
+        ),
+        (
+            "Unsupported-type",
+            400,
+            Capacity(CapacityScope::InstanceType),
+        ),
+        (
+            "VcpuLimitExceeded",
+            400,
+            Capacity(CapacityScope::QuotaGroup),
+        ),
+        // Everything else.
+        ("Unsupported-other", 400, Permanent),
+        ("InvalidSubnetID.NotFound", 400, Permanent),
+        ("InvalidParameterValue-subnet", 400, Permanent),
+        ("InvalidParameterValue-other", 400, Permanent),
+        ("InvalidAMIID.NotFound", 400, Permanent),
+        ("AuthFailure", 401, Permanent),
+        ("InternalError", 500, Transient),
+        ("Unavailable", 503, Transient),
+    ];
+    for (name, status, want) in table {
+        let file = format!("error-{name}.xml");
+        let status = *status;
+        let server = FixtureServer::start(move |_| (status, file.clone())).await;
+        let d = server.driver(serde_json::json!({"SubnetID": "subnet-a"}));
+        let err = create(&d, request("m5.large"))
+            .await
+            .expect_err("the fixture is an error");
+        assert_eq!(err.kind, *want, "{name}: {err}");
+        let code = name.split('-').next().expect("code");
+        assert!(err.message.contains(code), "{name}: {err}");
+        assert!(!err.message.contains(SECRET), "{name}: {err}");
+        assert_eq!(server.run_subnets(), ["subnet-a"], "{name}");
+    }
+}
+
+#[tokio::test]
+async fn list_errors_are_classified_too() {
+    use CloudErrorKind::*;
+    for (name, status, want) in [
+        ("RequestLimitExceeded", 503, rate_limited(1000)),
+        ("AuthFailure", 401, Permanent),
+        ("Unavailable", 503, Transient),
+    ] {
+        let file = format!("error-{name}.xml");
+        let server = FixtureServer::start(move |_| (status, file.clone())).await;
+        let d = server.driver(serde_json::json!({}));
+        let err = list(&d, &BTreeMap::new()).await.expect_err("error");
+        assert_eq!(err.kind, want, "{name}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn throttling_backoff_grows_resets_and_is_per_call_kind() {
+    let throttle = Arc::new(Mutex::new(true));
+    let t = throttle.clone();
+    let server = FixtureServer::start(move |c| {
+        if *t.lock().expect("lock") {
+            (503, "error-RequestLimitExceeded.xml".into())
+        } else if c.action() == "RunInstances" {
+            (200, "RunInstances-ok.xml".into())
+        } else {
+            (200, "DescribeInstances-page2.xml".into())
+        }
+    })
+    .await;
+    let d = server.driver(serde_json::json!({}));
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(
+            create(&d, request("m5.large"))
+                .await
+                .expect_err("throttled")
+                .kind,
+        );
+    }
+    assert_eq!(
+        got,
+        [
+            rate_limited(1000),
+            rate_limited(2500),
+            rate_limited(4750),
+            rate_limited(8125)
+        ]
+    );
+    // The list backoff is separate: it starts at 1 s.
+    let err = list(&d, &BTreeMap::new()).await.expect_err("throttled");
+    assert_eq!(err.kind, rate_limited(1000));
+    // A success resets the create backoff.
+    *throttle.lock().expect("lock") = false;
+    create(&d, request("m5.large")).await.expect("created");
+    *throttle.lock().expect("lock") = true;
+    let err = create(&d, request("m5.large"))
+        .await
+        .expect_err("throttled");
+    assert_eq!(err.kind, rate_limited(1000));
+    // The list backoff was not reset by the create success.
+    let err = list(&d, &BTreeMap::new()).await.expect_err("throttled");
+    assert_eq!(err.kind, rate_limited(2500));
+    // A non-throttle error resets it.
+    *throttle.lock().expect("lock") = false;
+    list(&d, &BTreeMap::new()).await.expect("listed");
+    *throttle.lock().expect("lock") = true;
+    let err = list(&d, &BTreeMap::new()).await.expect_err("throttled");
+    assert_eq!(err.kind, rate_limited(1000));
+}
+
+#[tokio::test]
+async fn full_subnet_then_good_one_and_the_next_create_starts_on_the_good_one() {
+    let server = FixtureServer::start(|c| match c.subnet() {
+        "subnet-full" => (400, "error-InsufficientFreeAddressesInSubnet.xml".into()),
+        _ => (200, "RunInstances-ok.xml".into()),
+    })
+    .await;
+    let d = server.driver(serde_json::json!({"SubnetID": ["subnet-full", "subnet-good"]}));
+    let inst = create(&d, request("m5.large")).await.expect("created");
+    assert_eq!(inst.id, "i-0fixture000000001");
+    assert_eq!(inst.address, "10.1.2.3");
+    assert_eq!(inst.provider_type, "m5.large");
+    assert_eq!(inst.remote_user, "crunch");
+    assert_eq!(server.run_subnets(), ["subnet-full", "subnet-good"]);
+    assert_eq!(d.next_subnet_index(), 1);
+    create(&d, request("m5.large")).await.expect("created");
+    assert_eq!(
+        server.run_subnets(),
+        ["subnet-full", "subnet-good", "subnet-good"]
+    );
+}
+
+#[tokio::test]
+async fn full_and_invalid_subnets_surface_each_others_errors() {
+    let server = FixtureServer::start(|c| match c.subnet() {
+        "subnet-full" => (400, "error-InvalidParameterValue-subnet.xml".into()),
+        _ => (400, "error-InvalidSubnetID.NotFound.xml".into()),
+    })
+    .await;
+    let d = server.driver(serde_json::json!({"SubnetID": ["subnet-full", "subnet-invalid"]}));
+    let err = create(&d, request("m5.large")).await.expect_err("fails");
+    assert!(err.message.contains("InvalidSubnetID.NotFound"), "{err}");
+    assert_eq!(err.kind, CloudErrorKind::Permanent);
+    let err = create(&d, request("m5.large")).await.expect_err("fails");
+    assert!(err.message.contains("Not enough free addresses"), "{err}");
+    assert_eq!(
+        server.run_subnets(),
+        [
+            "subnet-full",
+            "subnet-invalid",
+            "subnet-invalid",
+            "subnet-full"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn capacity_error_wins_over_a_later_subnet_error() {
+    let server = FixtureServer::start(|c| match c.subnet() {
+        "subnet-full" => (400, "error-InvalidParameterValue-ipv4.xml".into()),
+        _ => (500, "error-InsufficientInstanceCapacity.xml".into()),
+    })
+    .await;
+    let d = server.driver(serde_json::json!({"SubnetID": ["subnet-full", "subnet-nocap"]}));
+    for _ in 0..3 {
+        let err = create(&d, request("m5.large")).await.expect_err("fails");
+        assert_eq!(
+            err.kind,
+            CloudErrorKind::Capacity(CapacityScope::InstanceType),
+            "{err}"
+        );
+        assert!(
+            err.message.contains("InsufficientInstanceCapacity"),
+            "{err}"
+        );
+    }
+    assert_eq!(server.run_subnets().len(), 6);
+}
+
+#[tokio::test]
+async fn a_non_subnet_error_stops_the_failover() {
+    let server = FixtureServer::start(|_| (400, "error-InstanceLimitExceeded.xml".into())).await;
+    let d = server.driver(serde_json::json!({"SubnetID": ["subnet-a", "subnet-b", "subnet-c"]}));
+    let err = create(&d, request("m5.large")).await.expect_err("fails");
+    assert_eq!(err.kind, CloudErrorKind::Quota);
+    assert_eq!(server.run_subnets(), ["subnet-a"]);
+    assert_eq!(d.next_subnet_index(), 0);
+}
+
+#[tokio::test]
+async fn list_pages_until_an_empty_token_and_skips_gone_instances() {
+    let server = FixtureServer::start(|c| match c.params.get("NextToken").map(String::as_str) {
+        None => (200, "DescribeInstances-page1.xml".into()),
+        Some("page2") => (200, "DescribeInstances-page2.xml".into()),
+        Some(other) => panic!("unexpected NextToken {other:?}"),
+    })
+    .await;
+    let d = server.driver(serde_json::json!({}));
+    let filter: BTreeMap<String, String> = [(
+        "ArvadosInstanceSetID".to_string(),
+        "zzzzz-gj3su-000000000000000".to_string(),
+    )]
+    .into();
+    let got = list(&d, &filter).await.expect("listed");
+    let ids: Vec<&str> = got.iter().map(|i| i.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["i-0page1running", "i-0page2pending", "i-0page2stopped"]
+    );
+    assert_eq!(got[0].address, "10.1.0.1");
+    assert_eq!(got[1].address, "");
+    assert_eq!(got[1].provider_type, "c5.xlarge");
+    assert_eq!(
+        got[0].tags.get("ArvadosInstanceSetID").map(String::as_str),
+        Some("zzzzz-gj3su-000000000000000")
+    );
+    let calls = server.calls();
+    assert_eq!(calls.len(), 2, "an empty nextToken ends the listing");
+    for c in &calls {
+        assert_eq!(c.action(), "DescribeInstances");
+        assert_eq!(
+            c.params.get("Filter.1.Name").map(String::as_str),
+            Some("tag:ArvadosInstanceSetID")
+        );
+        assert_eq!(
+            c.params.get("Filter.1.Value.1").map(String::as_str),
+            Some("zzzzz-gj3su-000000000000000")
+        );
+    }
+}
+
+#[tokio::test]
+async fn destroy_and_set_tags_errors() {
+    let server = FixtureServer::start(|c| match c.action() {
+        "TerminateInstances" => (400, "error-InvalidInstanceID.NotFound.xml".into()),
+        _ => (503, "error-RequestLimitExceeded.xml".into()),
+    })
+    .await;
+    let d = server.driver(serde_json::json!({}));
+    let err = tokio::time::timeout(DEADLINE, d.destroy("i-0123456789abcdef0"))
+        .await
+        .expect("deadline")
+        .expect_err("not found");
+    assert_eq!(err.kind, CloudErrorKind::NotFound, "{err}");
+    let err = tokio::time::timeout(DEADLINE, d.set_tags("i-0123456789abcdef0", BTreeMap::new()))
+        .await
+        .expect("deadline")
+        .expect_err("throttled");
+    // Go only logs Destroy and SetTags errors; a throttled one is worth retrying.
+    assert_eq!(err.kind, CloudErrorKind::Transient, "{err}");
+    let actions: Vec<String> = server
+        .calls()
+        .iter()
+        .map(|c| c.action().to_string())
+        .collect();
+    assert_eq!(actions, ["TerminateInstances", "CreateTags"]);
+    assert_eq!(
+        server.calls()[0]
+            .params
+            .get("InstanceId.1")
+            .map(String::as_str),
+        Some("i-0123456789abcdef0")
+    );
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_transient() {
+    // Bind and drop a listener to get a loopback port that nothing listens on.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr").port()
+    };
+    let d = driver_at(&format!("http://127.0.0.1:{port}"), serde_json::json!({}));
+    let err = create(&d, request("m5.large"))
+        .await
+        .expect_err("no server");
+    assert_eq!(err.kind, CloudErrorKind::Transient, "{err}");
+    assert!(!err.message.contains(SECRET), "{err}");
+}
+
+#[tokio::test]
+async fn run_instances_request_shape() {
+    let server = FixtureServer::start(|_| (200, "RunInstances-ok.xml".into())).await;
+    let d = server.driver(serde_json::json!({
+        "SubnetID": "subnet-a",
+        "SecurityGroupIDs": ["sg-2", "sg-1"],
+        "IAMInstanceProfile": "crunch-profile",
+        "EBSVolumeType": "gp3",
+    }));
+    let mut req = request("m5.large");
+    let mut t = (*req.instance_type).clone();
+    t.preemptible = true;
+    t.price = 0.00001;
+    t.added_scratch = (50 << 30) + 1;
+    req.instance_type = Arc::new(t);
+    create(&d, req).await.expect("created");
+    let calls = server.calls();
+    assert_eq!(calls.len(), 1);
+    let p = &calls[0].params;
+    let want: &[(&str, &str)] = &[
+        ("Action", "RunInstances"),
+        ("ImageId", "ami-0123"),
+        ("InstanceType", "m5.large"),
+        ("MinCount", "1"),
+        ("MaxCount", "1"),
+        ("DisableApiTermination", "false"),
+        ("InstanceInitiatedShutdownBehavior", "terminate"),
+        ("NetworkInterface.1.DeviceIndex", "0"),
+        ("NetworkInterface.1.AssociatePublicIpAddress", "false"),
+        ("NetworkInterface.1.DeleteOnTermination", "true"),
+        ("NetworkInterface.1.SubnetId", "subnet-a"),
+        ("NetworkInterface.1.SecurityGroupId.1", "sg-1"),
+        ("NetworkInterface.1.SecurityGroupId.2", "sg-2"),
+        ("TagSpecification.1.ResourceType", "instance"),
+        ("MetadataOptions.HttpEndpoint", "enabled"),
+        ("MetadataOptions.HttpTokens", "required"),
+        // base64 of "#!/bin/sh\necho hello\n".
+        ("UserData", "IyEvYmluL3NoCmVjaG8gaGVsbG8K"),
+        ("BlockDeviceMapping.1.DeviceName", "/dev/xvdt"),
+        ("BlockDeviceMapping.1.Ebs.DeleteOnTermination", "true"),
+        ("BlockDeviceMapping.1.Ebs.VolumeSize", "51"),
+        ("BlockDeviceMapping.1.Ebs.VolumeType", "gp3"),
+        ("InstanceMarketOptions.MarketType", "spot"),
+        (
+            "InstanceMarketOptions.SpotOptions.InstanceInterruptionBehavior",
+            "terminate",
+        ),
+        ("InstanceMarketOptions.SpotOptions.MaxPrice", "1e-05"),
+        ("IamInstanceProfile.Name", "crunch-profile"),
+    ];
+    for (k, v) in want {
+        assert_eq!(p.get(*k).map(String::as_str), Some(*v), "{k} in {p:#?}");
+    }
+    // Tags go on the instance only: one tag specification, with every tag.
+    assert!(!p.contains_key("TagSpecification.2.ResourceType"), "{p:#?}");
+    let tags: BTreeMap<&str, &str> = (1..=4)
+        .map(|i| {
+            (
+                p[&format!("TagSpecification.1.Tag.{i}.Key")].as_str(),
+                p[&format!("TagSpecification.1.Tag.{i}.Value")].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(tags.get("ArvadosIdleBehavior"), Some(&"run"));
+    assert_eq!(tags.get("ArvadosInstanceType"), Some(&"m5large"));
+    assert!(!p.contains_key("KeyName"), "no key was given");
+    assert!(!p.values().any(|v| v.contains(SECRET)));
+}
