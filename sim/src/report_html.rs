@@ -10,10 +10,10 @@ use std::fmt::Write as _;
 
 use crate::sweep::{Outcome, PolicySummary, Series};
 
-const W: f64 = 760.0;
+const W: f64 = 940.0;
 const H: f64 = 440.0;
 const ML: f64 = 70.0;
-const MR: f64 = 20.0;
+const MR: f64 = 200.0;
 const MT: f64 = 20.0;
 const MB: f64 = 50.0;
 
@@ -58,6 +58,7 @@ fn ticks(lo: f64, hi: f64, n: usize) -> Vec<f64> {
 }
 
 fn fmt_tick(v: f64) -> String {
+    let v = if v.abs() < 1e-9 { 0.0 } else { v };
     if v.abs() >= 100.0 || v == v.round() {
         format!("{v:.0}")
     } else if v.abs() >= 1.0 {
@@ -100,11 +101,13 @@ impl Axes {
     }
 
     fn x(&self, v: f64) -> f64 {
-        ML + (v - self.x0) / (self.x1 - self.x0) * (W - ML - MR)
+        let x = ML + (v - self.x0) / (self.x1 - self.x0) * (W - ML - MR);
+        x.clamp(ML, W - MR)
     }
 
     fn y(&self, v: f64) -> f64 {
-        H - MB - (v - self.y0) / (self.y1 - self.y0) * (H - MT - MB)
+        let y = H - MB - (v - self.y0) / (self.y1 - self.y0) * (H - MT - MB);
+        y.clamp(MT, H - MB)
     }
 
     fn draw(&self, s: &mut String, xlabel: &str, ylabel: &str) {
@@ -161,13 +164,28 @@ fn knobs_text(p: &PolicySummary) -> String {
 pub fn pareto_svg(o: &Outcome) -> String {
     let mut s = String::new();
     let ps = &o.policies;
+    // The axes cover the feasible policies and their runs (and the default); infeasible ones
+    // far off (stalled queues) are drawn clamped to the plot's edge.
+    let shown = |policy: usize| policy == 0 || ps.get(policy).is_some_and(|p| p.feasible);
     let axes = Axes::new(
         ps.iter()
+            .filter(|p| shown(p.policy))
             .map(|p| p.mean_wait_p95_s)
-            .chain(o.rows.iter().map(|r| r.wait_p95_s)),
+            .chain(
+                o.rows
+                    .iter()
+                    .filter(|r| shown(r.policy))
+                    .map(|r| r.wait_p95_s),
+            ),
         ps.iter()
+            .filter(|p| shown(p.policy))
             .map(|p| p.mean_cost_usd)
-            .chain(o.rows.iter().map(|r| r.cost_usd)),
+            .chain(
+                o.rows
+                    .iter()
+                    .filter(|r| shown(r.policy))
+                    .map(|r| r.cost_usd),
+            ),
     );
     let _ = write!(
         s,
@@ -274,7 +292,7 @@ pub fn pareto_svg(o: &Outcome) -> String {
     let _ = write!(s, r##"<g class="legend" font-size="11">"##);
     for (i, (fill, stroke, label)) in items.iter().enumerate() {
         let y = MT + 8.0 + i as f64 * 16.0;
-        let x = W - MR - 170.0;
+        let x = W - MR + 20.0;
         let _ = write!(
             s,
             r##"<circle cx="{x}" cy="{y}" r="5" fill="{fill}" stroke="{stroke}"/><text x="{tx}" y="{ty}">{label}</text>"##,
@@ -337,7 +355,7 @@ pub fn instances_svg(id: &str, series: &Series) -> String {
     let _ = write!(s, r##"<g class="legend" font-size="11">"##);
     for (k, name) in names.iter().enumerate() {
         let y = MT + 8.0 + k as f64 * 15.0;
-        let x = W - MR - 190.0;
+        let x = W - MR + 20.0;
         let _ = write!(
             s,
             r##"<rect x="{x}" y="{ry}" width="10" height="10" fill="{c}"/><text x="{tx}" y="{ty}">{n}</text>"##,
@@ -428,7 +446,7 @@ tr.infeasible {{ color: #999; }}
         d.mean_cost_usd,
         d.mean_wait_p95_s
     );
-    s.push_str("<h2>Cost against p95 wait</h2><p>Each large dot is a policy (mean over seeds), each small grey dot one run. Red dots joined by the dashed line are the Pareto front: no other feasible policy is both cheaper and quicker. Lower left is better.</p>");
+    s.push_str("<h2>Cost against p95 wait</h2><p>Each large dot is a policy (mean over seeds), each small grey dot one run. Red dots joined by the dashed line are the Pareto front: no other feasible policy is both cheaper and quicker. Lower left is better. Infeasible policies outside the range of the feasible ones are drawn on the chart's edge (hover for their values).</p>");
     s.push_str(&pareto_svg(o));
     s.push_str("<h2>Instances by type over time</h2>");
     let first = o.seeds.first().copied().unwrap_or(0);
