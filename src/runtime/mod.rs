@@ -540,30 +540,42 @@ impl Shell {
             Input::InstancesListed {
                 result: Ok(list), ..
             } => {
-                let live: std::collections::BTreeSet<&str> =
-                    list.iter().map(|i| i.id.as_str()).collect();
-                let gone: Vec<String> = self
-                    .known
-                    .iter()
-                    .filter(|id| !live.contains(id.as_str()))
-                    .cloned()
-                    .collect();
-                for id in gone {
-                    self.known.remove(&id);
-                    self.executors.forget(&id);
-                }
                 for info in list {
                     self.learn(info);
                 }
             }
             _ => {}
         }
-        let mut d = lock(&self.dispatcher);
-        let now = self.clock.now().max(d.now());
-        if let Some(o) = &self.observer {
-            o.input(now, &input);
+        let prune = matches!(
+            input,
+            Input::InstancesListed { result: Ok(_), .. }
+                | Input::DestroyFinished { result: Ok(_), .. }
+        );
+        let gone: Vec<String> = {
+            let mut d = lock(&self.dispatcher);
+            let now = self.clock.now().max(d.now());
+            if let Some(o) = &self.observer {
+                o.input(now, &input);
+            }
+            d.handle_input(now, input);
+            // An executor goes when the core no longer has the worker, not merely when a
+            // list missed it: a list that started before a create finished does not show the
+            // new instance yet, and its boot probe must still reach it.
+            if prune {
+                let workers = d.pool().workers();
+                self.known
+                    .iter()
+                    .filter(|id| !workers.contains_key(id.as_str()))
+                    .cloned()
+                    .collect()
+            } else {
+                Vec::new()
+            }
+        };
+        for id in gone {
+            self.known.remove(&id);
+            self.executors.forget(&id);
         }
-        d.handle_input(now, input);
     }
 
     fn learn(&mut self, info: &InstanceInfo) {
