@@ -216,7 +216,9 @@ pub async fn new_instance_set(
         #[cfg(feature = "ec2")]
         "ec2" => Ok(Arc::new(ec2::Ec2::from_driver_parameters(params)?)),
         #[cfg(feature = "azure")]
-        "azure" => Ok(Arc::new(azure::Azure::from_driver_parameters(params, None)?)),
+        "azure" => Ok(Arc::new(azure::Azure::from_driver_parameters(
+            params, None,
+        )?)),
         other => Err(DriverError::Unknown(other.to_string())),
     }
 }
