@@ -179,8 +179,7 @@ fn default_config_path() -> PathBuf {
 /// `check-config`.
 fn check_config(path: &std::path::Path) -> ExitCode {
     match config::load_file(path).and_then(|loaded| {
-        config::ec2_params::check_driver_parameters(&loaded)?;
-        config::azure_params::check_driver_parameters(&loaded)?;
+        config::check_driver_parameters(&loaded)?;
         Ok(loaded)
     }) {
         Ok(loaded) => {

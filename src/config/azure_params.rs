@@ -341,20 +341,6 @@ impl AzureParams {
     }
 }
 
-/// Validates the DriverParameters of `loaded` if its driver is `azure`, for `check-config`: a
-/// missing `SubscriptionID` is an error naming
-/// `Clusters.<id>.Containers.CloudVMs.DriverParameters.SubscriptionID`.
-pub fn check_driver_parameters(loaded: &super::Loaded) -> Result<(), ConfigError> {
-    if loaded.core.cloud_vms.driver == "azure" {
-        let path = format!(
-            "Clusters.{}.Containers.CloudVMs.DriverParameters",
-            loaded.cluster_id
-        );
-        AzureParams::from_driver_parameters(&path, &loaded.driver_parameters)?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -231,21 +231,6 @@ impl Ec2Params {
     }
 }
 
-/// Validates the DriverParameters of `loaded`'s driver, for `check-config`: the EC2 ones are
-/// parsed as the driver would parse them (so a missing `Region` is an error naming
-/// `Clusters.<id>.Containers.CloudVMs.DriverParameters.Region`); other drivers' are checked at
-/// setup.
-pub fn check_driver_parameters(loaded: &super::Loaded) -> Result<(), ConfigError> {
-    if loaded.core.cloud_vms.driver == "ec2" {
-        let path = format!(
-            "Clusters.{}.Containers.CloudVMs.DriverParameters",
-            loaded.cluster_id
-        );
-        Ec2Params::from_driver_parameters(&path, &loaded.driver_parameters)?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

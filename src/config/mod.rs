@@ -179,6 +179,26 @@ pub fn instance_set_id(system_root_token: &str) -> String {
     cluster::instance_set_id(system_root_token)
 }
 
+/// Validates `loaded`'s `DriverParameters` as its driver will parse them, for `check-config`:
+/// a missing required key (EC2 `Region`, Azure `SubscriptionID` ...) is an error naming
+/// `Clusters.<id>.Containers.CloudVMs.DriverParameters.<Key>`. The loopback driver's are
+/// checked when it starts.
+pub fn check_driver_parameters(loaded: &Loaded) -> Result<(), ConfigError> {
+    let path = format!(
+        "Clusters.{}.Containers.CloudVMs.DriverParameters",
+        loaded.cluster_id
+    );
+    match loaded.core.cloud_vms.driver.as_str() {
+        "ec2" => ec2_params::Ec2Params::from_driver_parameters(&path, &loaded.driver_parameters)
+            .map(drop),
+        "azure" => {
+            azure_params::AzureParams::from_driver_parameters(&path, &loaded.driver_parameters)
+                .map(drop)
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Reads and validates the config file at `path`.
 pub fn load_file(path: &Path) -> Result<Loaded, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
