@@ -24,6 +24,7 @@ pub mod pool;
 pub mod queue;
 pub mod scheduler;
 pub mod select;
+pub mod snapshot;
 
 pub use command::{Command, CommandKind, Input, OpId};
 pub use dispatcher::{Dispatcher, Options};

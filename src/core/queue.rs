@@ -14,6 +14,7 @@ use super::command::{ContainerUpdate, PollResult};
 use super::config::ContainersConfig;
 use super::fastcmp::{str_cmp, str_eq};
 use super::select::{SelectError, TypeId, TypeTable, choose_instance_types, resources_needed};
+use super::snapshot::History;
 use super::time::Timestamp;
 use super::types::{Container, ContainerState, Resources};
 
@@ -53,6 +54,8 @@ pub struct Queue {
     dontupdate: Option<BTreeSet<String>>,
     /// Start time of the poll in flight.
     poll_started: Option<Timestamp>,
+    /// Recent arrivals and run times, for snapshots (`super::snapshot`).
+    history: History,
 }
 
 impl Queue {
@@ -69,6 +72,11 @@ impl Queue {
     /// Start time of the last successful poll (`None` before the first).
     pub fn updated(&self) -> Option<Timestamp> {
         self.updated
+    }
+
+    /// Recent arrivals and run times, as polls showed them.
+    pub fn history(&self) -> &History {
+        &self.history
     }
 
     /// Marks the start of a poll. Returns what the poll command needs: all known UUIDs and
@@ -103,6 +111,7 @@ impl Queue {
         let mut fx = PollEffects::default();
         let dont = self.dontupdate.take().unwrap_or_default();
         let started = self.poll_started.take().unwrap_or(now);
+        self.history.poll_started(started);
         for uuid in &result.deleted {
             if self.entries.remove(uuid).is_some() {
                 tracing::warn!(container = %uuid, "container disappeared from the database");
@@ -159,6 +168,7 @@ impl Queue {
                 ent.container = ctr;
                 continue;
             }
+            self.history.changed(now, ent, &ctr);
             ent.container = ctr;
             if ent.types.is_empty() {
                 later.push(Later::Untyped(uuid.clone()));
@@ -216,6 +226,8 @@ impl Queue {
                     Vec::new()
                 }
             };
+            self.history
+                .arrived(now, &ctr, &resources, types.first().copied());
             self.entries.insert(
                 uuid,
                 QueueEntry {
@@ -227,6 +239,7 @@ impl Queue {
             );
             fx.added += 1;
         }
+        self.history.prune(&self.entries);
         self.updated = Some(started);
         fx
     }
