@@ -470,8 +470,9 @@ fn cluster_of(config: &mut Value) -> Result<(String, &mut Mapping), String> {
     Ok((id, cluster))
 }
 
-/// Applies one knob to a cluster mapping. `Null` leaves the mapping as it is.
-fn apply_knob(
+/// Applies one knob to a cluster mapping. `Null` leaves the mapping as it is. `dispatch-sim
+/// whatif --change` applies its changes with it too.
+pub fn apply_knob(
     cluster: &mut Mapping,
     name: &str,
     value: &Value,
@@ -964,14 +965,15 @@ fn prepare(
     ))
 }
 
-/// Follows the event log as it is written and records instance counts by type.
+/// Follows the event log as it is written and records instance counts by type (the what-if
+/// runs use it too, with the forked instances entered in `type_of`).
 #[derive(Default)]
-struct Tracker {
+pub(crate) struct Tracker {
     partial: Vec<u8>,
     create_op: BTreeMap<String, String>,
     destroy_op: BTreeMap<String, (u64, String)>,
-    type_of: BTreeMap<String, String>,
-    changes: Vec<(u64, String, i32)>,
+    pub(crate) type_of: BTreeMap<String, String>,
+    pub(crate) changes: Vec<(u64, String, i32)>,
 }
 
 impl Tracker {
@@ -1038,7 +1040,7 @@ impl Tracker {
     }
 }
 
-struct TrackerWriter(Rc<RefCell<Tracker>>);
+pub(crate) struct TrackerWriter(pub(crate) Rc<RefCell<Tracker>>);
 
 impl Write for TrackerWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {

@@ -868,6 +868,69 @@ impl World {
     }
 }
 
+// ----- what-if forks (sim/src/whatif.rs) ---------------------------------------------------
+
+impl World {
+    /// Builds a world whose models `prepare` sets up before the dispatcher first runs: a
+    /// what-if fork puts instances in the cloud and containers in the controller (queued, or
+    /// running on those instances) and adds future arrivals, then the dispatcher starts and
+    /// recovers the instances from their tags, as after a restart.
+    pub fn new_prepared(
+        scenario: Scenario,
+        dir: &std::path::Path,
+        seed: u64,
+        log_out: Option<Box<dyn Write>>,
+        prepare: impl FnOnce(&mut World) -> Result<(), WorldError>,
+    ) -> Result<World, WorldError> {
+        let mut w = World::build(scenario, dir, seed, log_out, true)?;
+        w.outbox = None;
+        prepare(&mut w)?;
+        w.d.handle_timeout(Timestamp(w.now));
+        w.after_core();
+        Ok(w)
+    }
+
+    /// A fresh crunch-run process token, for a process a fork puts on an instance.
+    pub fn fork_token(&mut self) -> u64 {
+        self.next_token += 1;
+        self.next_token
+    }
+
+    /// The payload run time of a container a fork puts in the controller.
+    pub fn fork_payload(&mut self, uuid: &str, runtime: Duration) {
+        self.payloads.insert(
+            uuid.to_string(),
+            Payload {
+                runtime,
+                workflow: None,
+                children_left: 0,
+                children_total: 0,
+                parent: None,
+            },
+        );
+    }
+
+    /// The payload of a crunch-run process a fork put on `inst` ends at `at`.
+    pub fn fork_exit(&mut self, at: u64, inst: &str, uuid: &str, token: u64) {
+        self.push(
+            at,
+            Ev::Exit {
+                inst: inst.to_string(),
+                uuid: uuid.to_string(),
+                token,
+                crash: false,
+            },
+        );
+    }
+
+    /// A future arrival (its container UUID already set).
+    pub fn fork_arrival(&mut self, s: Submission) {
+        let (i, at) = (self.submissions.len(), s.at);
+        self.submissions.push(s);
+        self.push(at, Ev::Arrive(i));
+    }
+}
+
 fn new_dispatcher(loaded: &Loaded, seed: u64, generation: u32, now: u64) -> Dispatcher {
     Dispatcher::new(
         loaded.core.clone(),
