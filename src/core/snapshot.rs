@@ -607,7 +607,8 @@ fn automatic_variant(c: &Config, t: &InstanceType) -> bool {
 /// The effective config the core runs on, in the Arvados layout (`Clusters: {<id>: ...}`), so
 /// that the dispatcher's own loader reads it back into the same [`Config`] (tuning aside, which
 /// has no Arvados key). It holds no secret: the core never has one. Keys the core does not use
-/// (Services, DriverParameters, tokens, keys) are left out; preemptible variants that
+/// (Services, tokens, keys, DriverParameters other than the EC2 quota groups) are left out;
+/// preemptible variants that
 /// `PreemptiblePriceFactor` adds are left out too, since the loader adds them back.
 pub fn arvados_config(c: &Config) -> Value {
     let d = go_duration;
@@ -683,6 +684,29 @@ pub fn arvados_config(c: &Config) -> Value {
         },
         "InstanceTypes": Value::Object(types),
     });
+    let mut cluster = cluster;
+    if v.driver == "ec2" {
+        // The types' quota groups, as the one DriverParameters key that is not a credential:
+        // each keyed by its provider type without the last character, the longest prefix the
+        // loader looks up, so that it wins over the shipped map.
+        let mut groups = Map::new();
+        for t in c.instance_types.values() {
+            let pt = t.provider_type.to_lowercase();
+            let alpha = pt.find(|ch: char| !ch.is_ascii_lowercase());
+            let last = pt.char_indices().last().map(|(i, _)| i);
+            if let (Some(alpha), Some(last)) = (alpha, last)
+                && last >= alpha
+            {
+                let group = t
+                    .quota_group
+                    .strip_suffix("-spot")
+                    .unwrap_or(&t.quota_group);
+                groups.insert(pt[..last].to_string(), json!(group));
+            }
+        }
+        cluster["Containers"]["CloudVMs"]["DriverParameters"] =
+            json!({ "InstanceTypeQuotaGroups": groups });
+    }
     let mut clusters = Map::new();
     clusters.insert(c.cluster_id.clone(), cluster);
     json!({ "Clusters": Value::Object(clusters) })

@@ -16,6 +16,7 @@
 pub mod auth;
 pub mod client;
 pub mod metrics;
+pub mod snapshot;
 pub mod wire;
 
 use std::fmt;
@@ -105,7 +106,8 @@ impl fmt::Debug for ApiState {
     }
 }
 
-/// The management API: every route of reference-scheduler.md §6 behind the token check.
+/// The management API: every route of reference-scheduler.md §6, and the what-if snapshot
+/// (`snapshot`), behind the token check.
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/arvados/v1/dispatch/containers", get(containers))
@@ -116,6 +118,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/arvados/v1/dispatch/instances/drain", post(drain))
         .route("/arvados/v1/dispatch/instances/run", post(run))
         .route("/arvados/v1/dispatch/instances/kill", post(kill_instance))
+        .route(snapshot::PATH, get(snapshot::get_snapshot))
         .route("/metrics", get(metrics_text))
         .route("/metrics.json", get(metrics_json))
         .route("/_health/{check}", get(health))
