@@ -24,6 +24,8 @@ pub mod arvados;
 #[cfg(feature = "runtime")]
 pub mod cloud;
 #[cfg(feature = "runtime")]
+pub mod cloudtest;
+#[cfg(feature = "runtime")]
 pub mod http;
 #[cfg(feature = "runtime")]
 pub mod runtime;

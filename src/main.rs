@@ -12,6 +12,12 @@
 //!   otherwise, 2 when no ID was given. Go-style single-dash long flags (`-header`, `-reason R`)
 //!   are accepted as well as `--header`.
 //!
+//! * `cloudtest [-instance-type T] [-image-id I] [-instance-set-id ID] [-destroy-existing]
+//!   [-command CMD] [-skip-boot-probe] [-pause-before-destroy]` creates, checks and destroys one
+//!   instance with the configured driver (reference-workers.md §6.5; see `cloudtest`). Exit
+//!   status: 0 when every check passed, 1 when one failed, 2 when the test cannot start (an
+//!   unusable config, an unknown instance type, no usable DispatchPrivateKey).
+//!
 //! Secrets are never printed.
 
 use std::path::PathBuf;
@@ -62,6 +68,43 @@ enum Command {
         #[command(subcommand)]
         action: admin::ContainerAction,
     },
+    /// Smoke-test the cloud driver and config: create one instance, check its tags, probe it
+    /// over SSH, run an optional command, destroy it. Exit status 0 only if every check passed.
+    #[cfg(feature = "runtime")]
+    Cloudtest(CloudtestArgs),
+}
+
+/// `cloudtest` flags (Go's `arvados-server cloudtest` flags, plus `-skip-boot-probe`).
+#[cfg(feature = "runtime")]
+#[derive(Debug, clap::Args)]
+struct CloudtestArgs {
+    /// The InstanceSetID tag value of the test instance.
+    #[arg(long, value_name = "ID", default_value = arvados_dispatch_cloud::cloudtest::DEFAULT_INSTANCE_SET_ID)]
+    instance_set_id: String,
+    /// The image to boot [default: the config's CloudVMs.ImageID].
+    #[arg(long, value_name = "IMAGE")]
+    image_id: Option<String>,
+    /// The configured instance type to create [default: the cheapest].
+    #[arg(long, value_name = "TYPE")]
+    instance_type: Option<String>,
+    /// Destroy existing instances tagged with the test's InstanceSetID instead of failing.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true",
+        default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    destroy_existing: bool,
+    /// A shell command to run on the instance once it has booted (non-zero exit fails the test).
+    #[arg(long, value_name = "CMD")]
+    command: Option<String>,
+    /// Do not run BootProbeCommand over SSH (the tags are still checked).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true",
+        default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    skip_boot_probe: bool,
+    /// Wait for Enter on stdin before destroying the instance (the login command is logged).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true",
+        default_value_t = false, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pause_before_destroy: bool,
+    /// Log line format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 /// How `serve` writes its log lines.
@@ -74,19 +117,27 @@ enum LogFormat {
     Json,
 }
 
-/// `serve`: load the config, set up logging, run the shell until SIGTERM/SIGINT.
+/// Log lines on stderr in `format`, filtered by `$ARVADOS_DISPATCH_LOG` (default `info`).
 #[cfg(feature = "runtime")]
-fn serve(path: &std::path::Path, format: LogFormat) -> ExitCode {
+fn init_logging(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_env("ARVADOS_DISPATCH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a terminal, not for log files or the journal.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
     }
+}
+
+/// `serve`: load the config, set up logging, run the shell until SIGTERM/SIGINT.
+#[cfg(feature = "runtime")]
+fn serve(path: &std::path::Path, format: LogFormat) -> ExitCode {
+    init_logging(format);
     let loaded = match config::load_file(path) {
         Ok(l) => l,
         Err(e) => {
@@ -118,6 +169,55 @@ fn serve(path: &std::path::Path, format: LogFormat) -> ExitCode {
     }
 }
 
+/// `cloudtest`: load the config, set up logging, run the test sequence.
+#[cfg(feature = "runtime")]
+fn cloudtest(path: &std::path::Path, args: CloudtestArgs) -> ExitCode {
+    use arvados_dispatch_cloud::cloudtest;
+    init_logging(args.log_format);
+    let loaded = match config::load_file(path) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    for w in &loaded.warnings {
+        tracing::warn!("{w}");
+    }
+    let opts = cloudtest::Options {
+        instance_set_id: args.instance_set_id,
+        image_id: args.image_id.filter(|s| !s.is_empty()),
+        instance_type: args.instance_type.filter(|s| !s.is_empty()),
+        destroy_existing: args.destroy_existing,
+        command: args.command.filter(|s| !s.is_empty()),
+        skip_boot_probe: args.skip_boot_probe,
+        pause_before_destroy: args.pause_before_destroy,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = rt.block_on(cloudtest::run(&loaded, &opts));
+    // The loopback driver's SSH servers and the SDK clients go with the runtime.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    match report {
+        Ok(r) if r.passed() => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
+    }
+}
+
 /// The cluster's section of the config file as JSON (crunch-run's ConfigData `Cluster`).
 #[cfg(feature = "runtime")]
 fn cluster_json(path: &std::path::Path, cluster_id: &str) -> Option<serde_json::Value> {
@@ -140,11 +240,27 @@ fn main() -> ExitCode {
         Command::Instance { remote, action } => admin::instance(&path, &remote, action),
         #[cfg(feature = "runtime")]
         Command::Container { remote, action } => admin::container(&path, &remote, action),
+        #[cfg(feature = "runtime")]
+        Command::Cloudtest(args) => cloudtest(&path, args),
     }
 }
 
 /// Long flags Go's `flag` package lets users spell with one dash.
-const GO_LONG_FLAGS: [&str; 5] = ["header", "reason", "url", "token", "config"];
+const GO_LONG_FLAGS: [&str; 13] = [
+    "header",
+    "reason",
+    "url",
+    "token",
+    "config",
+    "instance-set-id",
+    "image-id",
+    "instance-type",
+    "destroy-existing",
+    "command",
+    "skip-boot-probe",
+    "pause-before-destroy",
+    "log-format",
+];
 
 /// Rewrites `-header`, `-reason R` and `-reason=R` (and the other [`GO_LONG_FLAGS`]) into
 /// clap's `--` form, up to a `--` argument.
