@@ -6,8 +6,10 @@
 //! described in scenario files (`scenario`). `world` owns virtual time and the event heap;
 //! `check` holds the ground-truth checks; `log` the canonical event log and its hash; `report`
 //! the summary; `sweep` runs a scenario under many dispatcher policies and seeds in parallel and
-//! `report_html` renders its report. A world has no threads, no sleeping and no wall clock: a
-//! simulated week takes seconds, and the same seed gives the same event log byte for byte.
+//! `report_html` renders its report; `whatif` forks a dispatcher's snapshot (from the
+//! management API or a simulated run) into two worlds, with and without config changes. A world
+//! has no threads, no sleeping and no wall clock: a simulated week takes seconds, and the same
+//! seed gives the same event log byte for byte.
 
 #![warn(missing_docs)]
 
@@ -23,6 +25,7 @@ pub mod report;
 pub mod report_html;
 pub mod scenario;
 pub mod sweep;
+pub mod whatif;
 pub mod workload;
 pub mod world;
 
