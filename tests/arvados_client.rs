@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use arvados_dispatch_cloud::arvados::{Client, Params};
 use arvados_dispatch_cloud::core::command::{ApiError, Command, CommandKind, Input};
-use arvados_dispatch_cloud::core::types::ContainerState;
+use arvados_dispatch_cloud::core::types::{Container, ContainerState};
 use arvados_dispatch_cloud::core::{OpId, Timestamp};
 use axum::body::Bytes;
 use axum::extract::State;
@@ -201,13 +201,33 @@ async fn within<F: std::future::Future>(f: F) -> F::Output {
         .expect("the test finished within its generous deadline")
 }
 
+/// The poll command's `tracked` records for a queue that knows `known` and still waits for
+/// `missing` (unfinished): in UUID order, the missing ones Queued, the others Complete.
+fn tracked(known: &[String], missing: &[String]) -> Vec<Arc<Container>> {
+    let all: std::collections::BTreeSet<&String> = known.iter().chain(missing).collect();
+    all.into_iter()
+        .map(|u| {
+            let state = if missing.contains(u) {
+                ContainerState::Queued
+            } else {
+                ContainerState::Complete
+            };
+            Arc::new(Container {
+                uuid: u.clone(),
+                state,
+                ..Container::default()
+            })
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn poll_sends_the_go_queries_and_pages() {
     within(async {
         let (url, fake) = serve(Box::new(standard)).await;
         let c = client(&url);
         let known = vec!["zzzzz-dz642-queuedsupervisr".to_string()];
-        let r = c.poll(&known, &[]).await.expect("poll succeeds");
+        let r = c.poll(&tracked(&known, &[])).await.expect("poll succeeds");
 
         let reqs = log(&fake);
         for r in &reqs {
@@ -345,7 +365,7 @@ async fn keyset_paging_continues_past_short_pages_and_stops_at_an_empty_one() {
         .iter()
         .map(|s| format!("zzzzz-dz642-{s}"))
         .collect();
-        let r = c.poll(&all, &[]).await.expect("poll");
+        let r = c.poll(&tracked(&all, &[])).await.expect("poll");
         let got: Vec<String> = r.containers.iter().map(|c| c.uuid.clone()).collect();
         assert_eq!(got, all);
         let mine: Vec<Req> = log(&fake)
@@ -388,7 +408,7 @@ async fn avail_paging_stops_after_a_hundred_non_supervisors() {
         .await;
         let c = client(&url);
         let known: Vec<String> = (0..200).map(|i| format!("zzzzz-dz642-{i:015}")).collect();
-        let r = c.poll(&known, &[]).await.expect("poll");
+        let r = c.poll(&tracked(&known, &[])).await.expect("poll");
         assert_eq!(r.containers.len(), 120);
         let avail: Vec<Option<String>> = log(&fake)
             .iter()
@@ -431,7 +451,7 @@ async fn missing_uuids_are_refetched_in_batches_and_empty_batches_mean_deleted()
         let c = client(&url);
         // 22 missing: batch one (20) returns the alive ones; the rest are retried.
         let missing: Vec<String> = (0..22).map(|i| format!("zzzzz-dz642-{i:015}")).collect();
-        let r = c.poll(&missing, &missing).await.expect("poll");
+        let r = c.poll(&tracked(&missing, &missing)).await.expect("poll");
         let mut got: Vec<String> = r.containers.iter().map(|c| c.uuid.clone()).collect();
         got.sort();
         let alive: Vec<String> = missing
@@ -491,7 +511,7 @@ async fn a_refetch_returning_unrequested_records_fails_the_poll() {
         .await;
         let c = client(&url);
         let e = c
-            .poll(&[], &["zzzzz-dz642-000000000000001".to_string()])
+            .poll(&tracked(&[], &["zzzzz-dz642-000000000000001".to_string()]))
             .await
             .expect_err("mismatch");
         assert!(
@@ -516,7 +536,7 @@ async fn invalid_mounts_are_reported_with_the_go_phrase() {
             standard(req)
         }))
         .await;
-        let r = client(&url).poll(&[], &[]).await.expect("poll");
+        let r = client(&url).poll(&tracked(&[], &[])).await.expect("poll");
         assert_eq!(r.containers.len(), 3, "records stay; the core skips them");
         let errs: Vec<&str> = r.mounts_errors.iter().map(|(u, _)| u.as_str()).collect();
         assert_eq!(
@@ -672,10 +692,7 @@ async fn a_503_reaches_the_core_as_an_api_error_with_its_status() {
         let poll = Command {
             op: OpId(4),
             deadline: Timestamp(0),
-            kind: CommandKind::PollQueue {
-                known: vec![],
-                missing: vec![],
-            },
+            kind: CommandKind::PollQueue { tracked: vec![] },
         };
         let Some(Input::QueuePolled { result: Err(e), .. }) =
             c.execute(&poll, Duration::from_secs(30)).await
@@ -913,7 +930,7 @@ async fn the_client_and_the_standin_controller_agree() {
         let c = client(&format!("http://{addr}"));
         let uuid = |i: usize| format!("zzzzz-dz642-{i:015}");
 
-        let r = c.poll(&[], &[]).await.expect("poll");
+        let r = c.poll(&tracked(&[], &[])).await.expect("poll");
         assert_eq!(
             r.containers.len(),
             130,
@@ -953,7 +970,7 @@ async fn the_client_and_the_standin_controller_agree() {
         let known: Vec<String> = (0..130).map(uuid).collect();
         let mut missing: Vec<String> = vec![uuid(6), uuid(7)];
         missing.extend((0..19).map(|i| format!("zzzzz-dz642-gone{i:011}")));
-        let r = c.poll(&known, &missing).await.expect("poll");
+        let r = c.poll(&tracked(&known, &missing)).await.expect("poll");
         let find = |u: &str| r.containers.iter().find(|c| c.uuid == u).cloned();
         assert_eq!(find(&uuid(5)).expect("mine").state, ContainerState::Locked);
         assert_eq!(

@@ -6,6 +6,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
@@ -133,7 +134,8 @@ impl Fuzz {
         let op = cmd.op;
         let fail = a.is_multiple_of(4);
         match cmd.kind {
-            CommandKind::PollQueue { known, .. } => {
+            CommandKind::PollQueue { tracked } => {
+                let known: Vec<String> = tracked.iter().map(|c| c.uuid.clone()).collect();
                 if fail {
                     return Input::QueuePolled {
                         op,
@@ -248,7 +250,7 @@ impl Fuzz {
                 }
                 Input::InstancesListed {
                     op,
-                    result: Ok(list),
+                    result: Ok(list.into_iter().map(Arc::new).collect()),
                 }
             }
             CommandKind::SetTags { .. } => Input::TagsSet {

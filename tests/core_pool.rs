@@ -147,7 +147,7 @@ impl Rig {
             .map(|t| t.provider_type.clone())
             .unwrap_or_default();
         self.pool
-            .listed(now, 0, Ok(vec![Rig::info(id, tags, &provider)]));
+            .listed(now, 0, Ok(vec![Arc::new(Rig::info(id, tags, &provider))]));
         id.to_string()
     }
 
@@ -772,7 +772,7 @@ fn create_unalloc_shutdown() {
         IdleBehavior::Hold
     );
     let all: Vec<String> = ids.values().flatten().cloned().collect();
-    let listing = |rig: &Rig, gone: &[String]| -> Vec<InstanceInfo> {
+    let listing = |rig: &Rig, gone: &[String]| -> Vec<Arc<InstanceInfo>> {
         all.iter()
             .filter(|id| !gone.contains(id))
             .map(|id| {

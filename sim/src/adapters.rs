@@ -420,7 +420,9 @@ impl InstanceSet for SimCloud {
                 tags: filter.clone(),
             },
             |i| match i {
-                Input::InstancesListed { result, .. } => Some(result),
+                Input::InstancesListed { result, .. } => {
+                    Some(result.map(|list| list.into_iter().map(Arc::unwrap_or_clone).collect()))
+                }
                 _ => None,
             },
         )

@@ -8,7 +8,7 @@ use std::cmp::Reverse;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arvados_dispatch_cloud::core::command::{ApiError, ContainerUpdate, PollResult};
+use arvados_dispatch_cloud::core::command::{ApiError, ContainerUpdate, PollResult, poll_missing};
 use arvados_dispatch_cloud::core::fastcmp::{str_cmp, str_eq};
 use arvados_dispatch_cloud::core::types::{Container, ContainerState};
 
@@ -212,12 +212,8 @@ impl Controller {
 
     /// One poll (reference-scheduler.md §4.2): "avail" pages by priority until 100 non-supervisor
     /// containers, "mine", then the missing re-fetch, and mounts for new containers.
-    pub fn poll(
-        &mut self,
-        now: u64,
-        known: &[String],
-        missing: &[String],
-    ) -> Result<PollResult, ApiError> {
+    /// `tracked` is the dispatcher's queue (see `CommandKind::PollQueue`).
+    pub fn poll(&mut self, now: u64, tracked: &[Arc<Container>]) -> Result<PollResult, ApiError> {
         if let Some(e) = self.outage(now) {
             return Err(e);
         }
@@ -244,14 +240,14 @@ impl Controller {
         let mine_start = res.containers.len();
         res.containers.extend(self.mine.values().cloned());
         let mine_end = res.containers.len();
-        // The missing re-fetch skips what the lists returned. `missing` comes sorted (the
+        // The missing re-fetch skips what the lists returned. `tracked` comes sorted (the
         // dispatcher's queue keys), so it is merged with `mine` rather than looked up.
-        let sorted = missing.is_sorted_by(|a, b| str_cmp(a, b).is_le());
+        let sorted = tracked.is_sorted_by(|a, b| str_cmp(&a.uuid, &b.uuid).is_le());
         let mut mine = self.mine.keys().peekable();
-        for uuid in missing {
+        for uuid in poll_missing(tracked) {
             let in_mine = if sorted {
                 while mine.next_if(|m| str_cmp(m, uuid).is_lt()).is_some() {}
-                mine.peek() == Some(&uuid)
+                mine.peek().is_some_and(|m| str_eq(m, uuid))
             } else {
                 self.mine.contains_key(uuid)
             };
@@ -260,31 +256,25 @@ impl Controller {
             }
             match self.rows.get(uuid) {
                 Some(r) => res.containers.push(Arc::clone(&r.c)),
-                None => res.deleted.push(uuid.clone()),
+                None => res.deleted.push(uuid.to_string()),
             }
         }
-        // New records (not in `known`) carry mounts. `known` comes sorted (the dispatcher's
-        // queue keys), and so do the three parts of the answer once "avail" is sorted: each
-        // part is merged with `known` instead of searching it per record.
+        // New records (not tracked) carry mounts. `tracked` comes sorted, and so do the three
+        // parts of the answer once "avail" is sorted: each part is merged with `tracked`
+        // instead of searching it per record.
+        let known = tracked;
         let mut unknown: Vec<usize> = Vec::new();
-        if known.is_sorted_by(|a, b| str_cmp(a, b).is_le()) {
+        if sorted {
             mark_unknown(known, avail.iter().copied(), &mut unknown);
             let parts = [mine_start..mine_end, mine_end..res.containers.len()];
             for part in parts {
                 let items = part.map(|i| (res.containers[i].uuid.as_str(), i));
-                if sorted {
-                    mark_unknown(known, items, &mut unknown);
-                } else {
-                    unknown.extend(
-                        items
-                            .filter(|(u, _)| known.binary_search_by(|k| str_cmp(k, u)).is_err())
-                            .map(|(_, i)| i),
-                    );
-                }
+                mark_unknown(known, items, &mut unknown);
             }
         } else {
             unknown.extend(
-                (0..res.containers.len()).filter(|&i| !known.contains(&res.containers[i].uuid)),
+                (0..res.containers.len())
+                    .filter(|&i| !known.iter().any(|k| k.uuid == res.containers[i].uuid)),
             );
         }
         for i in unknown {
@@ -375,16 +365,16 @@ impl Controller {
 /// Appends to `out` the index of each item (UUID, index) whose UUID is not in `known`. Both
 /// `known` and `items` are in UUID order, so one merge answers every item.
 fn mark_unknown<'a>(
-    known: &[String],
+    known: &[Arc<Container>],
     items: impl Iterator<Item = (&'a str, usize)>,
     out: &mut Vec<usize>,
 ) {
     let mut k = 0;
     for (uuid, i) in items {
-        while k < known.len() && str_cmp(&known[k], uuid).is_lt() {
+        while k < known.len() && str_cmp(&known[k].uuid, uuid).is_lt() {
             k += 1;
         }
-        if known.get(k).is_none_or(|s| !str_eq(s, uuid)) {
+        if known.get(k).is_none_or(|c| !str_eq(&c.uuid, uuid)) {
             out.push(i);
         }
     }

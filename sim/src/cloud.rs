@@ -4,6 +4,7 @@
 //! the command-line semantics the dispatcher relies on (reference-workers.md §2.8).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use arvados_dispatch_cloud::core::Timestamp;
 use arvados_dispatch_cloud::core::command::{
@@ -35,8 +36,8 @@ pub struct Proc {
 /// One simulated instance.
 #[derive(Clone, Debug)]
 pub struct Instance {
-    /// What List returns.
-    pub info: InstanceInfo,
+    /// What List returns (shared with the listings, which copy only the pointer).
+    pub info: Arc<InstanceInfo>,
     /// Configured type name.
     pub type_name: String,
     /// Hourly price.
@@ -259,7 +260,7 @@ impl Cloud {
         let crunch_run_missing = rng.unit_f64() < self.spec.crunch_run_missing_rate;
         let boot_at = if never { NEVER } else { done + boot };
         let inst = Instance {
-            info: info.clone(),
+            info: Arc::new(info.clone()),
             type_name: it.name.clone(),
             price: it.price,
             vcpus: it.vcpus,
@@ -331,7 +332,7 @@ impl Cloud {
         &mut self,
         now: u64,
         filter: &BTreeMap<String, String>,
-    ) -> Result<Vec<InstanceInfo>, CloudError> {
+    ) -> Result<Vec<Arc<InstanceInfo>>, CloudError> {
         let gap = millis(self.spec.min_time_between_lists.0);
         if let Some(last) = self.last_list
             && gap > 0
@@ -351,7 +352,7 @@ impl Cloud {
             .values()
             .filter(|i| i.created_at + lag <= now)
             .filter(|i| filter.iter().all(|(k, v)| i.info.tags.get(k) == Some(v)))
-            .map(|i| i.info.clone())
+            .map(|i| Arc::clone(&i.info))
             .collect())
     }
 
@@ -359,7 +360,7 @@ impl Cloud {
     pub fn set_tags(&mut self, id: &str, tags: BTreeMap<String, String>) -> Result<(), CloudError> {
         match self.instances.get_mut(id) {
             Some(i) => {
-                i.info.tags = tags;
+                Arc::make_mut(&mut i.info).tags = tags;
                 Ok(())
             }
             None => Err(CloudError {

@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 use std::io::Write;
 
-use arvados_dispatch_cloud::core::command::{Command, CommandKind, Input};
+use arvados_dispatch_cloud::core::command::{Command, CommandKind, Input, poll_missing};
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01B3;
@@ -71,8 +71,9 @@ impl EventLog {
         let b = &mut self.buf;
         let _ = write!(b, "{now} C {} ", c.op.0);
         let _ = match &c.kind {
-            CommandKind::PollQueue { known, missing } => {
-                write!(b, "Poll known={} missing={}", known.len(), missing.len())
+            CommandKind::PollQueue { tracked } => {
+                let missing = poll_missing(tracked).count();
+                write!(b, "Poll known={} missing={missing}", tracked.len())
             }
             CommandKind::Lock { uuid } => write!(b, "Lock {uuid}"),
             CommandKind::Unlock { uuid } => write!(b, "Unlock {uuid}"),

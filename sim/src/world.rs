@@ -373,9 +373,9 @@ impl World {
         let now = self.now;
         let op = cmd.op;
         match cmd.kind {
-            CommandKind::PollQueue { known, missing } => {
+            CommandKind::PollQueue { tracked } => {
                 let at = now + self.api_latency();
-                let result = self.api.poll(now, &known, &missing);
+                let result = self.api.poll(now, &tracked);
                 self.deliver(at, Input::QueuePolled { op, result });
             }
             CommandKind::Lock { uuid } => {

@@ -25,7 +25,9 @@ use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use reqwest::{Method, Url};
 use serde_json::{Value, json};
 
-use crate::core::command::{ApiError, Command, CommandKind, ContainerUpdate, Input, PollResult};
+use crate::core::command::{
+    ApiError, Command, CommandKind, ContainerUpdate, Input, PollResult, poll_missing,
+};
 use crate::core::types::Container;
 
 pub use wire::{ContainerList, POLL_SELECT, WireContainer};
@@ -646,10 +648,11 @@ impl Client {
         (uuid, r)
     }
 
-    /// One queue poll (reference-scheduler.md §4.2): "avail" and "mine", the `missing`
-    /// re-fetch in batches of 20, and mounts for every returned container not in `known`.
-    /// "avail" records come first, so the core keeps them over "mine" duplicates.
-    pub async fn poll(&self, known: &[String], missing: &[String]) -> Result<PollResult, Error> {
+    /// One queue poll (reference-scheduler.md §4.2): "avail" and "mine", the re-fetch of the
+    /// unfinished `tracked` containers the lists did not return, in batches of 20, and mounts
+    /// for every returned container not tracked. "avail" records come first, so the core keeps
+    /// them over "mine" duplicates.
+    pub async fn poll(&self, tracked: &[Arc<Container>]) -> Result<PollResult, Error> {
         let me = self.token_uuid().await?;
         // The two lists run concurrently, as in Go.
         let mine_filters = [json!(["locked_by_uuid", "=", me])];
@@ -665,10 +668,9 @@ impl Client {
             }
         }
         let mut result = PollResult::default();
-        let mut want: BTreeSet<String> = missing
-            .iter()
+        let mut want: BTreeSet<String> = poll_missing(tracked)
             .filter(|u| !seen.contains(*u))
-            .cloned()
+            .map(str::to_string)
             .collect();
         let mut rounds = 0usize;
         while !want.is_empty() {
@@ -708,7 +710,7 @@ impl Client {
                 message: e.to_string(),
             })?);
         }
-        let known: BTreeSet<&str> = known.iter().map(String::as_str).collect();
+        let known: BTreeSet<&str> = tracked.iter().map(|c| c.uuid.as_str()).collect();
         let new: Vec<usize> = containers
             .iter()
             .enumerate()
@@ -857,9 +859,9 @@ impl Client {
             }
         };
         Some(match &cmd.kind {
-            CommandKind::PollQueue { known, missing } => Input::QueuePolled {
+            CommandKind::PollQueue { tracked } => Input::QueuePolled {
                 op,
-                result: tokio::time::timeout(timeout, self.poll(known, missing))
+                result: tokio::time::timeout(timeout, self.poll(tracked))
                     .await
                     .map_err(within("queue poll".into()))
                     .and_then(|r| r.map_err(ApiError::from)),

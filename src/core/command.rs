@@ -42,10 +42,10 @@ pub enum CommandKind {
     /// re-fetch `missing` (tracked entries to look up by UUID, in batches of 20), and fetch
     /// `mounts` for every returned container whose UUID is not in `known`.
     PollQueue {
-        /// UUIDs the queue already holds (their mounts are not needed).
-        known: Vec<String>,
-        /// Tracked, unfinished UUIDs to re-fetch if the lists do not return them.
-        missing: Vec<String>,
+        /// The queue's records in UUID order, shared rather than copied: their UUIDs are the
+        /// known ones (whose mounts are not needed), and the unfinished ones
+        /// ([`poll_missing`]) are re-fetched if the lists do not return them.
+        tracked: Vec<Arc<Container>>,
     },
     /// `POST arvados/v1/containers/<uuid>/lock`.
     Lock {
@@ -113,6 +113,15 @@ pub enum CommandKind {
         /// What to send on stdin.
         stdin: ExecStdin,
     },
+}
+
+/// The UUIDs a poll re-fetches if the lists do not return them: the tracked containers that
+/// are not finished, in the order of `tracked`.
+pub fn poll_missing(tracked: &[Arc<Container>]) -> impl Iterator<Item = &str> {
+    tracked
+        .iter()
+        .filter(|c| !c.state.is_final())
+        .map(|c| c.uuid.as_str())
 }
 
 /// Why a remote command runs.
@@ -336,8 +345,9 @@ pub enum Input {
     InstancesListed {
         /// Its command.
         op: OpId,
-        /// Result.
-        result: Result<Vec<InstanceInfo>, CloudError>,
+        /// Result. Shared records: a driver that keeps its instances' records (the simulated
+        /// cloud) lists them without copying, and the pool skips a record it already holds.
+        result: Result<Vec<Arc<InstanceInfo>>, CloudError>,
     },
     /// A set-tags call finished.
     TagsSet {

@@ -327,12 +327,12 @@ impl Dispatcher {
             self.dirty = true;
         }
         if self.poll_op.is_none() && now >= self.next_poll_at {
-            let (known, missing) = self.queue.begin_poll(now);
+            let tracked = self.queue.begin_poll(now);
             let op = self.ops.issue(
                 now,
                 self.cfg.tuning.api_call_timeout,
                 Pending::Poll,
-                CommandKind::PollQueue { known, missing },
+                CommandKind::PollQueue { tracked },
             );
             self.poll_op = Some(op);
         }

@@ -79,19 +79,15 @@ impl Queue {
         &self.history
     }
 
-    /// Marks the start of a poll. Returns what the poll command needs: all known UUIDs and
-    /// the unfinished ones to re-fetch if missing.
-    pub fn begin_poll(&mut self, now: Timestamp) -> (Vec<String>, Vec<String>) {
+    /// Marks the start of a poll. Returns what the poll command needs: the tracked records
+    /// in UUID order (shared; see [`CommandKind::PollQueue`](super::command::CommandKind)).
+    pub fn begin_poll(&mut self, now: Timestamp) -> Vec<Arc<Container>> {
         self.dontupdate = Some(BTreeSet::new());
         self.poll_started = Some(now);
-        let known = self.entries.keys().cloned().collect();
-        let missing = self
-            .entries
-            .iter()
-            .filter(|(_, e)| !e.container.state.is_final())
-            .map(|(u, _)| u.clone())
-            .collect();
-        (known, missing)
+        self.entries
+            .values()
+            .map(|e| Arc::clone(&e.container))
+            .collect()
     }
 
     /// The poll failed: nothing changes (the guard set stays until the next poll starts).

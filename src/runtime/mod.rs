@@ -662,7 +662,8 @@ impl Shell {
                 tokio::spawn(async move {
                     let result = tokio::time::timeout_at(deadline, set.list(&tags))
                         .await
-                        .unwrap_or_else(|_| Err(timed_out("list", budget)));
+                        .unwrap_or_else(|_| Err(timed_out("list", budget)))
+                        .map(|list| list.into_iter().map(Arc::new).collect());
                     let _ = tx.send(Input::InstancesListed { op, result });
                 });
             }

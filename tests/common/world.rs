@@ -5,11 +5,12 @@
 #![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arvados_dispatch_cloud::core::command::{
     ApiError, CapacityScope, CloudError, CloudErrorKind, Command, CommandKind, ContainerUpdate,
-    ExecError, ExecErrorKind, ExecOutput, ExecPurpose, Input, PollResult,
+    ExecError, ExecErrorKind, ExecOutput, ExecPurpose, Input, PollResult, poll_missing,
 };
 use arvados_dispatch_cloud::core::config::Config;
 use arvados_dispatch_cloud::core::pool::remote::RunnerSpec;
@@ -165,7 +166,9 @@ impl World {
         let op = cmd.op;
         let now = self.now;
         Some(match cmd.kind {
-            CommandKind::PollQueue { known, missing } => {
+            CommandKind::PollQueue { tracked } => {
+                let known: Vec<String> = tracked.iter().map(|c| c.uuid.clone()).collect();
+                let missing: Vec<String> = poll_missing(&tracked).map(str::to_string).collect();
                 if let Some(e) = self.api_err() {
                     return Some(Input::QueuePolled { op, result: Err(e) });
                 }
@@ -351,7 +354,11 @@ impl World {
             }
             CommandKind::ListInstances { .. } => Input::InstancesListed {
                 op,
-                result: Ok(self.vms.values().map(|v| v.info.clone()).collect()),
+                result: Ok(self
+                    .vms
+                    .values()
+                    .map(|v| Arc::new(v.info.clone()))
+                    .collect()),
             },
             CommandKind::SetTags { instance, tags } => {
                 let result = match self.vms.get_mut(&instance) {

@@ -196,6 +196,17 @@ struct TagKeys {
     instance_set_id: String,
 }
 
+impl TagKeys {
+    /// `desired_tags(w) == w.info.tags` without building the map: the desired tags are the
+    /// listed ones with two keys set, so they are equal exactly when both keys already hold
+    /// the desired values.
+    fn current(&self, w: &Worker) -> bool {
+        w.info.tags.get(&self.instance_type) == Some(&w.itype.name)
+            && w.info.tags.get(&self.idle_behavior).map(String::as_str)
+                == Some(w.idle_behavior.as_str())
+    }
+}
+
 /// The pool.
 #[derive(Debug)]
 pub struct Pool {
@@ -759,19 +770,7 @@ impl Pool {
         let Some(w) = self.workers.get(id) else {
             return;
         };
-        if w.state == WorkerState::Shutdown || w.tags_busy {
-            return;
-        }
-        // `desired_tags(w) == w.info.tags` without building the map: the desired tags are the
-        // listed ones with two keys set, so they are equal exactly when both keys already hold
-        // the desired values.
-        if w.info.tags.get(&self.tag_keys.instance_type) == Some(&w.itype.name)
-            && w.info
-                .tags
-                .get(&self.tag_keys.idle_behavior)
-                .map(String::as_str)
-                == Some(w.idle_behavior.as_str())
-        {
+        if w.state == WorkerState::Shutdown || w.tags_busy || self.tag_keys.current(w) {
             return;
         }
         self.workers.get_mut(id).expect("checked").tags_busy = true;
@@ -796,7 +795,12 @@ impl Pool {
     }
 
     /// Adds or refreshes a worker from a listing or a finished create (`updateWorker`, §1.3).
-    fn update_worker(&mut self, now: Timestamp, info: InstanceInfo, secret_hint: Option<&str>) {
+    fn update_worker(
+        &mut self,
+        now: Timestamp,
+        info: Arc<InstanceInfo>,
+        secret_hint: Option<&str>,
+    ) {
         self.stamp += 1;
         let stamp = self.stamp;
         if let Some(w) = self.workers.get_mut(&info.id) {
@@ -907,7 +911,7 @@ impl Pool {
         self.metrics.driver_op("Create", result.is_err());
         match result {
             Ok(info) => {
-                self.update_worker(now, info, Some(secret));
+                self.update_worker(now, Arc::new(info), Some(secret));
             }
             Err(err) => {
                 let it = self
@@ -968,7 +972,7 @@ impl Pool {
         match result {
             Ok(()) => {
                 if let Some(t) = sent {
-                    w.info.tags = t;
+                    Arc::make_mut(&mut w.info).tags = t;
                 }
                 // The behaviour may have changed while the call ran.
                 self.save_tags(id);
@@ -988,7 +992,7 @@ impl Pool {
         &mut self,
         now: Timestamp,
         threshold: u64,
-        result: Result<Vec<InstanceInfo>, CloudError>,
+        result: Result<Vec<Arc<InstanceInfo>>, CloudError>,
     ) {
         self.metrics.driver_op("List", result.is_err());
         self.list_busy = false;
@@ -1006,23 +1010,40 @@ impl Pool {
             }
         };
         let shutdown_timeout = self.timeout_shutdown();
-        let mut seen_ids = BTreeSet::new();
+        // Every worker this listing refreshes gets a stamp above `first`: a second record with
+        // the same ID is skipped.
+        let first = self.stamp;
         for info in list {
             // Drivers may ignore the tag filter; apply it here.
-            if info.tags.get(&self.tag_keys.instance_set_id) != Some(&self.instance_set_id)
-                || !seen_ids.insert(info.id.clone())
-            {
+            if info.tags.get(&self.tag_keys.instance_set_id) != Some(&self.instance_set_id) {
                 continue;
             }
-            let id = info.id.clone();
-            self.update_worker(now, info, None);
-            let w = self.workers.get(&id).expect("just updated");
-            if w.state == WorkerState::Shutdown
-                && w.destroyed.is_some_and(|d| now.since(d) > shutdown_timeout)
-            {
-                tracing::info!(instance = %id, "instance still listed after shutdown; retrying destroy");
-                let w = self.workers.get_mut(&id).expect("exists");
+            let Some(w) = self.workers.get_mut(info.id.as_str()) else {
+                self.update_worker(now, info, None);
+                continue;
+            };
+            if w.seen > first {
+                continue;
+            }
+            // `update_worker` for a known instance, without cloning its ID: a shared record
+            // the pool already holds (the same listing as last time) is kept.
+            self.stamp += 1;
+            w.seen = self.stamp;
+            if !Arc::ptr_eq(&w.info, &info) {
+                w.info = info;
+            }
+            let shutdown = w.state == WorkerState::Shutdown;
+            let set_tags = !shutdown && !w.tags_busy && !self.tag_keys.current(w);
+            let retry_destroy =
+                shutdown && w.destroyed.is_some_and(|d| now.since(d) > shutdown_timeout);
+            if set_tags {
+                w.tags_busy = true;
+                let id = w.id.clone();
+                self.queue_cloud(CloudReq::SetTags(id));
+            } else if retry_destroy {
                 w.destroyed = Some(now);
+                let id = w.id.clone();
+                tracing::info!(instance = %id, "instance still listed after shutdown; retrying destroy");
                 self.queue_cloud(CloudReq::Destroy(id));
             }
         }

@@ -88,7 +88,7 @@ pub struct Worker {
     /// Cloud ID.
     pub id: String,
     /// Latest listing.
-    pub info: InstanceInfo,
+    pub info: Arc<InstanceInfo>,
     /// Configured type, or `None` when the tag names an unconfigured one.
     pub type_id: Option<TypeId>,
     /// The type (for an unconfigured one: only the name is set).
