@@ -8,8 +8,9 @@
 //!
 //! [`History`] collects the statistics. The queue feeds it as polls show containers appear, start
 //! running and end ([`crate::core::queue::Queue::apply_poll`]). Invariants: it is bounded
-//! ([`ARRIVALS_MAX`], [`FINISHED_MAX`], [`CLASSES_MAX`], and the running map is pruned to the
-//! queue's size); it only counts an arrival whose `created_at` is at or after the start of its
+//! ([`ARRIVALS_MAX`], [`FINISHED_MAX`]; the running map is pruned to the queue's size, and the
+//! table of classes to the classes those records use, whenever it has doubled since the last
+//! pruning, so that pruning costs O(1) per record); it only counts an arrival whose `created_at` is at or after the start of its
 //! observations, so containers that existed before the dispatcher started (after a restart, all
 //! of them) are not mistaken for a burst; a run time is recorded only for a container seen
 //! before it ran and seen again once it had ended.
@@ -53,8 +54,9 @@ pub const ARRIVALS_MAX: usize = 200_000;
 /// Most run times remembered.
 pub const FINISHED_MAX: usize = 20_000;
 
-/// Most container classes remembered; classes no record refers to are dropped beyond it.
-pub const CLASSES_MAX: usize = 4096;
+/// The class table is first pruned (classes no record refers to are dropped) at this size,
+/// then each time it has doubled since the last pruning.
+pub const CLASSES_PRUNE_AT: usize = 4096;
 
 /// Run-time samples listed per class in a snapshot (the most recent ones).
 pub const SAMPLES_PER_CLASS_MAX: usize = 200;
@@ -128,6 +130,8 @@ pub struct History {
     /// Arrivals before this were dropped to stay within [`ARRIVALS_MAX`].
     dropped_until: Timestamp,
     classes: BTreeSet<Arc<Class>>,
+    /// Prune the class table when it reaches this size (at least [`CLASSES_PRUNE_AT`]).
+    prune_classes_at: usize,
     arrivals: VecDeque<Arrival>,
     /// Containers seen start running, with when and their class.
     running: BTreeMap<String, (Timestamp, Arc<Class>)>,
@@ -149,8 +153,9 @@ impl History {
         if let Some(a) = self.classes.get(&c) {
             return Arc::clone(a);
         }
-        if self.classes.len() >= CLASSES_MAX {
+        if self.classes.len() >= self.prune_classes_at.max(CLASSES_PRUNE_AT) {
             self.classes.retain(|a| Arc::strong_count(a) > 1);
+            self.prune_classes_at = 2 * self.classes.len();
         }
         let a = Arc::new(c);
         self.classes.insert(Arc::clone(&a));
@@ -812,6 +817,24 @@ Clusters:
             &cfg.containers,
             1000,
         );
+    }
+
+    #[test]
+    fn the_class_table_keeps_only_classes_in_use() {
+        let mut h = History::default();
+        h.poll_started(Timestamp(0));
+        for i in 0..20_000u64 {
+            // A distinct request every second: an hour's worth stays in the window.
+            let mut c = (*container("zzzzz-dz642-x", ContainerState::Queued, i * 1000)).clone();
+            c.runtime_constraints.ram = 1_000_000 + i as i64;
+            h.arrived(Timestamp(i * 1000), &c, &Resources::default(), None);
+            assert!(
+                h.classes.len() <= 2 * 3602 + 1,
+                "{} classes",
+                h.classes.len()
+            );
+        }
+        assert_eq!(h.arrivals.len(), 3601);
     }
 
     #[test]
