@@ -8,7 +8,7 @@ use std::cmp::Reverse;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arvados_dispatch_cloud::core::command::{ApiError, ContainerUpdate, PollResult, poll_missing};
+use arvados_dispatch_cloud::core::command::{ApiError, ContainerUpdate, PollResult};
 use arvados_dispatch_cloud::core::fastcmp::{str_cmp, str_eq};
 use arvados_dispatch_cloud::core::types::{Container, ContainerState};
 
@@ -240,42 +240,51 @@ impl Controller {
         let mine_start = res.containers.len();
         res.containers.extend(self.mine.values().cloned());
         let mine_end = res.containers.len();
-        // The missing re-fetch skips what the lists returned. `tracked` comes sorted (the
-        // dispatcher's queue keys), so it is merged with `mine` rather than looked up.
-        let sorted = tracked.is_sorted_by(|a, b| str_cmp(&a.uuid, &b.uuid).is_le());
-        let mut mine = self.mine.keys().peekable();
-        for uuid in poll_missing(tracked) {
-            let in_mine = if sorted {
-                while mine.next_if(|m| str_cmp(m, uuid).is_lt()).is_some() {}
-                mine.peek().is_some_and(|m| str_eq(m, uuid))
-            } else {
-                self.mine.contains_key(uuid)
-            };
-            if in_mine || avail.binary_search_by(|(a, _)| str_cmp(a, uuid)).is_ok() {
-                continue;
+        // One merge of `tracked` (the dispatcher's queue, which comes in UUID order) with
+        // "mine" (in UUID order too) finds both the "mine" records that are new to the
+        // dispatcher (they carry mounts) and the unfinished tracked containers neither list
+        // returned (the missing re-fetch, in `tracked` order). Re-fetched records are tracked,
+        // so they never carry mounts; the few "avail" records are looked up.
+        let mut by_uuid: Vec<&Container> = tracked.iter().map(|c| &**c).collect();
+        if !by_uuid.is_sorted_by(|a, b| str_cmp(&a.uuid, &b.uuid).is_le()) {
+            by_uuid.sort_by(|a, b| str_cmp(&a.uuid, &b.uuid));
+        }
+        let mut unknown: Vec<usize> = Vec::new();
+        let mut refetch: Vec<&str> = Vec::new();
+        let mut mine = (mine_start..mine_end).peekable();
+        for t in &by_uuid {
+            while let Some(&i) = mine.peek()
+                && str_cmp(&res.containers[i].uuid, &t.uuid).is_lt()
+            {
+                unknown.push(i);
+                mine.next();
             }
+            let in_mine = mine
+                .next_if(|&i| str_eq(&res.containers[i].uuid, &t.uuid))
+                .is_some();
+            if !in_mine
+                && !t.state.is_final()
+                && avail
+                    .binary_search_by(|(a, _)| str_cmp(a, &t.uuid))
+                    .is_err()
+            {
+                refetch.push(&t.uuid);
+            }
+        }
+        unknown.extend(mine);
+        for &(uuid, i) in &avail {
+            if by_uuid
+                .binary_search_by(|k| str_cmp(&k.uuid, uuid))
+                .is_err()
+            {
+                unknown.push(i);
+            }
+        }
+        for uuid in refetch {
             match self.rows.get(uuid) {
                 Some(r) => res.containers.push(Arc::clone(&r.c)),
                 None => res.deleted.push(uuid.to_string()),
             }
-        }
-        // New records (not tracked) carry mounts. `tracked` comes sorted, and so do the three
-        // parts of the answer once "avail" is sorted: each part is merged with `tracked`
-        // instead of searching it per record.
-        let known = tracked;
-        let mut unknown: Vec<usize> = Vec::new();
-        if sorted {
-            mark_unknown(known, avail.iter().copied(), &mut unknown);
-            let parts = [mine_start..mine_end, mine_end..res.containers.len()];
-            for part in parts {
-                let items = part.map(|i| (res.containers[i].uuid.as_str(), i));
-                mark_unknown(known, items, &mut unknown);
-            }
-        } else {
-            unknown.extend(
-                (0..res.containers.len())
-                    .filter(|&i| !known.iter().any(|k| k.uuid == res.containers[i].uuid)),
-            );
         }
         for i in unknown {
             Arc::make_mut(&mut res.containers[i]).mounts = Some(BTreeMap::new());
@@ -359,23 +368,5 @@ impl Controller {
             self.set_state(now, uuid, ContainerState::Cancelled, message);
         }
         Ok(())
-    }
-}
-
-/// Appends to `out` the index of each item (UUID, index) whose UUID is not in `known`. Both
-/// `known` and `items` are in UUID order, so one merge answers every item.
-fn mark_unknown<'a>(
-    known: &[Arc<Container>],
-    items: impl Iterator<Item = (&'a str, usize)>,
-    out: &mut Vec<usize>,
-) {
-    let mut k = 0;
-    for (uuid, i) in items {
-        while k < known.len() && str_cmp(&known[k].uuid, uuid).is_lt() {
-            k += 1;
-        }
-        if known.get(k).is_none_or(|c| !str_eq(&c.uuid, uuid)) {
-            out.push(i);
-        }
     }
 }
