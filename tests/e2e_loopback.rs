@@ -95,7 +95,8 @@ fn get_json(addr: &str, path: &str, token: &str) -> Option<Value> {
     serde_json::from_str(&body).ok()
 }
 
-fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
+/// Polls `f` until it answers; on timeout, fails with the dispatcher logs of `dir`.
+fn wait_for<T>(dir: &Path, what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
         if let Some(v) = f() {
@@ -103,7 +104,8 @@ fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Option<T>) -> T {
         }
         assert!(
             Instant::now() < deadline,
-            "timed out after {secs} s waiting for {what}"
+            "timed out after {secs} s waiting for {what}\n{}",
+            logs(dir)
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -162,12 +164,13 @@ fn ten_containers_survive_a_sigkilled_dispatcher() {
         .expect("ssh-keygen (Debian package openssh-client; scripts/test installs it)");
     assert!(st.success(), "ssh-keygen failed");
 
-    // The workload: ten one-VCPU containers of 3 to 7 seconds.
+    // The workload: ten one-VCPU containers of 8 to 12 seconds: long enough that several run
+    // at once even when starting each one is slow (a loaded CI machine).
     let mut workload = String::from("cluster_id: zzzzz\ncontainers:\n");
     for i in 0..CONTAINERS {
         workload.push_str(&format!(
             "  - {{vcpus: 1, ram: 134217728, run_seconds: {}}}\n",
-            3 + i % 5
+            8 + i % 5
         ));
     }
     std::fs::write(dir.join("workload.yaml"), &workload).expect("workload");
@@ -246,10 +249,15 @@ fn ten_containers_survive_a_sigkilled_dispatcher() {
 
     // Run 1: wait until a few containers run, then SIGKILL the dispatcher.
     let mut serve = start_serve(&dir, &config, 1);
-    let running_at_kill = wait_for("containers running under the first dispatcher", 120, || {
-        let s = status()?;
-        (counts(&s, "Running") >= 2).then_some(s)
-    });
+    let running_at_kill = wait_for(
+        &dir,
+        "containers running under the first dispatcher",
+        120,
+        || {
+            let s = status()?;
+            (counts(&s, "Running") >= 2).then_some(s)
+        },
+    );
     serve.0.kill().expect("SIGKILL serve");
     serve.0.wait().expect("reap serve");
     let running: Vec<String> = running_at_kill["containers"]
@@ -262,7 +270,7 @@ fn ten_containers_survive_a_sigkilled_dispatcher() {
 
     // Run 2: the same config; it must adopt what runs and finish the rest.
     let _serve2 = start_serve(&dir, &config, 2);
-    let done = wait_for("every container to finish", 240, || {
+    let done = wait_for(&dir, "every container to finish", 240, || {
         let s = status()?;
         (s["all_finished"] == true).then_some(s)
     });
@@ -292,7 +300,7 @@ fn ten_containers_survive_a_sigkilled_dispatcher() {
 
     // Nothing leaked: the management API knows every instance the loopback cloud has, and once
     // idle the instance is shut down, leaving the cloud empty.
-    let instances = wait_for("the idle instance to be shut down", 120, || {
+    let instances = wait_for(&dir, "the idle instance to be shut down", 120, || {
         let v = get_json(&mgmt, "/arvados/v1/dispatch/instances", MGMT_TOKEN)?;
         let state = std::fs::read_to_string(dir.join("loopback-state.json")).ok()?;
         let cloud: Value = serde_json::from_str(&state).ok()?;
