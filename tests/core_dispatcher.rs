@@ -75,6 +75,7 @@ fn leftover_vm(w: &mut World, id: &str, type_n: i64, boot_at: Timestamp, procs: 
             provider_type: format!("providertype{type_n}"),
             tags,
             remote_user: "root".into(),
+            ..InstanceInfo::default()
         },
         boot_at,
         broken_at: None,

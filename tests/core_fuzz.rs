@@ -201,6 +201,7 @@ impl Fuzz {
                     } else {
                         "admin".into()
                     },
+                    ..InstanceInfo::default()
                 };
                 self.instances.insert(info.id.clone(), info.clone());
                 Input::CreateFinished {
@@ -241,6 +242,7 @@ impl Fuzz {
                         provider_type: "p".into(),
                         tags,
                         remote_user: "root".into(),
+                        ..InstanceInfo::default()
                     };
                     self.instances.insert(info.id.clone(), info.clone());
                     list.push(info);

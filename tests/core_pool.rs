@@ -87,6 +87,7 @@ impl Rig {
             provider_type: provider.into(),
             tags,
             remote_user: "root".into(),
+            ..InstanceInfo::default()
         }
     }
 

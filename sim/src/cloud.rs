@@ -240,6 +240,7 @@ impl Cloud {
             provider_type: it.provider_type.clone(),
             tags,
             remote_user: "root".into(),
+            ..InstanceInfo::default()
         };
         let ssh = millis(self.spec.ssh_ready.draw(rng));
         let boot = millis(self.spec.boot_time.draw(rng)).max(ssh);

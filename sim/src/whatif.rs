@@ -999,6 +999,7 @@ fn prepare(w: &mut World, p: &Plan, arrivals: &[Submission]) -> Result<(), World
                     provider_type: fi.provider_type.clone(),
                     tags,
                     remote_user: "root".into(),
+                    ..InstanceInfo::default()
                 }
                 .into(),
                 type_name: fi.type_name.clone(),

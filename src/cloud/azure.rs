@@ -1085,6 +1085,7 @@ impl Inner {
             provider_type: it.provider_type.clone(),
             tags,
             remote_user: p.admin_username.clone(),
+            ..InstanceInfo::default()
         })
     }
 
@@ -1155,6 +1156,7 @@ impl Inner {
                 provider_type: str_at(vm, "/properties/hardwareProfile/vmSize").to_string(),
                 tags,
                 remote_user: p.admin_username.clone(),
+                ..InstanceInfo::default()
             });
         }
         Ok(out)

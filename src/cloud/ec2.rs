@@ -579,6 +579,7 @@ impl Ec2 {
                 .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or("").to_string())))
                 .collect(),
             remote_user: self.params.admin_username.clone(),
+            ..InstanceInfo::default()
         }
     }
 

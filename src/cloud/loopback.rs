@@ -279,6 +279,7 @@ impl Loopback {
             provider_type: r.provider_type.clone(),
             tags: r.tags.clone(),
             remote_user: self.remote_user.clone(),
+            ..InstanceInfo::default()
         }
     }
 

@@ -164,6 +164,9 @@ pub enum ExecStdin {
         /// The worker's address (for `GatewayAddress`).
         address: String,
     },
+    /// Bytes the core rendered: the run probe's `--stdin-prices` JSON array
+    /// ([`crate::core::price::prices_json`]).
+    Text(String),
 }
 
 /// A controller API failure.

@@ -21,6 +21,7 @@ pub mod invariants;
 pub mod metrics;
 pub mod ops;
 pub mod pool;
+pub mod price;
 pub mod queue;
 pub mod scheduler;
 pub mod select;

@@ -387,6 +387,16 @@ pub struct InstanceView {
     pub idle_behavior: IdleBehavior,
 }
 
+/// One point of a price history: the hourly price in effect from `start_time` on (Go's
+/// `cloud.InstancePrice`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PricePoint {
+    /// When the price took effect, in milliseconds since the Unix epoch.
+    pub start_time: Timestamp,
+    /// Dollars per hour.
+    pub price: f64,
+}
+
 /// A cloud instance as a driver lists it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct InstanceInfo {
@@ -400,4 +410,20 @@ pub struct InstanceInfo {
     pub tags: BTreeMap<String, String>,
     /// SSH user.
     pub remote_user: String,
+    /// The price history of the instance's market (EC2: its provider type, spot, and
+    /// availability zone), newest first and normalised
+    /// ([`normalize_price_history`](super::price::normalize_price_history)). Empty for
+    /// on-demand instances and for drivers that report no prices. The added scratch volume is
+    /// not included: the run probe adds it (see `scratch_gib_month_price`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub price_history: Vec<PricePoint>,
+    /// Dollars per GiB-month of the added scratch volume (EC2's `EBSPrice`). The run probe adds
+    /// `scratch_gib_month_price` × ceil(AddedScratch / GiB) / 30 / 24 to every price of
+    /// `price_history`, as Go's `PriceHistory(instanceType)` does.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub scratch_gib_month_price: f64,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }

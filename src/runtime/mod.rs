@@ -698,6 +698,7 @@ impl Shell {
                             .render(uuid, instance_type, address)
                             .into_bytes(),
                     )),
+                    ExecStdin::Text(text) => Ok(Arc::new(text.clone().into_bytes())),
                 };
                 let call = match stdin {
                     Err(message) => Err(ExecError {

@@ -320,6 +320,7 @@ impl World {
                         provider_type: instance_type.provider_type.clone(),
                         tags,
                         remote_user: "root".into(),
+                        ..InstanceInfo::default()
                     };
                     let mut vm = Vm {
                         info: info.clone(),
