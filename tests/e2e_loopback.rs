@@ -164,13 +164,16 @@ fn ten_containers_survive_a_sigkilled_dispatcher() {
         .expect("ssh-keygen (Debian package openssh-client; scripts/test installs it)");
     assert!(st.success(), "ssh-keygen failed");
 
-    // The workload: ten one-VCPU containers of 8 to 12 seconds: long enough that several run
-    // at once even when starting each one is slow (a loaded CI machine).
+    // The workload: ten one-VCPU containers of 4 to 8 seconds. They may run one at a time: the
+    // loopback driver has one instance (its MaxInstances), and once a second create gets its
+    // quota error the dispatcher clamps its concurrency to the instance count, as Go does
+    // (reference-scheduler.md B6, kept: docs/compatibility.md). Whether that error happens
+    // depends on timing, so the test asks for one running container, not two.
     let mut workload = String::from("cluster_id: zzzzz\ncontainers:\n");
     for i in 0..CONTAINERS {
         workload.push_str(&format!(
             "  - {{vcpus: 1, ram: 134217728, run_seconds: {}}}\n",
-            8 + i % 5
+            4 + i % 5
         ));
     }
     std::fs::write(dir.join("workload.yaml"), &workload).expect("workload");
@@ -247,7 +250,7 @@ fn ten_containers_survive_a_sigkilled_dispatcher() {
 
     let status = || get_json(&ctl_addr, "/_standin/status", API_TOKEN);
 
-    // Run 1: wait until a few containers run, then SIGKILL the dispatcher.
+    // Run 1: wait until a container runs, then SIGKILL the dispatcher.
     let mut serve = start_serve(&dir, &config, 1);
     let running_at_kill = wait_for(
         &dir,
@@ -255,7 +258,7 @@ fn ten_containers_survive_a_sigkilled_dispatcher() {
         120,
         || {
             let s = status()?;
-            (counts(&s, "Running") >= 2).then_some(s)
+            (counts(&s, "Running") >= 1).then_some(s)
         },
     );
     serve.0.kill().expect("SIGKILL serve");
@@ -270,7 +273,7 @@ fn ten_containers_survive_a_sigkilled_dispatcher() {
 
     // Run 2: the same config; it must adopt what runs and finish the rest.
     let _serve2 = start_serve(&dir, &config, 2);
-    let done = wait_for(&dir, "every container to finish", 240, || {
+    let done = wait_for(&dir, "every container to finish", 480, || {
         let s = status()?;
         (s["all_finished"] == true).then_some(s)
     });
