@@ -149,15 +149,9 @@ fn serve(path: &std::path::Path, format: LogFormat) -> ExitCode {
         tracing::warn!("{w}");
     }
     let cluster_json = cluster_json(path, &loaded.cluster_id);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match async_runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match rt.block_on(arvados_dispatch_cloud::runtime::serve(loaded, cluster_json)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -194,15 +188,9 @@ fn cloudtest(path: &std::path::Path, args: CloudtestArgs) -> ExitCode {
         skip_boot_probe: args.skip_boot_probe,
         pause_before_destroy: args.pause_before_destroy,
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match async_runtime() {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let report = rt.block_on(cloudtest::run(&loaded, &opts));
     // The loopback driver's SSH servers and the SDK clients go with the runtime.
@@ -220,6 +208,17 @@ fn cloudtest(path: &std::path::Path, args: CloudtestArgs) -> ExitCode {
 
 /// The cluster's section of the config file as JSON (crunch-run's ConfigData `Cluster`).
 #[cfg(feature = "runtime")]
+/// The multi-threaded tokio runtime `serve` and `cloudtest` run on.
+fn async_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("error: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        })
+}
+
 fn cluster_json(path: &std::path::Path, cluster_id: &str) -> Option<serde_json::Value> {
     let text = std::fs::read_to_string(path).ok()?;
     let v: serde_json::Value = serde_yaml::from_str(&text).ok()?;
