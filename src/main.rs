@@ -209,6 +209,7 @@ fn cloudtest(path: &std::path::Path, args: CloudtestArgs) -> ExitCode {
 /// The cluster's section of the config file as JSON (crunch-run's ConfigData `Cluster`).
 #[cfg(feature = "runtime")]
 /// The multi-threaded tokio runtime `serve` and `cloudtest` run on.
+#[cfg(feature = "runtime")]
 fn async_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
