@@ -206,8 +206,6 @@ fn cloudtest(path: &std::path::Path, args: CloudtestArgs) -> ExitCode {
     }
 }
 
-/// The cluster's section of the config file as JSON (crunch-run's ConfigData `Cluster`).
-#[cfg(feature = "runtime")]
 /// The multi-threaded tokio runtime `serve` and `cloudtest` run on.
 #[cfg(feature = "runtime")]
 fn async_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
@@ -220,6 +218,8 @@ fn async_runtime() -> Result<tokio::runtime::Runtime, ExitCode> {
         })
 }
 
+/// The cluster's section of the config file as JSON (crunch-run's ConfigData `Cluster`).
+#[cfg(feature = "runtime")]
 fn cluster_json(path: &std::path::Path, cluster_id: &str) -> Option<serde_json::Value> {
     let text = std::fs::read_to_string(path).ok()?;
     let v: serde_json::Value = serde_yaml::from_str(&text).ok()?;
