@@ -1,12 +1,15 @@
 //! The EC2 driver against a scripted EC2 Query endpoint on 127.0.0.1 that replies with the
 //! recorded responses in `fixtures/ec2/`: one row per error code of the reference tables
 //! (reference-workers.md §6.2) with the kind the core receives, the throttling backoff, the
-//! subnet failover order, paging, and the shape of a RunInstances request.
+//! subnet failover order, paging, the shape of a RunInstances request, the spot price history
+//! (DescribeInstanceStatus and DescribeSpotPriceHistory: normalised, per zone, refreshed only
+//! after SpotPriceUpdateInterval, off at 0) and key pair import.
 #![cfg(feature = "ec2")]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,11 +17,13 @@ use arvados_dispatch_cloud::cloud::ec2::Ec2;
 use arvados_dispatch_cloud::cloud::{
     CapacityScope, CloudError, CloudErrorKind, CreateRequest, InstanceInfo, InstanceSet,
 };
+use arvados_dispatch_cloud::core::price::probe_prices;
 use arvados_dispatch_cloud::core::time::Timestamp;
-use arvados_dispatch_cloud::core::types::InstanceType;
+use arvados_dispatch_cloud::core::types::{InstanceType, PricePoint};
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use russh::keys::PublicKey;
 
 /// The fixed "now" of the driver's clock, in milliseconds.
 const T0: u64 = 1_800_000_000_000;
@@ -106,6 +111,11 @@ impl FixtureServer {
 }
 
 fn driver_at(endpoint: &str, extra: serde_json::Value) -> Ec2 {
+    driver_with_clock(endpoint, extra, Arc::new(AtomicU64::new(T0)))
+}
+
+/// A driver whose clock reads `now` (milliseconds).
+fn driver_with_clock(endpoint: &str, extra: serde_json::Value, now: Arc<AtomicU64>) -> Ec2 {
     let mut params = serde_json::json!({
         "Region": "us-east-1",
         "AccessKeyID": "AKIDFIXTURE",
@@ -118,7 +128,7 @@ fn driver_at(endpoint: &str, extra: serde_json::Value) -> Ec2 {
     }
     Ec2::from_driver_parameters(&params)
         .expect("driver parameters")
-        .with_clock(Arc::new(|| Timestamp(T0)))
+        .with_clock(Arc::new(move || Timestamp(now.load(Ordering::SeqCst))))
 }
 
 async fn handle(State(s): State<Shared>, body: String) -> Response {
@@ -587,4 +597,344 @@ async fn run_instances_request_shape() {
     assert_eq!(tags.get("ArvadosInstanceType"), Some(&"m5large"));
     assert!(!p.contains_key("KeyName"), "no key was given");
     assert!(!p.values().any(|v| v.contains(SECRET)));
+}
+
+/// Replies for a listing with spot instances: DescribeInstances, two pages of
+/// DescribeInstanceStatus and two of DescribeSpotPriceHistory (or `zone_a_only`'s one page).
+fn spot_script(c: &Call, zone_a_only: bool) -> (u16, String) {
+    let token = c.params.get("NextToken").map(String::as_str);
+    let file = match (c.action(), token) {
+        ("DescribeInstances", None) => "DescribeInstances-spot.xml",
+        ("DescribeInstanceStatus", None) => "DescribeInstanceStatus-page1.xml",
+        ("DescribeInstanceStatus", Some("status2")) => "DescribeInstanceStatus-page2.xml",
+        ("DescribeSpotPriceHistory", None) if zone_a_only => "DescribeSpotPriceHistory-zone-a.xml",
+        ("DescribeSpotPriceHistory", None) => "DescribeSpotPriceHistory-page1.xml",
+        ("DescribeSpotPriceHistory", Some("prices2")) => "DescribeSpotPriceHistory-page2.xml",
+        other => panic!("unexpected call {other:?}"),
+    };
+    (200, file.to_string())
+}
+
+/// Milliseconds since the epoch of an RFC 3339 UTC time `2027-01-DDTHH:MM:SSZ`.
+fn at(day: u64, hour: u64, min: u64) -> Timestamp {
+    // 2027-01-15T08:00:00Z is T0.
+    Timestamp(T0 + ((day * 24 + hour) * 60 + min) * 60_000 - (15 * 24 + 8) * 3_600_000)
+}
+
+fn by_id(list: &[InstanceInfo], id: &str) -> InstanceInfo {
+    list.iter()
+        .find(|i| i.id == id)
+        .unwrap_or_else(|| panic!("{id} listed"))
+        .clone()
+}
+
+fn actions(server: &FixtureServer) -> Vec<String> {
+    server
+        .calls()
+        .iter()
+        .map(|c| c.action().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn spot_instances_are_listed_with_their_zones_normalised_price_history() {
+    let zone_a_only = Arc::new(Mutex::new(false));
+    let z = zone_a_only.clone();
+    let server = FixtureServer::start(move |c| spot_script(c, *z.lock().expect("lock"))).await;
+    let now = Arc::new(AtomicU64::new(T0));
+    let d = driver_with_clock(
+        &format!("http://{}", server.addr),
+        serde_json::json!({"SpotPriceUpdateInterval": "1h", "EBSPrice": 0.1}),
+        now.clone(),
+    );
+    let got = list(&d, &BTreeMap::new()).await.expect("listed");
+    assert_eq!(got.len(), 3);
+
+    // Zone a: 07:30 has 06:30's price and goes; the 05:30 duplicate (on both pages) goes; the
+    // record without a price that parses and the one without a time are skipped.
+    let a = by_id(&got, "i-0spota");
+    let zone_a = vec![
+        PricePoint {
+            start_time: at(15, 6, 30),
+            price: 0.04,
+        },
+        PricePoint {
+            start_time: at(15, 5, 30),
+            price: 0.038,
+        },
+    ];
+    assert_eq!(a.price_history, zone_a);
+    assert_eq!(a.scratch_gib_month_price, 0.1);
+    // Zone b has its own history; the record without a zone is skipped.
+    let b = by_id(&got, "i-0spotb");
+    assert_eq!(
+        b.price_history,
+        [PricePoint {
+            start_time: at(15, 7, 0),
+            price: 0.05,
+        }]
+    );
+    // On-demand instances get no prices.
+    let od = by_id(&got, "i-0ondemand");
+    assert!(od.price_history.is_empty(), "{od:?}");
+    assert_eq!(od.scratch_gib_month_price, 0.0);
+
+    // What the run probe sends for a type with 50 GiB + 1 byte of AddedScratch: each price plus
+    // $0.10 × 51 GiB / 30 / 24 per hour.
+    let t = InstanceType {
+        name: "m5large-spot".into(),
+        provider_type: "m5.large".into(),
+        added_scratch: (50 << 30) + 1,
+        preemptible: true,
+        ..InstanceType::default()
+    };
+    let hourly = 0.1 * 51.0 / 30.0 / 24.0;
+    assert_eq!(
+        probe_prices(&a, &t),
+        [
+            PricePoint {
+                start_time: at(15, 6, 30),
+                price: 0.04 + hourly,
+            },
+            PricePoint {
+                start_time: at(15, 5, 30),
+                price: 0.038 + hourly,
+            },
+        ]
+    );
+
+    // The requests.
+    let calls = server.calls();
+    assert_eq!(
+        actions(&server),
+        [
+            "DescribeInstances",
+            "DescribeInstanceStatus",
+            "DescribeInstanceStatus",
+            "DescribeSpotPriceHistory",
+            "DescribeSpotPriceHistory",
+        ]
+    );
+    assert_eq!(
+        calls[1]
+            .params
+            .get("IncludeAllInstances")
+            .map(String::as_str),
+        Some("true")
+    );
+    assert_eq!(
+        calls[2].params.get("NextToken").map(String::as_str),
+        Some("status2")
+    );
+    let sph = &calls[3].params;
+    let want: &[(&str, &str)] = &[
+        // now − 3 × SpotPriceUpdateInterval.
+        ("StartTime", "2027-01-15T05:00:00Z"),
+        ("Filter.1.Name", "instance-type"),
+        ("Filter.1.Value.1", "m5.large"),
+        ("Filter.2.Name", "product-description"),
+        ("Filter.2.Value.1", "Linux/UNIX"),
+    ];
+    for (k, v) in want {
+        assert_eq!(sph.get(*k).map(String::as_str), Some(*v), "{k} in {sph:#?}");
+    }
+    assert!(
+        !sph.contains_key("Filter.1.Value.2"),
+        "one value per type: {sph:#?}"
+    );
+    assert_eq!(
+        calls[4].params.get("NextToken").map(String::as_str),
+        Some("prices2")
+    );
+
+    // Within the interval (up to and including exactly one interval later): zones are looked up
+    // again, prices are not, and the instances keep their histories.
+    for later in [T0 + 30 * 60_000, T0 + 3_600_000] {
+        now.store(later, Ordering::SeqCst);
+        let n = server.calls().len();
+        let got = list(&d, &BTreeMap::new()).await.expect("listed");
+        assert_eq!(
+            actions(&server)[n..],
+            [
+                "DescribeInstances",
+                "DescribeInstanceStatus",
+                "DescribeInstanceStatus"
+            ]
+        );
+        assert_eq!(by_id(&got, "i-0spota").price_history, zone_a);
+    }
+
+    // After the interval: a refresh; the same records again change nothing.
+    now.store(T0 + 3_600_001, Ordering::SeqCst);
+    let n = server.calls().len();
+    let got = list(&d, &BTreeMap::new()).await.expect("listed");
+    assert_eq!(
+        actions(&server)[n..],
+        [
+            "DescribeInstances",
+            "DescribeInstanceStatus",
+            "DescribeInstanceStatus",
+            "DescribeSpotPriceHistory",
+            "DescribeSpotPriceHistory",
+        ]
+    );
+    assert_eq!(
+        server.calls()[n + 3]
+            .params
+            .get("StartTime")
+            .map(String::as_str),
+        Some("2027-01-15T06:00:00.001Z")
+    );
+    assert_eq!(by_id(&got, "i-0spota").price_history, zone_a);
+    assert_eq!(by_id(&got, "i-0spotb").price_history.len(), 1);
+
+    // Zone b stops getting prices: its history is kept until it is 64 intervals old, then
+    // dropped. Zone a gains the new price.
+    *zone_a_only.lock().expect("lock") = true;
+    now.store(T0 + 2 * 3_600_000 + 2, Ordering::SeqCst);
+    let got = list(&d, &BTreeMap::new()).await.expect("listed");
+    assert_eq!(by_id(&got, "i-0spotb").price_history.len(), 1);
+    let mut zone_a_later = vec![PricePoint {
+        start_time: at(18, 0, 0),
+        price: 0.041,
+    }];
+    zone_a_later.extend(zone_a.iter().copied());
+    assert_eq!(by_id(&got, "i-0spota").price_history, zone_a_later);
+    now.store(T0 + 3_600_001 + 64 * 3_600_000 + 1, Ordering::SeqCst);
+    let got = list(&d, &BTreeMap::new()).await.expect("listed");
+    let b = by_id(&got, "i-0spotb");
+    assert!(b.price_history.is_empty(), "{b:?}");
+    assert_eq!(b.scratch_gib_month_price, 0.0);
+    assert_eq!(by_id(&got, "i-0spota").price_history, zone_a_later);
+}
+
+#[tokio::test]
+async fn spot_price_lookups_off_at_zero_and_on_by_default() {
+    let server = FixtureServer::start(|c| spot_script(c, false)).await;
+    let d = server.driver(serde_json::json!({"SpotPriceUpdateInterval": "0s", "EBSPrice": 0.1}));
+    let got = list(&d, &BTreeMap::new()).await.expect("listed");
+    assert_eq!(actions(&server), ["DescribeInstances"]);
+    assert!(got.iter().all(|i| i.price_history.is_empty()), "{got:?}");
+    assert!(got.iter().all(|i| i.scratch_gib_month_price == 0.0));
+
+    // Unset: 24h, as Arvados ships it (StartTime three days back).
+    let server = FixtureServer::start(|c| spot_script(c, false)).await;
+    let d = server.driver(serde_json::json!({}));
+    let got = list(&d, &BTreeMap::new()).await.expect("listed");
+    let calls = server.calls();
+    assert_eq!(calls.len(), 5);
+    assert_eq!(
+        calls[3].params.get("StartTime").map(String::as_str),
+        Some("2027-01-12T08:00:00Z")
+    );
+    let a = by_id(&got, "i-0spota");
+    assert_eq!(a.price_history.len(), 2);
+    // EBSPrice unset: nothing to add for the scratch volume.
+    assert_eq!(a.scratch_gib_month_price, 0.0);
+}
+
+#[tokio::test]
+async fn listing_without_spot_instances_looks_up_no_prices() {
+    let server = FixtureServer::start(|c| match c.params.get("NextToken").map(String::as_str) {
+        None => (200, "DescribeInstances-page1.xml".into()),
+        _ => (200, "DescribeInstances-page2.xml".into()),
+    })
+    .await;
+    let d = server.driver(serde_json::json!({"SpotPriceUpdateInterval": "1h"}));
+    let got = list(&d, &BTreeMap::new()).await.expect("listed");
+    assert_eq!(got.len(), 3);
+    assert_eq!(actions(&server), ["DescribeInstances", "DescribeInstances"]);
+}
+
+#[tokio::test]
+async fn price_lookup_errors_are_ignored() {
+    for failing in ["DescribeInstanceStatus", "DescribeSpotPriceHistory"] {
+        let server = FixtureServer::start(move |c| {
+            if c.action() == failing {
+                (503, "error-RequestLimitExceeded.xml".into())
+            } else {
+                spot_script(c, false)
+            }
+        })
+        .await;
+        let d = server.driver(serde_json::json!({"SpotPriceUpdateInterval": "1h"}));
+        let got = list(&d, &BTreeMap::new()).await.expect("listed anyway");
+        assert_eq!(got.len(), 3, "{failing}");
+        // Without zones the keys are (m5.large, spot, ""), for which no record exists.
+        assert!(
+            got.iter().all(|i| i.price_history.is_empty()),
+            "{failing}: {got:?}"
+        );
+        // Nothing was updated, so the next listing tries again.
+        let n = server.calls().len();
+        list(&d, &BTreeMap::new()).await.expect("listed");
+        assert!(
+            actions(&server)[n..].contains(&"DescribeSpotPriceHistory".to_string()),
+            "{failing}"
+        );
+    }
+}
+
+fn test_key() -> PublicKey {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/ec2/test-key-ed25519.pub");
+    let text = std::fs::read_to_string(&p).expect("test key");
+    PublicKey::from_openssh(text.trim()).expect("parses")
+}
+
+#[tokio::test]
+async fn a_duplicate_key_pair_counts_as_imported() {
+    let server = FixtureServer::start(|c| match c.action() {
+        "DescribeKeyPairs" => (200, "DescribeKeyPairs-empty.xml".into()),
+        "ImportKeyPair" => (400, "error-InvalidKeyPair.Duplicate.xml".into()),
+        _ => (200, "RunInstances-ok.xml".into()),
+    })
+    .await;
+    let d = server.driver(serde_json::json!({}));
+    let key = test_key();
+    let fp = arvados_dispatch_cloud::cloud::ec2::key_fingerprints(&key).expect("fingerprints")[0]
+        .clone();
+    let mut req = request("m5.large");
+    req.public_key = Some(key);
+    create(&d, req.clone()).await.expect("created");
+    create(&d, req).await.expect("created");
+    let calls = server.calls();
+    // The duplicate is cached like an import: the second create goes straight to RunInstances.
+    assert_eq!(
+        actions(&server),
+        [
+            "DescribeKeyPairs",
+            "ImportKeyPair",
+            "RunInstances",
+            "RunInstances"
+        ]
+    );
+    let name = format!("arvados-dispatch-keypair-{fp}");
+    assert_eq!(
+        calls[1].params.get("KeyName").map(String::as_str),
+        Some(name.as_str())
+    );
+    for c in &calls[2..] {
+        assert_eq!(
+            c.params.get("KeyName").map(String::as_str),
+            Some(name.as_str())
+        );
+    }
+}
+
+#[tokio::test]
+async fn other_key_pair_import_errors_fail_the_create() {
+    let server = FixtureServer::start(|c| match c.action() {
+        "DescribeKeyPairs" => (200, "DescribeKeyPairs-empty.xml".into()),
+        "ImportKeyPair" => (401, "error-AuthFailure.xml".into()),
+        _ => (200, "RunInstances-ok.xml".into()),
+    })
+    .await;
+    let d = server.driver(serde_json::json!({}));
+    let mut req = request("m5.large");
+    req.public_key = Some(test_key());
+    let err = create(&d, req).await.expect_err("import fails");
+    assert_eq!(err.kind, CloudErrorKind::Permanent, "{err}");
+    assert!(err.message.contains("Could not import keypair"), "{err}");
+    assert!(err.message.contains("AuthFailure"), "{err}");
+    assert_eq!(actions(&server), ["DescribeKeyPairs", "ImportKeyPair"]);
 }

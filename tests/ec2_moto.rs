@@ -339,6 +339,17 @@ async fn key_pairs_are_imported_once_and_found_by_fingerprint() {
     let mut want = vec![name.as_str(), ed_name.as_str()];
     want.sort();
     assert_eq!(names, want);
+
+    // A third driver (empty cache) misses the Ed25519 key pair by fingerprint on moto, and its
+    // import gets InvalidKeyPair.Duplicate: the key pair of that name is this key, and is used.
+    let d3 = moto.driver(serde_json::json!({}));
+    let c = within(d3.create(req))
+        .await
+        .expect("create with the Ed25519 key another driver imported");
+    assert_eq!(
+        describe(&client, &c.id).await.key_name(),
+        Some(ed_name.as_str())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -373,4 +384,15 @@ async fn spot_request_and_scratch_volume() {
     let v = &vols.volumes()[0];
     assert_eq!(v.size(), Some(100));
     assert_eq!(v.volume_type().map(|t| t.as_str()), Some("gp3"));
+
+    // Listing a spot instance also looks up zones (DescribeInstanceStatus) and spot prices
+    // (DescribeSpotPriceHistory; SpotPriceUpdateInterval defaults to 24h). moto's price
+    // records are dated 2006 and described as "Linux/UNIX (Amazon VPC)", so none match the
+    // reference's filter and the instance has no history (tests/ec2_errors.rs covers prices).
+    let listed = within(d.list(&BTreeMap::new())).await.expect("list");
+    let mine = listed
+        .iter()
+        .find(|i| i.id == a.id)
+        .expect("the spot instance is listed");
+    assert!(mine.price_history.is_empty(), "{mine:?}");
 }

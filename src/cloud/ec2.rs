@@ -8,21 +8,32 @@
 //!   the remembered index, wrapping around, moving on only after a subnet-specific error; the
 //!   last tried index is remembered either way.
 //! * `list` is `DescribeInstances` with one `tag:<key>` filter per tag, paged on `NextToken` (an
-//!   empty token ends the listing), skipping `shutting-down` and `terminated` instances.
+//!   empty token ends the listing), skipping `shutting-down` and `terminated` instances. When
+//!   it returns a spot instance and `SpotPriceUpdateInterval` is not zero, the driver also maps
+//!   instances to availability zones (`DescribeInstanceStatus`, errors logged and ignored) and
+//!   refreshes its spot price history (`DescribeSpotPriceHistory`) for any (type, spot, zone)
+//!   key older than the interval; each spot instance is listed with its key's normalised
+//!   history in [`InstanceInfo::price_history`] and `EBSPrice` in
+//!   [`InstanceInfo::scratch_gib_month_price`], from which the core's run probe sends
+//!   `--stdin-prices` (Go's `PriceHistory(type)`: the core knows the type's AddedScratch).
 //! * `set_tags` is `CreateTags` with every tag (upsert only); `destroy` is `TerminateInstances`.
 //! * Errors are classified by [`classify`] into the core's [`CloudErrorKind`]s. For
 //!   `RunInstances` and `DescribeInstances`, a throttling code gives `RateLimited` with a retry
 //!   time from a [`Backoff`] (1 s, 2.5 s, 4.75 s, … capped at 60 s; one state for create and one
 //!   for list), and any other outcome resets that backoff.
 //!
-//! Not done here: spot price history (the [`InstanceSet`] trait has no `PriceHistory`), the
-//! `ec2_instance_starts_total` and `ec2_instances` metrics, and the IMDS/profile credential chain
-//! (static keys from DriverParameters or the `AWS_*` environment variables only).
+//! Key pairs: an `ImportKeyPair` that fails with `InvalidKeyPair.Duplicate` means the key pair
+//! `arvados-dispatch-keypair-<fingerprint>` already exists (another dispatcher, or an emulator
+//! that records a different fingerprint than the one searched for), and it is used.
+//!
+//! Not done here: the `ec2_instance_starts_total` and `ec2_instances` metrics, and the
+//! IMDS/profile credential chain (static keys from DriverParameters or the `AWS_*` environment
+//! variables only).
 //!
 //! Invariant: the secret access key is given to the SDK's credentials provider and nowhere else;
 //! it never appears in an error, a log line or `Debug` output.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -30,13 +41,13 @@ use std::time::Duration;
 use aws_sdk_ec2::config::retry::RetryConfig;
 use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_sdk_ec2::primitives::Blob;
+use aws_sdk_ec2::primitives::{Blob, DateTime};
 use aws_sdk_ec2::types::{
     BlockDeviceMapping, EbsBlockDevice, Filter, HttpTokensState, IamInstanceProfileSpecification,
-    InstanceInterruptionBehavior, InstanceMarketOptionsRequest, InstanceMetadataEndpointState,
-    InstanceMetadataOptionsRequest, InstanceNetworkInterfaceSpecification, InstanceStateName,
-    MarketType, ResourceType, ShutdownBehavior, SpotMarketOptions, Tag, TagSpecification,
-    VolumeType,
+    InstanceInterruptionBehavior, InstanceLifecycleType, InstanceMarketOptionsRequest,
+    InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
+    InstanceNetworkInterfaceSpecification, InstanceStateName, MarketType, ResourceType,
+    ShutdownBehavior, SpotMarketOptions, Tag, TagSpecification, VolumeType,
 };
 use aws_smithy_http_client::tls::{Provider, rustls_provider::CryptoMode};
 use russh::keys::PublicKey;
@@ -49,13 +60,21 @@ use super::{
 };
 use crate::config::ConfigError;
 pub use crate::config::ec2_params::Ec2Params;
+use crate::core::price::normalize_price_history;
 use crate::core::time::Timestamp;
+use crate::core::types::PricePoint;
 
 /// The device name of the added scratch volume.
 pub const SCRATCH_DEVICE: &str = "/dev/xvdt";
 
 /// The prefix of the names of imported key pairs; the first fingerprint follows it.
 pub const KEY_PAIR_NAME_PREFIX: &str = "arvados-dispatch-keypair-";
+
+/// The `ImportKeyPair` error code for a name that is taken: the key pair is already there.
+pub const KEY_PAIR_DUPLICATE: &str = "InvalidKeyPair.Duplicate";
+
+/// The product description of the spot prices looked up.
+pub const SPOT_PRODUCT_DESCRIPTION: &str = "Linux/UNIX";
 
 /// Bytes per GiB, for the scratch volume size.
 const GIB: i64 = 1 << 30;
@@ -283,6 +302,28 @@ struct State {
     list_backoff: Backoff,
     /// Imported key pair names by first fingerprint.
     key_names: HashMap<String, String>,
+    /// Spot price history by (type, spot, zone), newest first and normalised.
+    prices: HashMap<PriceKey, Vec<PricePoint>>,
+    /// When each key of `prices` was last updated.
+    prices_updated: HashMap<PriceKey, Timestamp>,
+}
+
+/// What a spot price history is kept for (Go's `priceKey`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct PriceKey {
+    /// The provider type.
+    instance_type: String,
+    /// Always true: only spot prices are looked up.
+    spot: bool,
+    /// The availability zone ("" when DescribeInstanceStatus did not tell).
+    availability_zone: String,
+}
+
+/// A listed instance, before prices are attached.
+struct Listed {
+    info: InstanceInfo,
+    /// `InstanceLifecycle` is `spot`.
+    spot: bool,
 }
 
 /// The EC2 instance set.
@@ -448,19 +489,26 @@ impl Ec2 {
                 format!("Could not encode public key: {e}"),
             )
         })?;
-        self.client
+        let imported = self
+            .client
             .import_key_pair()
             .key_name(&name)
             .public_key_material(Blob::new(material.into_bytes()))
             .send()
-            .await
-            .map_err(|e| {
-                let raw = RawError::from_sdk("ImportKeyPair", &e);
-                cloud_error(
+            .await;
+        if let Err(e) = imported {
+            let raw = RawError::from_sdk("ImportKeyPair", &e);
+            // The name holds this key's fingerprint: a key pair of that name is this key,
+            // imported earlier by another driver instance even if the fingerprint search above
+            // missed it (moto records another fingerprint for Ed25519 keys).
+            if raw.code.as_deref() != Some(KEY_PAIR_DUPLICATE) {
+                return Err(cloud_error(
                     CloudErrorKind::Permanent,
                     format!("Could not import keypair: {}", raw.text()),
-                )
-            })?;
+                ));
+            }
+            tracing::debug!(key_pair = %name, "key pair already imported");
+        }
         self.state().key_names.insert(fps[0].clone(), name.clone());
         Ok(name)
     }
@@ -641,7 +689,7 @@ impl Ec2 {
             .iter()
             .map(|(k, v)| Filter::builder().name(format!("tag:{k}")).values(v).build())
             .collect();
-        let mut out = Vec::new();
+        let mut out: Vec<Listed> = Vec::new();
         let mut token: Option<String> = None;
         loop {
             let page = self
@@ -663,7 +711,10 @@ impl Ec2 {
                 ) {
                     continue;
                 }
-                out.push(self.info(inst));
+                out.push(Listed {
+                    info: self.info(inst),
+                    spot: inst.instance_lifecycle() == Some(&InstanceLifecycleType::Spot),
+                });
             }
             // An empty token also ends the listing (Arvados bug #22400).
             match page.next_token() {
@@ -672,7 +723,178 @@ impl Ec2 {
             }
         }
         self.state().list_backoff.reset();
-        Ok(out)
+        let interval = self.params.spot_price_update_interval;
+        if interval.is_zero() || !out.iter().any(|l| l.spot) {
+            return Ok(out.into_iter().map(|l| l.info).collect());
+        }
+        let zones = self.availability_zones().await;
+        let keys: Vec<Option<PriceKey>> = out
+            .iter()
+            .map(|l| {
+                l.spot.then(|| PriceKey {
+                    instance_type: l.info.provider_type.clone(),
+                    spot: true,
+                    availability_zone: zones.get(&l.info.id).cloned().unwrap_or_default(),
+                })
+            })
+            .collect();
+        self.update_spot_prices(keys.iter().flatten()).await;
+        let st = self.state();
+        Ok(out
+            .into_iter()
+            .zip(keys)
+            .map(|(l, key)| {
+                let mut info = l.info;
+                if let Some(history) = key.and_then(|k| st.prices.get(&k))
+                    && !history.is_empty()
+                {
+                    info.price_history = history.clone();
+                    info.scratch_gib_month_price = self.params.ebs_price;
+                }
+                info
+            })
+            .collect())
+    }
+
+    /// Instance ID → availability zone, from `DescribeInstanceStatus` with
+    /// `IncludeAllInstances`, paged. An error is logged and ends the lookup (the zones found so
+    /// far are kept), as in Go.
+    async fn availability_zones(&self) -> HashMap<String, String> {
+        let mut zones = HashMap::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = match self
+                .client
+                .describe_instance_status()
+                .include_all_instances(true)
+                .set_next_token(token.take())
+                .send()
+                .await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    let raw = RawError::from_sdk("DescribeInstanceStatus", &e);
+                    tracing::warn!(error = %raw.text(), "error getting instance statuses");
+                    break;
+                }
+            };
+            for st in page.instance_statuses() {
+                if let (Some(id), Some(zone)) = (st.instance_id(), st.availability_zone()) {
+                    zones.insert(id.to_string(), zone.to_string());
+                }
+            }
+            match page.next_token() {
+                Some(t) if !t.is_empty() => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        zones
+    }
+
+    /// Go's `updateSpotPrices`: when any of `keys` was last updated more than
+    /// SpotPriceUpdateInterval ago (or never), fetch `DescribeSpotPriceHistory` from now − 3 ×
+    /// the interval for the keys' types (`Linux/UNIX`), paged; append each record to its key's
+    /// history and mark the key updated; drop keys not updated for 64 intervals; normalise.
+    /// Bogus records (no type, price, time or zone; a price that does not parse or is negative)
+    /// are skipped; an error is logged and keeps what was fetched before it.
+    async fn update_spot_prices<'k>(&self, keys: impl Iterator<Item = &'k PriceKey>) {
+        let interval = self.params.spot_price_update_interval;
+        let now = (self.clock)();
+        let stale = now - interval;
+        let mut types = BTreeSet::new();
+        let mut need_update = false;
+        {
+            let st = self.state();
+            for k in keys {
+                if st.prices_updated.get(k).is_none_or(|t| *t < stale) {
+                    need_update = true;
+                }
+                types.insert(k.instance_type.clone());
+            }
+        }
+        if !need_update {
+            return;
+        }
+        let start = now - interval.saturating_mul(3);
+        let filters = vec![
+            Filter::builder()
+                .name("instance-type")
+                .set_values(Some(types.into_iter().collect()))
+                .build(),
+            Filter::builder()
+                .name("product-description")
+                .values(SPOT_PRODUCT_DESCRIPTION)
+                .build(),
+        ];
+        let mut fetched: Vec<(PriceKey, PricePoint)> = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = match self
+                .client
+                .describe_spot_price_history()
+                .start_time(DateTime::from_millis(
+                    i64::try_from(start.as_millis()).unwrap_or(i64::MAX),
+                ))
+                .set_filters(Some(filters.clone()))
+                .set_next_token(token.take())
+                .send()
+                .await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    let raw = RawError::from_sdk("DescribeSpotPriceHistory", &e);
+                    tracing::warn!(error = %raw.text(), "error retrieving spot instance prices");
+                    break;
+                }
+            };
+            for rec in page.spot_price_history() {
+                let (Some(itype), Some(price), Some(ts), Some(zone)) = (
+                    rec.instance_type().map(|t| t.as_str()),
+                    rec.spot_price(),
+                    rec.timestamp(),
+                    rec.availability_zone(),
+                ) else {
+                    continue;
+                };
+                let Ok(price) = price.trim().parse::<f64>() else {
+                    continue;
+                };
+                let Some(ms) = ts.to_millis().ok().and_then(|ms| u64::try_from(ms).ok()) else {
+                    continue;
+                };
+                if itype.is_empty() || !price.is_finite() || price < 0.0 {
+                    continue;
+                }
+                fetched.push((
+                    PriceKey {
+                        instance_type: itype.to_string(),
+                        spot: true,
+                        availability_zone: zone.to_string(),
+                    },
+                    PricePoint {
+                        start_time: Timestamp(ms),
+                        price,
+                    },
+                ));
+            }
+            match page.next_token() {
+                Some(t) if !t.is_empty() => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        let mut st = self.state();
+        let st = &mut *st;
+        for (key, point) in fetched {
+            st.prices.entry(key.clone()).or_default().push(point);
+            st.prices_updated.insert(key, now);
+        }
+        let expired = now - interval.saturating_mul(64);
+        st.prices_updated.retain(|_, t| *t >= expired);
+        let updated = &st.prices_updated;
+        st.prices.retain(|k, _| updated.contains_key(k));
+        for history in st.prices.values_mut() {
+            *history = normalize_price_history(std::mem::take(history));
+        }
     }
 }
 

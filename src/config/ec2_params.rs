@@ -4,7 +4,8 @@
 //! Keys: `AccessKeyID`, `SecretAccessKey`, `Region` (required), `SecurityGroupIDs` (a list, or a
 //! mapping whose keys are the IDs), `SubnetID` (a string or a list; "", `[]` or a missing value
 //! mean none), `AdminUsername`, `EBSVolumeType` (default `gp2`), `EBSPrice` ($/GiB-month),
-//! `IAMInstanceProfile`, `SpotPriceUpdateInterval` (a Go duration; 0 disables price lookups),
+//! `IAMInstanceProfile`, `SpotPriceUpdateInterval` (a Go duration, default `24h` as Arvados
+//! ships it; 0 disables spot price lookups),
 //! `InstanceTypeQuotaGroups` (read by the loader, see `quota_group`), and `Endpoint` (an
 //! EC2-compatible endpoint URL, for tests against an emulator on loopback). Other keys are
 //! ignored, as Go ignores them.
@@ -20,6 +21,9 @@ use super::units::parse_duration;
 
 /// The EBS volume type used when `EBSVolumeType` is unset.
 pub const DEFAULT_EBS_VOLUME_TYPE: &str = "gp2";
+
+/// `SpotPriceUpdateInterval` when unset: Arvados' `config.default.yml` value.
+pub const DEFAULT_SPOT_PRICE_UPDATE_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 
 /// The EC2 driver's parameters.
 #[derive(Clone, Default, PartialEq)]
@@ -180,8 +184,10 @@ impl Ec2Params {
             ));
         }
         let spot_price_update_interval = match obj.get("SpotPriceUpdateInterval") {
-            None | Some(serde_json::Value::Null) => Duration::ZERO,
-            Some(serde_json::Value::String(s)) if s.is_empty() => Duration::ZERO,
+            None | Some(serde_json::Value::Null) => DEFAULT_SPOT_PRICE_UPDATE_INTERVAL,
+            Some(serde_json::Value::String(s)) if s.is_empty() => {
+                DEFAULT_SPOT_PRICE_UPDATE_INTERVAL
+            }
             Some(serde_json::Value::String(s)) => {
                 let ns = parse_duration(s).map_err(|e| {
                     ConfigError::invalid(key_path("SpotPriceUpdateInterval"), e.to_string())
@@ -246,8 +252,27 @@ mod tests {
         let p = parse(serde_json::json!({"Region": "us-east-1"})).expect("parses");
         assert_eq!(p.ebs_volume_type, "gp2");
         assert!(p.subnet_ids.is_empty());
-        assert_eq!(p.spot_price_update_interval, Duration::ZERO);
+        assert_eq!(p.spot_price_update_interval, Duration::from_secs(86400));
+        assert_eq!(p.ebs_price, 0.0);
         assert_eq!(p.endpoint, None);
+        for off in [
+            serde_json::json!("0"),
+            serde_json::json!("0s"),
+            serde_json::json!(0),
+        ] {
+            let p = parse(serde_json::json!({"Region": "r", "SpotPriceUpdateInterval": off}))
+                .expect("parses");
+            assert_eq!(p.spot_price_update_interval, Duration::ZERO, "{off}");
+        }
+        let p = parse(serde_json::json!({"Region": "r", "SpotPriceUpdateInterval": "90m"}))
+            .expect("parses");
+        assert_eq!(p.spot_price_update_interval, Duration::from_secs(5400));
+        let e = parse(serde_json::json!({"Region": "r", "SpotPriceUpdateInterval": "soon"}))
+            .unwrap_err();
+        assert!(e.to_string().contains("SpotPriceUpdateInterval"), "{e}");
+        let e = parse(serde_json::json!({"Region": "r", "SpotPriceUpdateInterval": "-1h"}))
+            .unwrap_err();
+        assert!(e.to_string().contains("SpotPriceUpdateInterval"), "{e}");
 
         let p = parse(serde_json::json!({
             "Region": "us-west-2", "AccessKeyID": "AKID", "SecretAccessKey": "s3cr3t-value",

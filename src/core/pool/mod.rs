@@ -26,6 +26,7 @@ use super::config::Config;
 use super::fastcmp::{str_cmp, str_eq};
 use super::metrics::{BootOutcome, PoolMetrics};
 use super::ops::{Ops, Pending};
+use super::price;
 use super::rng::Rng;
 use super::scheduler::PlanInstance;
 use super::select::{TypeId, TypeTable};
@@ -1280,12 +1281,25 @@ impl Pool {
                 ExecStdin::RunnerBinary,
                 self.cfg.tuning.deploy_timeout,
             ),
-            ProbeStep::List => (
-                ExecPurpose::ListProbe,
-                remote::list_command(runner, user),
-                ExecStdin::Empty,
-                self.cfg.tuning.exec_timeout,
-            ),
+            ProbeStep::List => {
+                // With a price history (EC2 spot instances), crunch-run gets the prices, plus
+                // the added scratch volume's cost, on stdin (§2.3).
+                let prices = price::probe_prices(&w.info, &w.itype);
+                let (command, stdin) = if prices.is_empty() {
+                    (remote::list_command(runner, user), ExecStdin::Empty)
+                } else {
+                    (
+                        remote::list_command_with_prices(runner, user),
+                        ExecStdin::Text(price::prices_json(&prices)),
+                    )
+                };
+                (
+                    ExecPurpose::ListProbe,
+                    command,
+                    stdin,
+                    self.cfg.tuning.exec_timeout,
+                )
+            }
         };
         ops.issue(
             now,

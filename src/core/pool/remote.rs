@@ -61,6 +61,12 @@ pub fn list_command(runner: &str, remote_user: &str) -> String {
     format!("{}{runner} --list", sudo(remote_user))
 }
 
+/// `<runner> --list --stdin-prices`: the run probe when the instance has a price history,
+/// which goes on stdin as a JSON array (§2.3).
+pub fn list_command_with_prices(runner: &str, remote_user: &str) -> String {
+    format!("{} --stdin-prices", list_command(runner, remote_user))
+}
+
 /// `<runner> --detach --stdin-config '<arg>'… '<uuid>'`.
 pub fn start_command(runner: &str, remote_user: &str, args: &[String], uuid: &str) -> String {
     let mut cmd = format!("{}{runner} --detach --stdin-config", sudo(remote_user));
@@ -191,6 +197,14 @@ mod tests {
             "sudo crunch-run --kill 15 u1"
         );
         assert_eq!(list_command("crunch-run", "root"), "crunch-run --list");
+        assert_eq!(
+            list_command_with_prices("crunch-run", "root"),
+            "crunch-run --list --stdin-prices"
+        );
+        assert_eq!(
+            list_command_with_prices("/var/lib/arvados/crunch-run~abc", "admin"),
+            "sudo /var/lib/arvados/crunch-run~abc --list --stdin-prices"
+        );
         assert_eq!(md5_command("/d/crunch-run~x"), "md5sum /d/crunch-run~x");
         assert_eq!(md5_expected("/d/c", "ab"), "ab  /d/c\n");
         assert_eq!(
