@@ -22,39 +22,7 @@ pub fn rfc3339(t: Timestamp) -> String {
     if t == Timestamp::ZERO {
         return GO_ZERO_TIME.to_string();
     }
-    let ms = t.as_millis();
-    let secs = ms / 1000;
-    let frac = ms % 1000;
-    let days = secs / 86_400;
-    let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days as i64);
-    let mut s = format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}",
-        rem / 3600,
-        (rem / 60) % 60,
-        rem % 60
-    );
-    if frac != 0 {
-        let f = format!("{frac:03}");
-        s.push('.');
-        s.push_str(f.trim_end_matches('0'));
-    }
-    s.push('Z');
-    s
-}
-
-/// Year, month and day of the day `z` days after 1970-01-01 (Howard Hinnant's algorithm).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
+    crate::core::price::rfc3339(t)
 }
 
 /// `worker.InstanceView` as JSON.
