@@ -6,9 +6,10 @@
 //! after SpotPriceUpdateInterval, off at 0) and key pair import.
 #![cfg(feature = "ec2")]
 
+#[path = "support/ec2_fixture.rs"]
+mod ec2_fixture;
+
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,9 +21,8 @@ use arvados_dispatch_cloud::cloud::{
 use arvados_dispatch_cloud::core::price::probe_prices;
 use arvados_dispatch_cloud::core::time::Timestamp;
 use arvados_dispatch_cloud::core::types::{InstanceType, PricePoint};
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use arvados_dispatch_cloud::http::metrics::{PREFIX, SampleValue, encode_text};
+use ec2_fixture::{Call, FixtureServer};
 use russh::keys::PublicKey;
 
 /// The fixed "now" of the driver's clock, in milliseconds.
@@ -32,81 +32,10 @@ const DEADLINE: Duration = Duration::from_secs(60);
 /// The secret access key given to the driver; it must never appear in an error.
 const SECRET: &str = "fixtureSeCrEtKey0123456789";
 
-/// One request the server received.
-#[derive(Clone, Debug)]
-struct Call {
-    /// The form parameters, decoded.
-    params: BTreeMap<String, String>,
-}
-
-impl Call {
-    fn action(&self) -> &str {
-        self.params.get("Action").map_or("", String::as_str)
-    }
-
-    fn subnet(&self) -> &str {
-        self.params
-            .get("NetworkInterface.1.SubnetId")
-            .map_or("", String::as_str)
-    }
-}
-
-/// Chooses the reply (HTTP status and fixture file name) for a request.
-type Script = Arc<dyn Fn(&Call) -> (u16, String) + Send + Sync>;
-
-#[derive(Clone)]
-struct Shared {
-    script: Script,
-    calls: Arc<Mutex<Vec<Call>>>,
-}
-
-/// A scripted EC2 endpoint on 127.0.0.1.
-struct FixtureServer {
-    addr: SocketAddr,
-    calls: Arc<Mutex<Vec<Call>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for FixtureServer {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 impl FixtureServer {
-    async fn start(script: impl Fn(&Call) -> (u16, String) + Send + Sync + 'static) -> Self {
-        let calls = Arc::new(Mutex::new(Vec::new()));
-        let shared = Shared {
-            script: Arc::new(script),
-            calls: calls.clone(),
-        };
-        let app = axum::Router::new().fallback(handle).with_state(shared);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1:0");
-        let addr = listener.local_addr().expect("local addr");
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app).await.expect("fixture server");
-        });
-        FixtureServer { addr, calls, task }
-    }
-
-    fn calls(&self) -> Vec<Call> {
-        self.calls.lock().expect("calls lock").clone()
-    }
-
-    /// The subnets of the RunInstances calls so far, in order.
-    fn run_subnets(&self) -> Vec<String> {
-        self.calls()
-            .iter()
-            .filter(|c| c.action() == "RunInstances")
-            .map(|c| c.subnet().to_string())
-            .collect()
-    }
-
     /// A driver pointed at this server with `extra` DriverParameters and a fixed clock.
     fn driver(&self, extra: serde_json::Value) -> Ec2 {
-        driver_at(&format!("http://{}", self.addr), extra)
+        driver_at(&self.url(), extra)
     }
 }
 
@@ -129,62 +58,6 @@ fn driver_with_clock(endpoint: &str, extra: serde_json::Value, now: Arc<AtomicU6
     Ec2::from_driver_parameters(&params)
         .expect("driver parameters")
         .with_clock(Arc::new(move || Timestamp(now.load(Ordering::SeqCst))))
-}
-
-async fn handle(State(s): State<Shared>, body: String) -> Response {
-    let call = Call {
-        params: parse_form(&body),
-    };
-    let (status, file) = (s.script)(&call);
-    s.calls.lock().expect("calls lock").push(call);
-    let text = fixture(&file);
-    (
-        StatusCode::from_u16(status).expect("status"),
-        [(header::CONTENT_TYPE, "text/xml;charset=UTF-8")],
-        text,
-    )
-        .into_response()
-}
-
-fn fixture(name: &str) -> String {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures/ec2")
-        .join(name);
-    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("fixture {}: {e}", p.display()))
-}
-
-/// Decodes an `application/x-www-form-urlencoded` body.
-fn parse_form(body: &str) -> BTreeMap<String, String> {
-    fn decode(s: &str) -> String {
-        let b = s.as_bytes();
-        let mut out = Vec::with_capacity(b.len());
-        let mut i = 0;
-        while i < b.len() {
-            match b[i] {
-                b'+' => out.push(b' '),
-                b'%' if i + 2 < b.len() => {
-                    let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
-                    match u8::from_str_radix(hex, 16) {
-                        Ok(v) => {
-                            out.push(v);
-                            i += 2;
-                        }
-                        Err(_) => out.push(b'%'),
-                    }
-                }
-                c => out.push(c),
-            }
-            i += 1;
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    }
-    body.split('&')
-        .filter(|kv| !kv.is_empty())
-        .map(|kv| match kv.split_once('=') {
-            Some((k, v)) => (decode(k), decode(v)),
-            None => (decode(kv), String::new()),
-        })
-        .collect()
 }
 
 fn request(provider_type: &str) -> CreateRequest {
@@ -232,6 +105,57 @@ fn rate_limited(after_ms: u64) -> CloudErrorKind {
     CloudErrorKind::RateLimited {
         retry_at: Timestamp(T0 + after_ms),
     }
+}
+
+/// The samples of the driver's family `name` (without the prefix): label values and value.
+fn series(d: &Ec2, name: &str) -> Option<Vec<(Vec<String>, f64)>> {
+    let full = format!("{PREFIX}{name}");
+    d.metric_families()
+        .into_iter()
+        .find(|f| f.name == full)
+        .map(|f| {
+            f.samples
+                .into_iter()
+                .map(|s| {
+                    let v = match s.value {
+                        SampleValue::Scalar(v) => v,
+                        other => panic!("{name} has a non-scalar sample {other:?}"),
+                    };
+                    (s.labels.into_iter().map(|(_, v)| v).collect(), v)
+                })
+                .collect()
+        })
+}
+
+/// `ec2_instance_starts_total` as (subnet_id, success, count), in export order.
+fn starts(d: &Ec2) -> Vec<(String, String, f64)> {
+    series(d, "ec2_instance_starts_total")
+        .expect("ec2_instance_starts_total is always exported")
+        .into_iter()
+        .map(|(l, v)| {
+            assert_eq!(l.len(), 2, "labels subnet_id and success");
+            (l[0].clone(), l[1].clone(), v)
+        })
+        .collect()
+}
+
+/// Expected `starts` rows from (subnet, success, count).
+fn want_starts(rows: &[(&str, &str, u32)]) -> Vec<(String, String, f64)> {
+    rows.iter()
+        .map(|(s, ok, n)| (s.to_string(), ok.to_string(), f64::from(*n)))
+        .collect()
+}
+
+/// `ec2_instances` as (subnet_id, count), or None before the first listing.
+fn instances_gauge(d: &Ec2) -> Option<Vec<(String, f64)>> {
+    series(d, "ec2_instances").map(|rows| {
+        rows.into_iter()
+            .map(|(l, v)| {
+                assert_eq!(l.len(), 1, "label subnet_id");
+                (l[0].clone(), v)
+            })
+            .collect()
+    })
 }
 
 #[tokio::test]
@@ -320,6 +244,9 @@ async fn throttling_backoff_grows_resets_and_is_per_call_kind() {
     })
     .await;
     let d = server.driver(serde_json::json!({}));
+    // No subnet configured: the start counter's series are pre-created for "".
+    assert_eq!(starts(&d), want_starts(&[("", "0", 0), ("", "1", 0)]));
+    assert_eq!(instances_gauge(&d), None, "no listing yet");
     let mut got = Vec::new();
     for _ in 0..4 {
         got.push(
@@ -349,6 +276,8 @@ async fn throttling_backoff_grows_resets_and_is_per_call_kind() {
         .await
         .expect_err("throttled");
     assert_eq!(err.kind, rate_limited(1000));
+    // Every attempt counts, throttled or not.
+    assert_eq!(starts(&d), want_starts(&[("", "0", 5), ("", "1", 1)]));
     // The list backoff was not reset by the create success.
     let err = list(&d, &BTreeMap::new()).await.expect_err("throttled");
     assert_eq!(err.kind, rate_limited(2500));
@@ -375,10 +304,28 @@ async fn full_subnet_then_good_one_and_the_next_create_starts_on_the_good_one() 
     assert_eq!(inst.remote_user, "crunch");
     assert_eq!(server.run_subnets(), ["subnet-full", "subnet-good"]);
     assert_eq!(d.next_subnet_index(), 1);
+    assert_eq!(
+        starts(&d),
+        want_starts(&[
+            ("subnet-full", "0", 1),
+            ("subnet-full", "1", 0),
+            ("subnet-good", "0", 0),
+            ("subnet-good", "1", 1),
+        ])
+    );
     create(&d, request("m5.large")).await.expect("created");
     assert_eq!(
         server.run_subnets(),
         ["subnet-full", "subnet-good", "subnet-good"]
+    );
+    assert_eq!(
+        starts(&d),
+        want_starts(&[
+            ("subnet-full", "0", 1),
+            ("subnet-full", "1", 0),
+            ("subnet-good", "0", 0),
+            ("subnet-good", "1", 2),
+        ])
     );
 }
 
@@ -393,8 +340,27 @@ async fn full_and_invalid_subnets_surface_each_others_errors() {
     let err = create(&d, request("m5.large")).await.expect_err("fails");
     assert!(err.message.contains("InvalidSubnetID.NotFound"), "{err}");
     assert_eq!(err.kind, CloudErrorKind::Permanent);
+    // Series in label order: "subnet-full" sorts before "subnet-invalid".
+    assert_eq!(
+        starts(&d),
+        want_starts(&[
+            ("subnet-full", "0", 1),
+            ("subnet-full", "1", 0),
+            ("subnet-invalid", "0", 1),
+            ("subnet-invalid", "1", 0),
+        ])
+    );
     let err = create(&d, request("m5.large")).await.expect_err("fails");
     assert!(err.message.contains("Not enough free addresses"), "{err}");
+    assert_eq!(
+        starts(&d),
+        want_starts(&[
+            ("subnet-full", "0", 2),
+            ("subnet-full", "1", 0),
+            ("subnet-invalid", "0", 2),
+            ("subnet-invalid", "1", 0),
+        ])
+    );
     assert_eq!(
         server.run_subnets(),
         [
@@ -427,6 +393,15 @@ async fn capacity_error_wins_over_a_later_subnet_error() {
         );
     }
     assert_eq!(server.run_subnets().len(), 6);
+    assert_eq!(
+        starts(&d),
+        want_starts(&[
+            ("subnet-full", "0", 3),
+            ("subnet-full", "1", 0),
+            ("subnet-nocap", "0", 3),
+            ("subnet-nocap", "1", 0),
+        ])
+    );
 }
 
 #[tokio::test]
@@ -437,6 +412,18 @@ async fn a_non_subnet_error_stops_the_failover() {
     assert_eq!(err.kind, CloudErrorKind::Quota);
     assert_eq!(server.run_subnets(), ["subnet-a"]);
     assert_eq!(d.next_subnet_index(), 0);
+    // The subnets not tried keep their pre-created series at 0.
+    assert_eq!(
+        starts(&d),
+        want_starts(&[
+            ("subnet-a", "0", 1),
+            ("subnet-a", "1", 0),
+            ("subnet-b", "0", 0),
+            ("subnet-b", "1", 0),
+            ("subnet-c", "0", 0),
+            ("subnet-c", "1", 0),
+        ])
+    );
 }
 
 #[tokio::test]
@@ -479,6 +466,232 @@ async fn list_pages_until_an_empty_token_and_skips_gone_instances() {
             Some("zzzzz-gj3su-000000000000000")
         );
     }
+}
+
+#[tokio::test]
+async fn instances_gauge_counts_the_last_listing_per_subnet() {
+    let reply = Arc::new(Mutex::new("DescribeInstances-subnets.xml"));
+    let r = reply.clone();
+    let server = FixtureServer::start(move |_| {
+        let file = *r.lock().expect("lock");
+        let status = if file.starts_with("error-") { 503 } else { 200 };
+        (status, file.to_string())
+    })
+    .await;
+    let d = server.driver(serde_json::json!({"SubnetID": ["subnet-b", "subnet-a"]}));
+    assert_eq!(instances_gauge(&d), None, "absent until the first listing");
+    let got = list(&d, &BTreeMap::new()).await.expect("listed");
+    assert_eq!(got.len(), 4, "the terminated instance is skipped");
+    let gauge = |rows: &[(&str, u32)]| -> Option<Vec<(String, f64)>> {
+        Some(
+            rows.iter()
+                .map(|(s, n)| (s.to_string(), f64::from(*n)))
+                .collect(),
+        )
+    };
+    // "" (the instance without a subnet), both configured subnets (subnet-b has none), and
+    // the unconfigured subnet an instance is in.
+    assert_eq!(
+        instances_gauge(&d),
+        gauge(&[
+            ("", 1),
+            ("subnet-a", 2),
+            ("subnet-b", 0),
+            ("subnet-other", 1)
+        ])
+    );
+    // A failed listing leaves the gauge as it was.
+    *reply.lock().expect("lock") = "error-Unavailable.xml";
+    list(&d, &BTreeMap::new()).await.expect_err("fails");
+    assert_eq!(
+        instances_gauge(&d),
+        gauge(&[
+            ("", 1),
+            ("subnet-a", 2),
+            ("subnet-b", 0),
+            ("subnet-other", 1)
+        ])
+    );
+    // An empty listing sets every series to 0, including the subnet seen before.
+    *reply.lock().expect("lock") = "DescribeInstances-empty.xml";
+    assert!(list(&d, &BTreeMap::new()).await.expect("listed").is_empty());
+    assert_eq!(
+        instances_gauge(&d),
+        gauge(&[
+            ("", 0),
+            ("subnet-a", 0),
+            ("subnet-b", 0),
+            ("subnet-other", 0)
+        ])
+    );
+    // Listing does not touch the start counter.
+    assert_eq!(
+        starts(&d),
+        want_starts(&[
+            ("subnet-a", "0", 0),
+            ("subnet-a", "1", 0),
+            ("subnet-b", "0", 0),
+            ("subnet-b", "1", 0),
+        ])
+    );
+}
+
+/// A plain HTTP/1.1 GET on loopback with a bearer token: (status line, body).
+async fn http_get(addr: std::net::SocketAddr, path: &str, token: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf))
+        .await
+        .expect("answered before the deadline")
+        .expect("read");
+    let text = String::from_utf8(buf).expect("UTF-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("header end");
+    let status = head.lines().next().unwrap_or("").to_string();
+    (status, body.to_string())
+}
+
+/// `promtool check metrics` (Debian package prometheus, which scripts/test installs) must find
+/// no problem in `text` other than its lint about Go's own names (counters without `_total`,
+/// gauges named `*_total`), which are parity.
+async fn promtool_check(text: &str) {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("promtool (Debian package prometheus) could not be started ({e}); run scripts/test, which installs it")
+        });
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(text.as_bytes()).await.expect("write");
+    drop(stdin);
+    let out = tokio::time::timeout(DEADLINE, child.wait_with_output())
+        .await
+        .expect("promtool finished before the deadline")
+        .expect("promtool runs");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let allowed = [
+        "counter metrics should have \"_total\" suffix",
+        "non-counter metrics should not have \"_total\" suffix",
+    ];
+    for line in report.lines().filter(|l| !l.trim().is_empty()) {
+        assert!(
+            allowed.iter().any(|a| line.contains(a)) && !line.contains("ec2_"),
+            "promtool reported a problem: {line}\nfull report:\n{report}"
+        );
+    }
+    // 0: clean; 3: lint findings only.
+    assert!(
+        matches!(out.status.code(), Some(0) | Some(3)),
+        "promtool failed with {:?}: {report}",
+        out.status
+    );
+}
+
+#[tokio::test]
+async fn driver_families_appear_in_the_management_api_metrics() {
+    use arvados_dispatch_cloud::core::Dispatcher;
+    use arvados_dispatch_cloud::core::config::Config;
+    use arvados_dispatch_cloud::core::dispatcher::Options;
+    use arvados_dispatch_cloud::core::pool::remote::RunnerSpec;
+    use arvados_dispatch_cloud::http::{ApiState, router};
+
+    let server = FixtureServer::start(|c| match (c.action(), c.subnet()) {
+        ("RunInstances", "subnet-full") => {
+            (400, "error-InsufficientFreeAddressesInSubnet.xml".into())
+        }
+        ("RunInstances", _) => (200, "RunInstances-ok.xml".into()),
+        _ => (200, "DescribeInstances-subnets.xml".into()),
+    })
+    .await;
+    let d =
+        Arc::new(server.driver(serde_json::json!({"SubnetID": ["subnet-full", "subnet-good"]})));
+    create(&d, request("m5.large")).await.expect("created");
+    list(&d, &BTreeMap::new()).await.expect("listed");
+
+    // The driver's families through the text encoder, as Go's test matches them.
+    let text = encode_text(&d.metric_families());
+    for line in [
+        "arvados_dispatchcloud_ec2_instance_starts_total{subnet_id=\"subnet-full\",success=\"0\"} 1\n",
+        "arvados_dispatchcloud_ec2_instance_starts_total{subnet_id=\"subnet-full\",success=\"1\"} 0\n",
+        "arvados_dispatchcloud_ec2_instance_starts_total{subnet_id=\"subnet-good\",success=\"0\"} 0\n",
+        "arvados_dispatchcloud_ec2_instance_starts_total{subnet_id=\"subnet-good\",success=\"1\"} 1\n",
+        "arvados_dispatchcloud_ec2_instances{subnet_id=\"subnet-a\"} 2\n",
+    ] {
+        assert!(text.contains(line), "{line:?} missing from\n{text}");
+    }
+
+    // The same families on /metrics and /metrics.json, next to the dispatcher's, in name order.
+    let dispatcher = Dispatcher::new(
+        Config::default(),
+        Options {
+            seed: 1,
+            instance_set_id: "zzzzz-gj3su-000000000000000".into(),
+            runner: RunnerSpec::installed("crunch-run"),
+        },
+        Timestamp(T0),
+    );
+    let driver = d.clone();
+    let state = ApiState::new(
+        Arc::new(Mutex::new(dispatcher)),
+        Arc::new(tokio::sync::Notify::new()),
+        "metrics-test-token".into(),
+        Arc::new(|| Timestamp(T0)),
+    )
+    .with_extra_metrics(Arc::new(move || driver.metrics()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("addr");
+    let app = router(state);
+    let api = tokio::spawn(async move {
+        axum::serve(listener, app).await.expect("serve");
+    });
+    let (status, body) = http_get(addr, "/metrics", "metrics-test-token").await;
+    assert!(status.contains(" 200 "), "{status}: {body}");
+    for line in text.lines() {
+        assert!(
+            body.contains(&format!("{line}\n")),
+            "{line:?} missing from\n{body}"
+        );
+    }
+    assert!(body.contains("# TYPE arvados_dispatchcloud_ec2_instance_starts_total counter\n"));
+    assert!(body.contains("# TYPE arvados_dispatchcloud_ec2_instances gauge\n"));
+    assert!(body.contains("# TYPE arvados_dispatchcloud_driver_operations counter\n"));
+    let names: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    let mut sorted = names.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(names, sorted, "families sorted by name, each once");
+    promtool_check(&body).await;
+    let (status, body) = http_get(addr, "/metrics.json", "metrics-test-token").await;
+    assert!(status.contains(" 200 "), "{status}: {body}");
+    let fams: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let starts_json = fams
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|f| f["name"] == "arvados_dispatchcloud_ec2_instance_starts_total")
+        .expect("the start counter in /metrics.json");
+    assert_eq!(starts_json["type"], 0, "a counter");
+    assert_eq!(starts_json["metric"].as_array().expect("metric").len(), 4);
+    api.abort();
 }
 
 #[tokio::test]
@@ -876,7 +1089,8 @@ async fn price_lookup_errors_are_ignored() {
 }
 
 fn test_key() -> PublicKey {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/ec2/test-key-ed25519.pub");
+    let p =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/ec2/test-key-ed25519.pub");
     let text = std::fs::read_to_string(&p).expect("test key");
     PublicKey::from_openssh(text.trim()).expect("parses")
 }

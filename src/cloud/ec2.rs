@@ -26,20 +26,43 @@
 //! `arvados-dispatch-keypair-<fingerprint>` already exists (another dispatcher, or an emulator
 //! that records a different fingerprint than the one searched for), and it is used.
 //!
-//! Not done here: the `ec2_instance_starts_total` and `ec2_instances` metrics, and the
-//! IMDS/profile credential chain (static keys from DriverParameters or the `AWS_*` environment
-//! variables only).
+//! Credentials (Go: "static if either key is set; otherwise the SDK default chain"): the static
+//! keys `AccessKeyID` and `SecretAccessKey` when both are set (one without the other is a setup
+//! error); otherwise `aws-config`'s default chain, in its order: the `AWS_ACCESS_KEY_ID` /
+//! `AWS_SECRET_ACCESS_KEY` / `AWS_SESSION_TOKEN` environment, the shared config and
+//! credentials files and their profiles (`AWS_PROFILE`, `AWS_CONFIG_FILE`,
+//! `AWS_SHARED_CREDENTIALS_FILE`, `credential_process`, SSO), web identity
+//! (`AWS_WEB_IDENTITY_TOKEN_FILE`), ECS container credentials, and the instance role from IMDSv2
+//! (`AWS_EC2_METADATA_SERVICE_ENDPOINT` moves it). The chain is built on the first request, not
+//! when the driver is constructed, so construction makes no call; it uses the driver's
+//! rustls-over-ring HTTP client. The SDK caches what it returns and refreshes it
+//! [`CREDENTIALS_EXPIRY_WINDOW`] before it expires. A request that finds no credentials fails
+//! with an error saying so, which the core receives like any other failed call.
 //!
-//! Invariant: the secret access key is given to the SDK's credentials provider and nowhere else;
-//! it never appears in an error, a log line or `Debug` output.
+//! Metrics (reference-workers.md §8), exported through [`InstanceSet::metrics`]:
+//! `ec2_instance_starts_total{subnet_id,success}` counts every RunInstances attempt (each
+//! subnet of a failover), with series pre-created at 0 for each configured subnet, or for `""`
+//! when none is; `ec2_instances{subnet_id}` is the number of instances in the last listing per
+//! subnet (the instance's `SubnetId`, `""` for none), always with `""`, every configured subnet
+//! and every subnet an earlier listing saw (0 when empty), and absent until the first listing.
+//!
+//! Invariant: the secret access key (static or from the chain) is given to the SDK's credentials
+//! provider and nowhere else; it never appears in an error, a log line, a metric or `Debug`
+//! output.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use aws_config::default_provider::credentials::DefaultCredentialsChain;
+use aws_config::provider_config::ProviderConfig;
+use aws_credential_types::provider::error::CredentialsError;
+use aws_credential_types::provider::future::ProvideCredentials as ProvideCredentialsFuture;
 use aws_sdk_ec2::config::retry::RetryConfig;
-use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_ec2::config::{
+    BehaviorVersion, Credentials, IdentityCache, ProvideCredentials, Region, SharedHttpClient,
+};
 use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_ec2::primitives::{Blob, DateTime};
 use aws_sdk_ec2::types::{
@@ -63,6 +86,7 @@ pub use crate::config::ec2_params::Ec2Params;
 use crate::core::price::normalize_price_history;
 use crate::core::time::Timestamp;
 use crate::core::types::PricePoint;
+use crate::http::metrics::{Family, Kind, PREFIX, Sample, SampleValue};
 
 /// The device name of the added scratch volume.
 pub const SCRATCH_DEVICE: &str = "/dev/xvdt";
@@ -75,6 +99,16 @@ pub const KEY_PAIR_DUPLICATE: &str = "InvalidKeyPair.Duplicate";
 
 /// The product description of the spot prices looked up.
 pub const SPOT_PRODUCT_DESCRIPTION: &str = "Linux/UNIX";
+
+/// How long before they expire cached credentials are refreshed (Go's credential cache expiry
+/// window).
+pub const CREDENTIALS_EXPIRY_WINDOW: Duration = Duration::from_secs(300);
+
+/// The name of the per-subnet instance gauge, without [`PREFIX`].
+pub const METRIC_INSTANCES: &str = "ec2_instances";
+
+/// The name of the RunInstances attempt counter, without [`PREFIX`].
+pub const METRIC_INSTANCE_STARTS: &str = "ec2_instance_starts_total";
 
 /// Bytes per GiB, for the scratch volume size.
 const GIB: i64 = 1 << 30;
@@ -229,14 +263,42 @@ struct RawError {
     message: String,
     /// The HTTP status, if there was a response.
     status: Option<u16>,
+    /// The class when the tables do not apply (a failure to load credentials).
+    class: Option<ErrorClass>,
 }
 
 impl RawError {
+    /// A failure that is not an EC2 error response, classified by the tables as a missing
+    /// response (transient).
+    fn other(op: &'static str, message: impl Into<String>) -> RawError {
+        RawError {
+            op,
+            code: None,
+            message: message.into(),
+            status: None,
+            class: None,
+        }
+    }
+
     fn from_sdk<E, R>(op: &'static str, e: &SdkError<E, R>) -> RawError
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,
-        R: fmt::Debug + HttpStatus,
+        R: fmt::Debug + HttpStatus + 'static,
     {
+        if let Some(c) = credentials_error(e) {
+            return RawError {
+                class: Some(credentials_class(c)),
+                ..RawError::other(
+                    op,
+                    format!(
+                        "could not load AWS credentials (DriverParameters has no AccessKeyID and \
+                         SecretAccessKey, so the default chain was tried: environment, profile \
+                         files, web identity, ECS, instance metadata): {}",
+                        display_chain(c)
+                    ),
+                )
+            };
+        }
         let code = e.code().map(str::to_string);
         let message = match (e.message(), &code) {
             (Some(m), _) => m.to_string(),
@@ -248,11 +310,13 @@ impl RawError {
             code,
             message,
             status: e.raw_response().map(HttpStatus::status_code),
+            class: None,
         }
     }
 
     fn class(&self) -> ErrorClass {
-        classify(self.code.as_deref(), &self.message, self.status)
+        self.class
+            .unwrap_or_else(|| classify(self.code.as_deref(), &self.message, self.status))
     }
 
     fn text(&self) -> String {
@@ -261,6 +325,59 @@ impl RawError {
             Some(c) => format!("{}: {c}: {}", self.op, self.message),
             None => format!("{}: {}", self.op, self.message),
         }
+    }
+}
+
+/// The credentials provider's error behind a failed call, if that is why it failed.
+fn credentials_error<'e>(e: &'e (dyn std::error::Error + 'static)) -> Option<&'e CredentialsError> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(c) = err.downcast_ref::<CredentialsError>() {
+            return Some(c);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// `e` and its sources as one line: each level's message (not its `Debug` form), a level whose
+/// message the previous one already holds skipped, joined by ": "; the lines of a multi-line
+/// message (the chain's list of attempts) joined by "; " (by a space after a colon).
+fn display_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut cur = Some(e);
+    // A limit on the depth, in case a source chain loops.
+    for _ in 0..16 {
+        let Some(err) = cur else { break };
+        let mut text = String::new();
+        for line in err
+            .to_string()
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+        {
+            if !text.is_empty() {
+                text.push_str(if text.ends_with(':') { " " } else { "; " });
+            }
+            text.push_str(line);
+        }
+        if !text.is_empty() && !parts.last().is_some_and(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = err.source();
+    }
+    parts.join(": ")
+}
+
+/// The class of a credentials failure: no source had credentials, or one was misconfigured,
+/// is permanent until the configuration changes; a source that failed or timed out (IMDS or
+/// ECS unreachable, for instance) is transient.
+fn credentials_class(e: &CredentialsError) -> ErrorClass {
+    match e {
+        CredentialsError::CredentialsNotLoaded(_) | CredentialsError::InvalidConfiguration(_) => {
+            ErrorClass::Permanent
+        }
+        _ => ErrorClass::Transient,
     }
 }
 
@@ -281,14 +398,55 @@ pub enum Ec2Error {
     /// A DriverParameters value is wrong.
     #[error(transparent)]
     Params(#[from] ConfigError),
-    /// Neither DriverParameters nor the environment give credentials.
-    #[error(
-        "EC2 DriverParameters: AccessKeyID and SecretAccessKey are not set, and neither are AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (this build has no IMDS or profile credential chain)"
-    )]
-    NoCredentials,
     /// Only one of AccessKeyID and SecretAccessKey is set.
     #[error("EC2 DriverParameters: {0} is set but {1} is not; set both or neither")]
     HalfCredentials(&'static str, &'static str),
+}
+
+/// The default AWS credential chain, built on its first use so that constructing the driver
+/// reads no file and makes no call. `aws-config` then reads the environment and the profile
+/// files when it builds the chain, and the providers fetch on each call; the SDK's identity
+/// cache in front of this provider keeps the result until it is about to expire.
+#[derive(Debug)]
+struct DefaultChain {
+    region: Region,
+    http: SharedHttpClient,
+    chain: tokio::sync::OnceCell<DefaultCredentialsChain>,
+}
+
+impl DefaultChain {
+    fn new(region: Region, http: SharedHttpClient) -> DefaultChain {
+        DefaultChain {
+            region,
+            http,
+            chain: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    async fn chain(&self) -> &DefaultCredentialsChain {
+        self.chain
+            .get_or_init(|| async {
+                let conf = ProviderConfig::default()
+                    .with_http_client(self.http.clone())
+                    .with_region(Some(self.region.clone()))
+                    .with_behavior_version(Some(BehaviorVersion::latest()));
+                DefaultCredentialsChain::builder()
+                    .region(self.region.clone())
+                    .configure(conf)
+                    .build()
+                    .await
+            })
+            .await
+    }
+}
+
+impl ProvideCredentials for DefaultChain {
+    fn provide_credentials<'a>(&'a self) -> ProvideCredentialsFuture<'a>
+    where
+        Self: 'a,
+    {
+        ProvideCredentialsFuture::new(async move { self.chain().await.provide_credentials().await })
+    }
 }
 
 /// Mutable driver state.
@@ -306,6 +464,10 @@ struct State {
     prices: HashMap<PriceKey, Vec<PricePoint>>,
     /// When each key of `prices` was last updated.
     prices_updated: HashMap<PriceKey, Timestamp>,
+    /// `ec2_instance_starts_total`: RunInstances attempts by (subnet, success).
+    starts: BTreeMap<(String, bool), u64>,
+    /// `ec2_instances`: instances per subnet in the last listing (None before the first).
+    instances_by_subnet: Option<BTreeMap<String, u64>>,
 }
 
 /// What a spot price history is kept for (Go's `priceKey`).
@@ -324,6 +486,17 @@ struct Listed {
     info: InstanceInfo,
     /// `InstanceLifecycle` is `spot`.
     spot: bool,
+    /// `SubnetId` ("" for none), for `ec2_instances`.
+    subnet: String,
+}
+
+/// The `subnet_id` label values of the configured subnets: each of them, or `""` for none.
+fn subnet_labels(subnets: &[String]) -> Vec<String> {
+    if subnets.is_empty() {
+        vec![String::new()]
+    } else {
+        subnets.to_vec()
+    }
 }
 
 /// The EC2 instance set.
@@ -348,52 +521,56 @@ impl Ec2 {
         Ec2::new(Ec2Params::from_driver_parameters("DriverParameters", v)?)
     }
 
-    /// A driver with `params`, the wall clock, and static credentials from `params` or else
-    /// from `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and `AWS_SESSION_TOKEN`.
+    /// A driver with `params` and the wall clock. Credentials are the static keys of `params`
+    /// when both are set, else the default AWS chain, which is built and asked on the first
+    /// request: this makes no call and reads no file.
     pub fn new(params: Ec2Params) -> Result<Ec2, Ec2Error> {
-        let creds = match (
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(Provider::Rustls(CryptoMode::Ring))
+            .build_https();
+        let region = Region::new(params.region.clone());
+        let mut conf = aws_sdk_ec2::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(region.clone())
+            .http_client(http.clone())
+            .identity_cache(
+                IdentityCache::lazy()
+                    .buffer_time(CREDENTIALS_EXPIRY_WINDOW)
+                    .build(),
+            )
+            .retry_config(RetryConfig::disabled());
+        conf = match (
             params.access_key_id.is_empty(),
             params.secret_access_key.is_empty(),
         ) {
-            (false, false) => Credentials::new(
+            (false, false) => conf.credentials_provider(Credentials::new(
                 params.access_key_id.clone(),
                 params.secret_access_key.clone(),
                 None,
                 None,
                 "DriverParameters",
-            ),
+            )),
             (false, true) => {
                 return Err(Ec2Error::HalfCredentials("AccessKeyID", "SecretAccessKey"));
             }
             (true, false) => {
                 return Err(Ec2Error::HalfCredentials("SecretAccessKey", "AccessKeyID"));
             }
-            (true, true) => {
-                let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-                match (var("AWS_ACCESS_KEY_ID"), var("AWS_SECRET_ACCESS_KEY")) {
-                    (Some(id), Some(secret)) => {
-                        Credentials::new(id, secret, var("AWS_SESSION_TOKEN"), None, "environment")
-                    }
-                    _ => return Err(Ec2Error::NoCredentials),
-                }
-            }
+            (true, true) => conf.credentials_provider(DefaultChain::new(region, http)),
         };
-        let http = aws_smithy_http_client::Builder::new()
-            .tls_provider(Provider::Rustls(CryptoMode::Ring))
-            .build_https();
-        let mut conf = aws_sdk_ec2::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .region(Region::new(params.region.clone()))
-            .http_client(http)
-            .credentials_provider(creds)
-            .retry_config(RetryConfig::disabled());
         if let Some(url) = &params.endpoint {
             conf = conf.endpoint_url(url.clone());
+        }
+        let mut state = State::default();
+        for subnet in subnet_labels(&params.subnet_ids) {
+            for success in [false, true] {
+                state.starts.insert((subnet.clone(), success), 0);
+            }
         }
         Ok(Ec2 {
             client: aws_sdk_ec2::Client::from_conf(conf.build()),
             params,
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
             clock: Arc::new(crate::runtime::wall_clock),
         })
     }
@@ -412,6 +589,66 @@ impl Ec2 {
     /// The subnet index the next create starts at.
     pub fn next_subnet_index(&self) -> usize {
         self.state().subnet_start
+    }
+
+    /// The driver's metric families (reference-workers.md §8), sorted by name, each with its
+    /// samples sorted by label values: `ec2_instance_starts_total` always, `ec2_instances` once
+    /// a listing has succeeded.
+    pub fn metric_families(&self) -> Vec<Family> {
+        let st = self.state();
+        let mut out = vec![Family {
+            name: format!("{PREFIX}{METRIC_INSTANCE_STARTS}"),
+            help: "Number of attempts to start a new instance",
+            kind: Kind::Counter,
+            samples: st
+                .starts
+                .iter()
+                .map(|((subnet, success), n)| Sample {
+                    labels: vec![
+                        ("subnet_id", subnet.clone()),
+                        ("success", if *success { "1" } else { "0" }.to_string()),
+                    ],
+                    value: SampleValue::Scalar(*n as f64),
+                })
+                .collect(),
+        }];
+        if let Some(by_subnet) = &st.instances_by_subnet {
+            out.push(Family {
+                name: format!("{PREFIX}{METRIC_INSTANCES}"),
+                help: "Number of instances running",
+                kind: Kind::Gauge,
+                samples: by_subnet
+                    .iter()
+                    .map(|(subnet, n)| Sample {
+                        labels: vec![("subnet_id", subnet.clone())],
+                        value: SampleValue::Scalar(*n as f64),
+                    })
+                    .collect(),
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Sets `ec2_instances` from a listing: `""`, every configured subnet and every subnet seen
+    /// before start at 0, then each instance counts under its subnet.
+    fn count_instances<'l>(&self, subnets: impl Iterator<Item = &'l str>) {
+        let mut st = self.state();
+        let mut by_subnet: BTreeMap<String, u64> = st
+            .instances_by_subnet
+            .take()
+            .unwrap_or_default()
+            .into_keys()
+            .map(|k| (k, 0))
+            .collect();
+        by_subnet.insert(String::new(), 0);
+        for s in &self.params.subnet_ids {
+            by_subnet.insert(s.clone(), 0);
+        }
+        for s in subnets {
+            *by_subnet.entry(s.to_string()).or_default() += 1;
+        }
+        st.instances_by_subnet = Some(by_subnet);
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -603,12 +840,10 @@ impl Ec2 {
             .send()
             .await
             .map_err(|e| RawError::from_sdk("RunInstances", &e))?;
-        let inst = out.instances().first().ok_or_else(|| RawError {
-            op: "RunInstances",
-            code: None,
-            message: "the response lists no instance".into(),
-            status: None,
-        })?;
+        let inst = out
+            .instances()
+            .first()
+            .ok_or_else(|| RawError::other("RunInstances", "the response lists no instance"))?;
         Ok(self.info(inst))
     }
 
@@ -645,7 +880,13 @@ impl Ec2 {
             let idx = (start + offset) % n;
             let subnet = subnets.get(idx).map(String::as_str);
             let result = self.run_instances(&req, subnet, key_name.as_deref()).await;
-            self.state().subnet_start = idx;
+            {
+                let mut st = self.state();
+                st.subnet_start = idx;
+                *st.starts
+                    .entry((subnet.unwrap_or("").to_string(), result.is_ok()))
+                    .or_default() += 1;
+            }
             match result {
                 Ok(info) => {
                     self.state().create_backoff.reset();
@@ -672,12 +913,9 @@ impl Ec2 {
                 }
             }
         }
-        let raw = capacity.or(last).unwrap_or(RawError {
-            op: "RunInstances",
-            code: None,
-            message: "no attempt was made".into(),
-            status: None,
-        });
+        let raw = capacity
+            .or(last)
+            .unwrap_or_else(|| RawError::other("RunInstances", "no attempt was made"));
         Err(self.wrap(&raw, |s| &mut s.create_backoff))
     }
 
@@ -714,6 +952,7 @@ impl Ec2 {
                 out.push(Listed {
                     info: self.info(inst),
                     spot: inst.instance_lifecycle() == Some(&InstanceLifecycleType::Spot),
+                    subnet: inst.subnet_id().unwrap_or_default().to_string(),
                 });
             }
             // An empty token also ends the listing (Arvados bug #22400).
@@ -723,6 +962,7 @@ impl Ec2 {
             }
         }
         self.state().list_backoff.reset();
+        self.count_instances(out.iter().map(|l| l.subnet.as_str()));
         let interval = self.params.spot_price_update_interval;
         if interval.is_zero() || !out.iter().any(|l| l.spot) {
             return Ok(out.into_iter().map(|l| l.info).collect());
@@ -956,6 +1196,10 @@ impl InstanceSet for Ec2 {
 
     fn stop<'a>(&'a self) -> BoxFuture<'a, ()> {
         Box::pin(async {})
+    }
+
+    fn metrics(&self) -> Vec<Family> {
+        self.metric_families()
     }
 }
 
@@ -1212,6 +1456,54 @@ mod tests {
         let mut l = Vec::new();
         der_len(257, &mut l);
         assert_eq!(l, [0x82, 0x01, 0x01]);
+    }
+
+    #[test]
+    fn credentials_failures_are_classified_and_described_on_one_line() {
+        assert_eq!(
+            credentials_class(&CredentialsError::not_loaded("no role")),
+            ErrorClass::Permanent
+        );
+        assert_eq!(
+            credentials_class(&CredentialsError::invalid_configuration("bad profile")),
+            ErrorClass::Permanent
+        );
+        assert_eq!(
+            credentials_class(&CredentialsError::provider_error("IMDS answered 500")),
+            ErrorClass::Transient
+        );
+        assert_eq!(
+            credentials_class(&CredentialsError::provider_timed_out(Duration::from_secs(
+                5
+            ))),
+            ErrorClass::Transient
+        );
+        let e = CredentialsError::not_loaded(
+            "no credentials found in chain. Attempted:\n  A: nope\n  B: none",
+        );
+        assert_eq!(
+            display_chain(&e),
+            "the credential provider was not enabled: no credentials found in chain. Attempted: A: nope; B: none"
+        );
+        // A source whose message the level above already holds is not repeated.
+        #[derive(Debug)]
+        struct Outer(CredentialsError);
+        impl fmt::Display for Outer {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "wrapped: {}", self.0)
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let outer = Outer(CredentialsError::provider_error("down"));
+        assert_eq!(
+            display_chain(&outer),
+            "wrapped: an error occurred while loading credentials: down"
+        );
+        assert!(credentials_error(&outer).is_some());
     }
 
     #[test]

@@ -12,7 +12,11 @@
 //! [`HostKeyError::NotImplemented`], and [`InstanceVerifier`] then falls back to the instance
 //! secret (§5.3).
 //!
-//! Invariant: drivers put no credential into an error message or a log line.
+//! Metrics: a driver may export its own families through [`InstanceSet::metrics`] (EC2: the
+//! per-subnet instance gauge and start counter); the management API appends them to the
+//! dispatcher's.
+//!
+//! Invariant: drivers put no credential into an error message, a log line or a metric.
 
 #[cfg(feature = "azure")]
 pub mod azure;
@@ -29,6 +33,7 @@ use russh::keys::PublicKey;
 pub use crate::core::command::{CapacityScope, CloudError, CloudErrorKind};
 pub use crate::core::types::InstanceInfo;
 use crate::core::types::InstanceType;
+use crate::http::metrics::Family;
 pub use crate::ssh::BoxFuture;
 use crate::ssh::{
     HostKeyError, HostKeyVerifier, Target, UnverifiedConnection, verify_instance_secret,
@@ -96,6 +101,14 @@ pub trait InstanceSet: Send + Sync {
     /// Releases the driver's resources (loopback: stops the SSH servers). Instances are not
     /// destroyed; the next process recovers them.
     fn stop<'a>(&'a self) -> BoxFuture<'a, ()>;
+
+    /// The driver's own metric families, which `/metrics` and `/metrics.json` export next to
+    /// the dispatcher's (Go's drivers register theirs in the same registry). Names carry the
+    /// `arvados_dispatchcloud_` prefix and must not clash with the dispatcher's. Called on
+    /// every scrape, so it must be cheap and must not block. The default has none.
+    fn metrics(&self) -> Vec<Family> {
+        Vec::new()
+    }
 }
 
 /// A callback given an instance ID each time a connection to it reaches host-key verification.

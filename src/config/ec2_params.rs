@@ -28,7 +28,7 @@ pub const DEFAULT_SPOT_PRICE_UPDATE_INTERVAL: Duration = Duration::from_secs(24 
 /// The EC2 driver's parameters.
 #[derive(Clone, Default, PartialEq)]
 pub struct Ec2Params {
-    /// `AccessKeyID` ("" means: use the environment).
+    /// `AccessKeyID` (with `SecretAccessKey` also "": the default AWS credential chain).
     pub access_key_id: String,
     /// `SecretAccessKey` (secret).
     pub secret_access_key: String,

@@ -1,5 +1,7 @@
-//! The `arvados_dispatchcloud_*` metrics: gathered from the core's public getters, written in
-//! the Prometheus text format 0.0.4 (`/metrics`) or as a JSON export (`/metrics.json`).
+//! The `arvados_dispatchcloud_*` metrics: gathered from the core's public getters, plus the
+//! cloud driver's own families ([`append_families`]; EC2's per-subnet instance gauge and start
+//! counter), written in the Prometheus text format 0.0.4 (`/metrics`) or as a JSON export
+//! (`/metrics.json`).
 //!
 //! Invariants (reference-scheduler.md §6, reference-workers.md §8, crates.md §3.5): names, types,
 //! label names and label values are Go's; counters carry no `_total` suffix; summaries export the
@@ -389,14 +391,39 @@ pub fn gather(d: &Dispatcher, now: Timestamp, memory: &mut LabelMemory) -> Vec<F
 
     let mut families = b.families;
     for f in &mut families {
-        f.samples.sort_by(|a, b| {
-            let ka = a.labels.iter().map(|(_, v)| v.as_str());
-            let kb = b.labels.iter().map(|(_, v)| v.as_str());
-            ka.cmp(kb)
-        });
+        sort_samples(f);
     }
     families.sort_by(|a, b| a.name.cmp(&b.name));
     families
+}
+
+/// Appends `extra` families (a cloud driver's, see `InstanceSet::metrics`) to `families`, which
+/// [`gather`] sorted: the samples of each added family are sorted by their label values and all
+/// families by name, so the output keeps the order Go's registry gathers in. A family of `extra`
+/// whose name is already present is dropped (with a warning), as Go's registry refuses to
+/// register a duplicate, and one without samples is dropped, as Go's registry omits it.
+pub fn append_families(families: &mut Vec<Family>, extra: Vec<Family>) {
+    for mut f in extra {
+        if f.samples.is_empty() {
+            continue;
+        }
+        if families.iter().any(|g| g.name == f.name) {
+            tracing::warn!(metric = %f.name, "a driver metric family repeats a name; dropped");
+            continue;
+        }
+        sort_samples(&mut f);
+        families.push(f);
+    }
+    families.sort_by(|a, b| a.name.cmp(&b.name));
+}
+
+/// Sorts a family's samples by their label values.
+fn sort_samples(f: &mut Family) {
+    f.samples.sort_by(|a, b| {
+        let ka = a.labels.iter().map(|(_, v)| v.as_str());
+        let kb = b.labels.iter().map(|(_, v)| v.as_str());
+        ka.cmp(kb)
+    });
 }
 
 /// A float as Go's `strconv.FormatFloat(v, 'g', -1, 64)` writes it, which is what the
@@ -616,6 +643,45 @@ mod tests {
         assert_eq!(format_float(f64::NAN), "NaN");
         assert_eq!(format_float(f64::INFINITY), "+Inf");
         assert_eq!(format_float(-2.5), "-2.5");
+    }
+
+    fn gauge(name: &str, samples: &[(&str, f64)]) -> Family {
+        Family {
+            name: name.into(),
+            help: "H.",
+            kind: Kind::Gauge,
+            samples: samples
+                .iter()
+                .map(|(l, v)| Sample {
+                    labels: vec![("l", l.to_string())],
+                    value: SampleValue::Scalar(*v),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn appended_families_keep_name_and_label_order() {
+        let mut fams = vec![gauge("a_x", &[("1", 1.0)]), gauge("c_x", &[("1", 1.0)])];
+        append_families(
+            &mut fams,
+            vec![
+                gauge("b_x", &[("z", 2.0), ("", 3.0), ("m", 4.0)]),
+                // A name already there is dropped, and so is a family without samples.
+                gauge("a_x", &[("9", 9.0)]),
+                gauge("d_x", &[]),
+            ],
+        );
+        let names: Vec<&str> = fams.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["a_x", "b_x", "c_x"]);
+        let labels: Vec<&str> = fams[1]
+            .samples
+            .iter()
+            .map(|s| s.labels[0].1.as_str())
+            .collect();
+        assert_eq!(labels, ["", "m", "z"]);
+        assert_eq!(fams[0].samples.len(), 1);
+        assert_eq!(fams[0].samples[0].value, SampleValue::Scalar(1.0));
     }
 
     #[test]

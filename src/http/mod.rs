@@ -51,6 +51,9 @@ pub const NOT_CONFIGURED: &str = "Management API authentication is not configure
 /// A source of the current time for the core (milliseconds since the Unix epoch in production).
 pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
 
+/// A source of metric families beyond the dispatcher's (the cloud driver's `metrics`).
+pub type MetricsSource = Arc<dyn Fn() -> Vec<metrics::Family> + Send + Sync>;
+
 /// What every handler shares.
 #[derive(Clone)]
 pub struct ApiState {
@@ -64,6 +67,8 @@ pub struct ApiState {
     pub clock: Clock,
     /// Metric label values seen by earlier scrapes.
     memory: Arc<Mutex<LabelMemory>>,
+    /// Families appended to the dispatcher's on each scrape (the cloud driver's).
+    extra_metrics: Option<MetricsSource>,
     /// The last `/containers` body and when it was built (Go's `schedQueueRefresh`).
     queue_cache: Arc<Mutex<Option<(Timestamp, Bytes)>>>,
 }
@@ -83,7 +88,15 @@ impl ApiState {
             clock,
             memory: Arc::default(),
             queue_cache: Arc::default(),
+            extra_metrics: None,
         }
+    }
+
+    /// Appends the families `source` returns to every `/metrics` and `/metrics.json` answer
+    /// (the shell passes its cloud driver's `InstanceSet::metrics`).
+    pub fn with_extra_metrics(mut self, source: MetricsSource) -> ApiState {
+        self.extra_metrics = Some(source);
+        self
     }
 
     /// A clock reading the system time, for production.
@@ -371,12 +384,18 @@ async fn kill_instance(State(st): State<ApiState>, Extension(p): Extension<Param
 // ----- metrics and health -------------------------------------------------------------------
 
 fn gather(st: &ApiState) -> Result<Vec<metrics::Family>, Poisoned> {
-    let d = lock(st)?;
-    let mut memory = st.memory.lock().map_err(|_| {
-        Poisoned("metrics state is unavailable: a thread panicked while holding its lock")
-    })?;
-    let t = now(st, &d);
-    Ok(metrics::gather(&d, t, &mut memory))
+    // The driver's families first, without holding the dispatcher's lock.
+    let extra = st.extra_metrics.as_ref().map(|f| f()).unwrap_or_default();
+    let mut families = {
+        let d = lock(st)?;
+        let mut memory = st.memory.lock().map_err(|_| {
+            Poisoned("metrics state is unavailable: a thread panicked while holding its lock")
+        })?;
+        let t = now(st, &d);
+        metrics::gather(&d, t, &mut memory)
+    };
+    metrics::append_families(&mut families, extra);
+    Ok(families)
 }
 
 async fn metrics_text(State(st): State<ApiState>) -> Response {

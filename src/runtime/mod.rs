@@ -428,15 +428,17 @@ impl Shell {
         Arc::clone(&self.dispatcher)
     }
 
-    /// The management API's state for this shell.
+    /// The management API's state for this shell; its metrics include the cloud driver's.
     pub fn api_state(&self) -> http::ApiState {
         let clock = Arc::clone(&self.clock);
+        let cloud = Arc::clone(&self.cloud);
         http::ApiState::new(
             Arc::clone(&self.dispatcher),
             Arc::clone(&self.wake),
             self.management_token.clone(),
             Arc::new(move || clock.now()),
         )
+        .with_extra_metrics(Arc::new(move || cloud.metrics()))
     }
 
     /// Serves the management API on the configured address (if any) and runs the loop until

@@ -1,0 +1,172 @@
+//! Test helper: a scripted EC2 Query endpoint on 127.0.0.1 that replies with the recorded
+//! responses in `fixtures/ec2/` and records every request (form parameters and headers).
+//!
+//! A script chooses the reply (HTTP status and fixture file name) from the decoded request.
+//! Dropping the server stops it.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+/// One request the server received.
+#[derive(Clone, Debug)]
+pub struct Call {
+    /// The form parameters, decoded.
+    pub params: BTreeMap<String, String>,
+    /// The headers, by lower-case name (a repeated header keeps its last value).
+    pub headers: BTreeMap<String, String>,
+}
+
+impl Call {
+    /// The `Action` parameter ("" if missing).
+    pub fn action(&self) -> &str {
+        self.params.get("Action").map_or("", String::as_str)
+    }
+
+    /// The subnet of a RunInstances request ("" if none).
+    pub fn subnet(&self) -> &str {
+        self.params
+            .get("NetworkInterface.1.SubnetId")
+            .map_or("", String::as_str)
+    }
+
+    /// The value of header `name` (lower case), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+}
+
+/// Chooses the reply (HTTP status and fixture file name) for a request.
+pub type Script = Arc<dyn Fn(&Call) -> (u16, String) + Send + Sync>;
+
+#[derive(Clone)]
+struct Shared {
+    script: Script,
+    calls: Arc<Mutex<Vec<Call>>>,
+}
+
+/// A scripted EC2 endpoint on 127.0.0.1.
+pub struct FixtureServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    calls: Arc<Mutex<Vec<Call>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FixtureServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FixtureServer {
+    /// Starts a server that answers each request as `script` says.
+    pub async fn start(script: impl Fn(&Call) -> (u16, String) + Send + Sync + 'static) -> Self {
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let shared = Shared {
+            script: Arc::new(script),
+            calls: calls.clone(),
+        };
+        let app = axum::Router::new().fallback(handle).with_state(shared);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr");
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.expect("fixture server");
+        });
+        FixtureServer { addr, calls, task }
+    }
+
+    /// The endpoint URL, for the `Endpoint` DriverParameter.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Every request so far, in order.
+    pub fn calls(&self) -> Vec<Call> {
+        self.calls.lock().expect("calls lock").clone()
+    }
+
+    /// The subnets of the RunInstances calls so far, in order.
+    pub fn run_subnets(&self) -> Vec<String> {
+        self.calls()
+            .iter()
+            .filter(|c| c.action() == "RunInstances")
+            .map(|c| c.subnet().to_string())
+            .collect()
+    }
+}
+
+async fn handle(State(s): State<Shared>, headers: HeaderMap, body: String) -> Response {
+    let call = Call {
+        params: parse_form(&body),
+        headers: headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_ascii_lowercase(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+    };
+    let (status, file) = (s.script)(&call);
+    s.calls.lock().expect("calls lock").push(call);
+    let text = fixture(&file);
+    (
+        StatusCode::from_u16(status).expect("status"),
+        [(header::CONTENT_TYPE, "text/xml;charset=UTF-8")],
+        text,
+    )
+        .into_response()
+}
+
+/// The text of `fixtures/ec2/<name>`.
+pub fn fixture(name: &str) -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/ec2")
+        .join(name);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("fixture {}: {e}", p.display()))
+}
+
+/// Decodes an `application/x-www-form-urlencoded` body.
+pub fn parse_form(body: &str) -> BTreeMap<String, String> {
+    fn decode(s: &str) -> String {
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            match b[i] {
+                b'+' => out.push(b' '),
+                b'%' if i + 2 < b.len() => {
+                    let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("");
+                    match u8::from_str_radix(hex, 16) {
+                        Ok(v) => {
+                            out.push(v);
+                            i += 2;
+                        }
+                        Err(_) => out.push(b'%'),
+                    }
+                }
+                c => out.push(c),
+            }
+            i += 1;
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+    body.split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) => (decode(k), decode(v)),
+            None => (decode(kv), String::new()),
+        })
+        .collect()
+}
