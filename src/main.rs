@@ -117,20 +117,14 @@ enum LogFormat {
     Json,
 }
 
-/// Log lines on stderr in `format`, filtered by `$ARVADOS_DISPATCH_LOG` (default `info`).
+/// Log lines on stderr in `format`, filtered by `$ARVADOS_DISPATCH_LOG` (default `info`);
+/// `trace` applies to this program's own targets only (see `runtime::logging`).
 #[cfg(feature = "runtime")]
 fn init_logging(format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("ARVADOS_DISPATCH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colours only for a terminal, not for log files or the journal.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+    let env = tracing_subscriber::EnvFilter::try_from_env("ARVADOS_DISPATCH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if let Err(e) = arvados_dispatch_cloud::runtime::logging::init(env, format == LogFormat::Json) {
+        eprintln!("warning: logging is not set up: {e}");
     }
 }
 

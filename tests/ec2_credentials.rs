@@ -270,12 +270,13 @@ async fn run_child(
     child
 }
 
-/// In a child: logs everything at debug level to stderr, where the parent looks for secrets.
+/// In a child: logs everything at trace level to stderr through the service's own subscriber
+/// (which caps other crates at debug), where the parent looks for secrets.
 fn child_logging() {
-    let _ = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_writer(std::io::stderr)
-        .try_init();
+    let _ = arvados_dispatch_cloud::runtime::logging::init(
+        tracing_subscriber::EnvFilter::new("trace"),
+        false,
+    );
 }
 
 /// In a child: a driver for the EC2 endpoint with `extra` DriverParameters.

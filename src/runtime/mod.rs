@@ -29,6 +29,7 @@
 //! adapters only; no log line or error carries them.
 
 pub mod config_data;
+pub mod logging;
 
 /// The SSH public key type of [`Executors::public_key`].
 pub use russh::keys::PublicKey;
