@@ -4,12 +4,12 @@
 //! priority to 0 (a Queued container is then cancelled by the server); crunch-run moves Locked
 //! to Running and Running to Complete. 503 windows answer every call with 503.
 
-use std::cmp::Reverse;
+use std::cmp::{Ordering, Reverse};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use arvados_dispatch_cloud::core::command::{ApiError, ContainerUpdate, PollResult};
-use arvados_dispatch_cloud::core::fastcmp::{str_cmp, str_eq};
+use arvados_dispatch_cloud::core::fastcmp::str_cmp;
 use arvados_dispatch_cloud::core::types::{Container, ContainerState};
 
 use crate::scenario::Window;
@@ -245,41 +245,59 @@ impl Controller {
         // dispatcher (they carry mounts) and the unfinished tracked containers neither list
         // returned (the missing re-fetch, in `tracked` order). Re-fetched records are tracked,
         // so they never carry mounts; the few "avail" records are looked up.
-        let mut by_uuid: Vec<&Container> = tracked.iter().map(|c| &**c).collect();
-        if !by_uuid.is_sorted_by(|a, b| str_cmp(&a.uuid, &b.uuid).is_le()) {
-            by_uuid.sort_by(|a, b| str_cmp(&a.uuid, &b.uuid));
-        }
+        // `tracked` is the core's queue, in UUID order (`CommandKind::PollQueue`'s contract).
+        debug_assert!(
+            tracked
+                .windows(2)
+                .all(|w| str_cmp(&w[0].uuid, &w[1].uuid).is_lt()),
+            "PollQueue's tracked records come in UUID order"
+        );
+        // One merge of `tracked` with "mine" and with "avail" (both in UUID order too) finds the
+        // records of either that are new to the dispatcher (they carry mounts) and the
+        // unfinished tracked containers neither returned (the missing re-fetch, in `tracked`
+        // order). A "mine" record that is the very record the dispatcher holds (unchanged since
+        // it last saw it) matches without reading its UUID.
         let mut unknown: Vec<usize> = Vec::new();
         let mut refetch: Vec<&str> = Vec::new();
         let mut mine = (mine_start..mine_end).peekable();
-        for t in &by_uuid {
-            while let Some(&i) = mine.peek()
-                && str_cmp(&res.containers[i].uuid, &t.uuid).is_lt()
-            {
-                unknown.push(i);
+        let mut avail_it = avail.iter().peekable();
+        for t in tracked {
+            let mut in_mine = false;
+            while let Some(&i) = mine.peek() {
+                let m = &res.containers[i];
+                if Arc::ptr_eq(m, t) {
+                    in_mine = true;
+                    mine.next();
+                    break;
+                }
+                match str_cmp(&m.uuid, &t.uuid) {
+                    Ordering::Less => unknown.push(i),
+                    Ordering::Equal => in_mine = true,
+                    Ordering::Greater => break,
+                }
                 mine.next();
+                if in_mine {
+                    break;
+                }
             }
-            let in_mine = mine
-                .next_if(|&i| str_eq(&res.containers[i].uuid, &t.uuid))
-                .is_some();
-            if !in_mine
-                && !t.state.is_final()
-                && avail
-                    .binary_search_by(|(a, _)| str_cmp(a, &t.uuid))
-                    .is_err()
-            {
+            let mut in_avail = false;
+            while let Some(&&(uuid, i)) = avail_it.peek() {
+                match str_cmp(uuid, &t.uuid) {
+                    Ordering::Less => unknown.push(i),
+                    Ordering::Equal => in_avail = true,
+                    Ordering::Greater => break,
+                }
+                avail_it.next();
+                if in_avail {
+                    break;
+                }
+            }
+            if !in_mine && !in_avail && !t.state.is_final() {
                 refetch.push(&t.uuid);
             }
         }
         unknown.extend(mine);
-        for &(uuid, i) in &avail {
-            if by_uuid
-                .binary_search_by(|k| str_cmp(&k.uuid, uuid))
-                .is_err()
-            {
-                unknown.push(i);
-            }
-        }
+        unknown.extend(avail_it.map(|&(_, i)| i));
         for uuid in refetch {
             match self.rows.get(uuid) {
                 Some(r) => res.containers.push(Arc::clone(&r.c)),

@@ -68,26 +68,53 @@ enum Ev {
     Restart,
 }
 
-struct Item {
-    at: u64,
+/// The event heap: `(time, sequence, slot)` keys in a binary heap, the events themselves in a
+/// slab. The keys are 24 bytes, so sifting moves little memory (an `Ev` is much larger); the
+/// order is that of `(time, sequence)`, which is unique.
+#[derive(Default)]
+struct Events {
+    heap: BinaryHeap<Reverse<(u64, u64, u32)>>,
+    slab: Vec<Option<Ev>>,
+    free: Vec<u32>,
     seq: u64,
-    ev: Ev,
 }
 
-impl PartialEq for Item {
-    fn eq(&self, o: &Item) -> bool {
-        (self.at, self.seq) == (o.at, o.seq)
+impl Events {
+    fn push(&mut self, at: u64, ev: Ev) {
+        self.seq += 1;
+        let slot = match self.free.pop() {
+            Some(i) => {
+                self.slab[i as usize] = Some(ev);
+                i
+            }
+            None => {
+                self.slab.push(Some(ev));
+                u32::try_from(self.slab.len() - 1).expect("fewer than 2^32 pending events")
+            }
+        };
+        self.heap.push(Reverse((at, self.seq, slot)));
     }
-}
-impl Eq for Item {}
-impl PartialOrd for Item {
-    fn partial_cmp(&self, o: &Item) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
+
+    /// The time of the next event.
+    fn peek_at(&self) -> Option<u64> {
+        self.heap.peek().map(|Reverse((at, _, _))| *at)
     }
-}
-impl Ord for Item {
-    fn cmp(&self, o: &Item) -> std::cmp::Ordering {
-        (self.at, self.seq).cmp(&(o.at, o.seq))
+
+    /// The next event and its time.
+    fn pop(&mut self) -> Option<(u64, Ev)> {
+        let Reverse((at, _, slot)) = self.heap.pop()?;
+        self.free.push(slot);
+        let ev = self.slab[slot as usize]
+            .take()
+            .expect("a queued slot holds its event");
+        Some((at, ev))
+    }
+
+    /// Every pending event, in no particular order.
+    fn iter(&self) -> impl Iterator<Item = &Ev> {
+        self.heap
+            .iter()
+            .filter_map(|Reverse((_, _, slot))| self.slab[*slot as usize].as_ref())
     }
 }
 
@@ -140,8 +167,7 @@ pub struct World {
     pub seed: u64,
     /// Virtual now, ms.
     pub now: u64,
-    heap: BinaryHeap<Reverse<Item>>,
-    seq: u64,
+    events: Events,
     /// The dispatcher under test.
     pub d: Dispatcher,
     generation: u32,
@@ -218,8 +244,7 @@ impl World {
             timer_at: None,
             seed,
             now: 0,
-            heap: BinaryHeap::new(),
-            seq: 0,
+            events: Events::default(),
             rng: Streams {
                 cloud: Rng::derive(seed, "cloud"),
                 api: Rng::derive(seed, "api"),
@@ -293,7 +318,7 @@ impl World {
     /// External mode: the time of the next world event (an arrival, crunch-run progress, a
     /// reclaim, a user cancel), if any.
     pub fn next_event_at(&self) -> Option<u64> {
-        self.heap.peek().map(|Reverse(it)| it.at)
+        self.events.peek_at()
     }
 
     /// External mode: handles every world event due at or before `now` (ms), in order.
@@ -302,13 +327,13 @@ impl World {
             self.outbox.is_some(),
             "advance_external needs World::new_external"
         );
-        while self.heap.peek().is_some_and(|Reverse(it)| it.at <= now) {
-            let Some(Reverse(item)) = self.heap.pop() else {
+        while self.events.peek_at().is_some_and(|at| at <= now) {
+            let Some((at, ev)) = self.events.pop() else {
                 break;
             };
-            self.now = self.now.max(item.at);
+            self.now = self.now.max(at);
             self.totals.events += 1;
-            self.handle(item.ev);
+            self.handle(ev);
         }
         self.now = self.now.max(now);
     }
@@ -319,12 +344,7 @@ impl World {
     }
 
     fn push(&mut self, at: u64, ev: Ev) {
-        self.seq += 1;
-        self.heap.push(Reverse(Item {
-            at,
-            seq: self.seq,
-            ev,
-        }));
+        self.events.push(at, ev);
     }
 
     fn deliver(&mut self, at: u64, input: Input) {
@@ -597,9 +617,9 @@ impl World {
 
     fn arrivals_done(&self) -> bool {
         !self
-            .heap
+            .events
             .iter()
-            .any(|Reverse(it)| matches!(it.ev, Ev::Arrive(_) | Ev::Child { .. }))
+            .any(|ev| matches!(ev, Ev::Arrive(_) | Ev::Child { .. }))
     }
 
     fn submit(&mut self, mut s: Submission, parent: Option<String>) {
@@ -826,26 +846,26 @@ impl World {
     /// Runs to the end. `progress(now_ms, end_ms)` is called every 64k events.
     pub fn run(&mut self, mut progress: impl FnMut(u64, u64)) {
         let settle = millis(self.scenario.settle.0);
-        while let Some(Reverse(item)) = self.heap.pop() {
-            if item.at > self.end {
+        while let Some((at, ev)) = self.events.pop() {
+            if at > self.end {
                 self.now = self.end;
                 break;
             }
             if let Some(t) = self.ended_all_at
-                && item.at > t + settle
+                && at > t + settle
             {
                 self.now = t + settle;
                 break;
             }
-            assert!(item.at >= self.now, "event heap went backwards");
-            self.now = item.at;
+            assert!(at >= self.now, "event heap went backwards");
+            self.now = at;
             self.totals.events += 1;
             assert!(
                 self.totals.events < STEPS_MAX,
                 "step bound reached at t={}",
                 self.now
             );
-            self.handle(item.ev);
+            self.handle(ev);
             if self.totals.events.is_multiple_of(self.check_every) {
                 for v in self.d.check_invariants() {
                     self.checker

@@ -6,7 +6,7 @@
 //! verify the same properties against the simulated world.
 
 use super::dispatcher::Dispatcher;
-use super::fastcmp::{str_cmp, str_eq};
+use super::fastcmp::{sort_by_str_key, str_eq};
 use super::types::ContainerState;
 
 impl Dispatcher {
@@ -23,7 +23,8 @@ impl Dispatcher {
                 runners.push((uuid, &w.id, runners.len()));
             }
         }
-        runners.sort_unstable_by(|a, b| str_cmp(a.0, b.0).then(a.2.cmp(&b.2)));
+        // Pushed in visiting order, so the stable sort breaks ties by it.
+        sort_by_str_key(&mut runners, |r| r.0);
         let mut twice: Vec<(usize, String)> = runners
             .windows(2)
             .filter(|p| str_eq(p[0].0, p[1].0))

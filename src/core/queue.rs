@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::command::{ContainerUpdate, PollResult};
 use super::config::ContainersConfig;
-use super::fastcmp::{str_cmp, str_eq};
+use super::fastcmp::{sort_by_str_key, str_cmp, str_eq};
 use super::select::{SelectError, TypeId, TypeTable, choose_instance_types, resources_needed};
 use super::snapshot::History;
 use super::time::Timestamp;
@@ -123,7 +123,7 @@ impl Queue {
         // keeps the first record, which the adapter puts first for "avail". Sorting a vector
         // avoids copying every UUID into a map on every poll.
         let mut next: Vec<Arc<Container>> = result.containers;
-        next.sort_by(|a, b| str_cmp(&a.uuid, &b.uuid));
+        sort_by_str_key(&mut next, |c| c.uuid.as_str());
         next.dedup_by(|later, first| str_eq(&later.uuid, &first.uuid));
         if !result.deleted.is_empty() {
             let deleted: BTreeSet<&String> = result.deleted.iter().collect();
@@ -143,6 +143,11 @@ impl Queue {
         let mut stale: Vec<String> = Vec::new();
         let mut it = next.into_iter().peekable();
         for (uuid, ent) in self.entries.iter_mut() {
+            // The record the entry holds, returned again (unchanged since the last poll): a
+            // pointer comparison, without reading either UUID.
+            if it.next_if(|c| Arc::ptr_eq(c, &ent.container)).is_some() {
+                continue;
+            }
             while let Some(c) = it.next_if(|c| str_cmp(&c.uuid, uuid).is_lt()) {
                 later.push(Later::New(c));
             }

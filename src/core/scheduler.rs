@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Duration;
 
-use super::fastcmp::{str_cmp, str_eq};
+use super::fastcmp::{sort_by_str_key, str_cmp, str_eq};
 use super::queue::QueueEntry;
 use super::select::{TypeId, TypeTable};
 use super::time::Timestamp;
@@ -1064,7 +1064,8 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
             placed.push((uuid, pos));
         }
     }
-    placed.sort_unstable_by(|a, b| str_cmp(a.0, b.0).then(a.1.cmp(&b.1)));
+    // Pushed in position order, so the stable sort breaks ties by position.
+    sort_by_str_key(&mut placed, |p| p.0);
     let mut missing = vec![false; nviews];
 
     // §2.5, first half: one merge, in UUID order, of the queue with `Running()` and with the

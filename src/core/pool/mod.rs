@@ -23,7 +23,7 @@ use super::command::{
     ExecStdin, OpId,
 };
 use super::config::Config;
-use super::fastcmp::{str_cmp, str_eq};
+use super::fastcmp::{sort_by_str_key, str_cmp, str_eq};
 use super::metrics::{BootOutcome, PoolMetrics};
 use super::ops::{Ops, Pending};
 use super::price;
@@ -1769,7 +1769,8 @@ impl Pool {
         }
         let indexed = runners.len();
         let mut unindexed = vec![false; indexed];
-        runners.sort_unstable_by(|a, b| str_cmp(a.0, b.0).then(a.2.cmp(&b.2)));
+        // Pushed in visiting order, so the stable sort breaks ties by it.
+        sort_by_str_key(&mut runners, |r| r.0);
         let mut index = self.book.index.iter().peekable();
         for &(uuid, id, seq) in &runners {
             while index.next_if(|(u, _)| str_cmp(u, uuid).is_lt()).is_some() {}
