@@ -1015,11 +1015,15 @@ impl Pool {
         // the same ID is skipped.
         let first = self.stamp;
         for info in list {
-            // Drivers may ignore the tag filter; apply it here.
-            if info.tags.get(&self.tag_keys.instance_set_id) != Some(&self.instance_set_id) {
+            let w = self.workers.get_mut(info.id.as_str());
+            // Drivers may ignore the tag filter; apply it here. A record the worker already
+            // holds (the same listing as last time) passed it then.
+            if !w.as_ref().is_some_and(|w| Arc::ptr_eq(&w.info, &info))
+                && info.tags.get(&self.tag_keys.instance_set_id) != Some(&self.instance_set_id)
+            {
                 continue;
             }
-            let Some(w) = self.workers.get_mut(info.id.as_str()) else {
+            let Some(w) = w else {
                 self.update_worker(now, info, None);
                 continue;
             };
