@@ -1135,13 +1135,46 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
         missing[pos] = true;
     }
 
+    // The instances' sort key's type-decided prefix, by position.
+    let prefixes: Vec<(f64, i64, i64, i64)> = snap
+        .instances
+        .iter()
+        .zip(&type_ids)
+        .map(|(v, type_id)| {
+            let it = type_id.map(|t| snap.types.get(t));
+            (
+                v.price(),
+                it.map_or(0, |t| t.vcpus),
+                it.map_or(0, |t| t.ram),
+                it.map_or(0, |t| t.scratch),
+            )
+        })
+        .collect();
+    // Positions in key order. The instances come in ID order (the snapshot's contract), and
+    // `tie` is their position, so the key's ID-then-position tie-break is the position alone:
+    // a stable sort on the prefix gives the same order without comparing IDs. Checked, not
+    // assumed. Sorting positions rather than the rows moves 4 bytes per step instead of a row.
+    let mut order: Vec<usize> = (0..nviews).collect();
+    if snap
+        .instances
+        .windows(2)
+        .all(|w| str_cmp(w[0].id(), w[1].id()).is_le())
+    {
+        order.sort_by(|&a, &b| prefix_cmp(prefixes[a], prefixes[b]));
+    } else {
+        order.sort_by(|&a, &b| {
+            prefix_cmp(prefixes[a], prefixes[b])
+                .then_with(|| str_cmp(snap.instances[a].id(), snap.instances[b].id()))
+                .then(a.cmp(&b))
+        });
+    }
     let mut insts: Vec<Inst<'a>> = Vec::with_capacity(nviews);
-    for (pos, v) in snap.instances.iter().enumerate() {
-        let type_id = type_ids[pos];
-        let it = type_id.map(|t| snap.types.get(t));
+    for pos in order {
+        let v = &snap.instances[pos];
+        let (price, vcpus, ram, scratch) = prefixes[pos];
         insts.push(Inst {
             id: v.id(),
-            type_id,
+            type_id: type_ids[pos],
             state: v.state(),
             behavior: v.idle_behavior(),
             count: v.running_count(),
@@ -1151,27 +1184,15 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
                 remaining[pos]
             },
             key: InstKey {
-                price: v.price(),
-                vcpus: it.map_or(0, |t| t.vcpus),
-                ram: it.map_or(0, |t| t.ram),
-                scratch: it.map_or(0, |t| t.scratch),
+                price,
+                vcpus,
+                ram,
+                scratch,
                 id: v.id(),
                 tie: pos as i64,
             },
             slot: None,
         });
-    }
-    // The instances come in ID order (the snapshot's contract), and `tie` is their position,
-    // so the key's ID-then-position tie-break is the position alone: a stable sort on the
-    // rest of the key gives the same order without comparing IDs. Checked, not assumed.
-    if snap
-        .instances
-        .windows(2)
-        .all(|w| str_cmp(w[0].id(), w[1].id()).is_le())
-    {
-        insts.sort_by(|a, b| prefix_cmp(a.key.prefix(), b.key.prefix()));
-    } else {
-        insts.sort_by(|a, b| a.key.cmp(&b.key));
     }
     let ntypes = snap.types.len();
     let mut existing: Vec<Vec<usize>> = vec![Vec::new(); ntypes];
