@@ -21,7 +21,6 @@ mod ec2_fixture;
 mod sshd;
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,7 +31,7 @@ use arvados_dispatch_cloud::core::time::Timestamp;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use ec2_fixture::{Call, FixtureServer};
+use ec2_fixture::{Call, FixtureServer, Loopback};
 use sshd::{ScratchDir, free_port};
 
 /// Names the test whose inner half a child process runs.
@@ -104,15 +103,8 @@ struct ImdsShared {
 /// is required), and the metadata GETs require it. `GET /test/requests` (not recorded) returns
 /// how many requests it has had, so that a child can check that building a driver made none.
 struct Imds {
-    addr: SocketAddr,
+    server: Loopback,
     calls: Arc<Mutex<Vec<ImdsCall>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Imds {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 impl Imds {
@@ -123,18 +115,14 @@ impl Imds {
             calls: calls.clone(),
         };
         let app = axum::Router::new().fallback(imds).with_state(shared);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1:0");
-        let addr = listener.local_addr().expect("local addr");
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app).await.expect("fake IMDS");
-        });
-        Imds { addr, calls, task }
+        Imds {
+            server: Loopback::serve(app).await,
+            calls,
+        }
     }
 
     fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.url()
     }
 
     fn calls(&self) -> Vec<ImdsCall> {

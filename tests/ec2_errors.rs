@@ -856,7 +856,7 @@ async fn spot_instances_are_listed_with_their_zones_normalised_price_history() {
     let server = FixtureServer::start(move |c| spot_script(c, *z.lock().expect("lock"))).await;
     let now = Arc::new(AtomicU64::new(T0));
     let d = driver_with_clock(
-        &format!("http://{}", server.addr),
+        &server.url(),
         serde_json::json!({"SpotPriceUpdateInterval": "1h", "EBSPrice": 0.1}),
         now.clone(),
     );

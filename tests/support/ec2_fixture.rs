@@ -52,18 +52,43 @@ struct Shared {
     calls: Arc<Mutex<Vec<Call>>>,
 }
 
-/// A scripted EC2 endpoint on 127.0.0.1.
-pub struct FixtureServer {
+/// An axum app served on 127.0.0.1 at a free port. Dropping it stops the server.
+pub struct Loopback {
     /// Where it listens.
     pub addr: SocketAddr,
-    calls: Arc<Mutex<Vec<Call>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
-impl Drop for FixtureServer {
+impl Drop for Loopback {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+impl Loopback {
+    /// Serves `app` until dropped.
+    pub async fn serve(app: axum::Router) -> Loopback {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("local addr");
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.expect("loopback server");
+        });
+        Loopback { addr, task }
+    }
+
+    /// Its base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// A scripted EC2 endpoint on 127.0.0.1.
+pub struct FixtureServer {
+    /// The server.
+    pub server: Loopback,
+    calls: Arc<Mutex<Vec<Call>>>,
 }
 
 impl FixtureServer {
@@ -75,19 +100,15 @@ impl FixtureServer {
             calls: calls.clone(),
         };
         let app = axum::Router::new().fallback(handle).with_state(shared);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1:0");
-        let addr = listener.local_addr().expect("local addr");
-        let task = tokio::spawn(async move {
-            axum::serve(listener, app).await.expect("fixture server");
-        });
-        FixtureServer { addr, calls, task }
+        FixtureServer {
+            server: Loopback::serve(app).await,
+            calls,
+        }
     }
 
     /// The endpoint URL, for the `Endpoint` DriverParameter.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.url()
     }
 
     /// Every request so far, in order.
