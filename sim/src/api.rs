@@ -240,11 +240,6 @@ impl Controller {
         let mine_start = res.containers.len();
         res.containers.extend(self.mine.values().cloned());
         let mine_end = res.containers.len();
-        // One merge of `tracked` (the dispatcher's queue, which comes in UUID order) with
-        // "mine" (in UUID order too) finds both the "mine" records that are new to the
-        // dispatcher (they carry mounts) and the unfinished tracked containers neither list
-        // returned (the missing re-fetch, in `tracked` order). Re-fetched records are tracked,
-        // so they never carry mounts; the few "avail" records are looked up.
         // `tracked` is the core's queue, in UUID order (`CommandKind::PollQueue`'s contract).
         debug_assert!(
             tracked
@@ -255,43 +250,24 @@ impl Controller {
         // One merge of `tracked` with "mine" and with "avail" (both in UUID order too) finds the
         // records of either that are new to the dispatcher (they carry mounts) and the
         // unfinished tracked containers neither returned (the missing re-fetch, in `tracked`
-        // order). A "mine" record that is the very record the dispatcher holds (unchanged since
-        // it last saw it) matches without reading its UUID.
+        // order; re-fetched records are tracked, so they never carry mounts). A "mine" record
+        // that is the very record the dispatcher holds (unchanged since it last saw it) matches
+        // without reading its UUID.
         let mut unknown: Vec<usize> = Vec::new();
         let mut refetch: Vec<&str> = Vec::new();
         let mut mine = (mine_start..mine_end).peekable();
         let mut avail_it = avail.iter().peekable();
         for t in tracked {
-            let mut in_mine = false;
-            while let Some(&i) = mine.peek() {
-                let m = &res.containers[i];
-                if Arc::ptr_eq(m, t) {
-                    in_mine = true;
-                    mine.next();
-                    break;
-                }
-                match str_cmp(&m.uuid, &t.uuid) {
-                    Ordering::Less => unknown.push(i),
-                    Ordering::Equal => in_mine = true,
-                    Ordering::Greater => break,
-                }
-                mine.next();
-                if in_mine {
-                    break;
-                }
-            }
-            let mut in_avail = false;
-            while let Some(&&(uuid, i)) = avail_it.peek() {
-                match str_cmp(uuid, &t.uuid) {
-                    Ordering::Less => unknown.push(i),
-                    Ordering::Equal => in_avail = true,
-                    Ordering::Greater => break,
-                }
-                avail_it.next();
-                if in_avail {
-                    break;
-                }
-            }
+            let in_mine = mine
+                .next_if(|&i| Arc::ptr_eq(&res.containers[i], t))
+                .is_some()
+                || merge_to(
+                    &mut mine,
+                    &t.uuid,
+                    |i| (res.containers[i].uuid.as_str(), i),
+                    &mut unknown,
+                );
+            let in_avail = merge_to(&mut avail_it, &t.uuid, |&(u, i)| (u, i), &mut unknown);
             if !in_mine && !in_avail && !t.state.is_final() {
                 refetch.push(&t.uuid);
             }
@@ -387,4 +363,28 @@ impl Controller {
         }
         Ok(())
     }
+}
+
+/// Advances `cursor`, whose items `key` maps to `(UUID, response index)` in UUID order, up to
+/// `uuid`: the items before it are new to the dispatcher (their indices go to `unknown`).
+/// Returns whether the next item is `uuid`, consuming it if so.
+fn merge_to<'a, T: Copy>(
+    cursor: &mut std::iter::Peekable<impl Iterator<Item = T>>,
+    uuid: &str,
+    key: impl Fn(T) -> (&'a str, usize),
+    unknown: &mut Vec<usize>,
+) -> bool {
+    while let Some(&item) = cursor.peek() {
+        let (u, i) = key(item);
+        match str_cmp(u, uuid) {
+            Ordering::Less => unknown.push(i),
+            Ordering::Equal => {
+                cursor.next();
+                return true;
+            }
+            Ordering::Greater => return false,
+        }
+        cursor.next();
+    }
+    false
 }
