@@ -267,6 +267,26 @@ fn child_logging() {
     );
 }
 
+/// In a child: one listing by a driver without static keys (so through the default chain).
+async fn child_lists_with_the_chain() {
+    child_logging();
+    child_list(&child_driver(serde_json::json!({}))).await;
+    println!("{PASSED}");
+}
+
+/// Writes `~/.aws/credentials` under `home` with a `[default]` profile.
+fn write_default_profile(home: &ScratchDir) {
+    let aws = home.path().join(".aws");
+    std::fs::create_dir_all(&aws).expect("mkdir .aws");
+    std::fs::write(
+        aws.join("credentials"),
+        format!(
+            "[default]\naws_access_key_id = {DEFAULT_PROFILE_KEY_ID}\naws_secret_access_key = {DEFAULT_PROFILE_SECRET}\n"
+        ),
+    )
+    .expect("write ~/.aws/credentials");
+}
+
 /// In a child: a driver for the EC2 endpoint with `extra` DriverParameters.
 fn child_driver(extra: serde_json::Value) -> Ec2 {
     let endpoint = std::env::var(ENDPOINT_VAR).expect("the parent sets the endpoint");
@@ -391,9 +411,7 @@ async fn instance_role_from_imds_signs_requests() {
 async fn named_profile_from_a_shared_credentials_file() {
     const NAME: &str = "named_profile_from_a_shared_credentials_file";
     if child_case().as_deref() == Some(NAME) {
-        child_logging();
-        child_list(&child_driver(serde_json::json!({}))).await;
-        println!("{PASSED}");
+        child_lists_with_the_chain().await;
         return;
     }
     let ec2 = FixtureServer::start(empty_listing).await;
@@ -440,22 +458,12 @@ async fn named_profile_from_a_shared_credentials_file() {
 async fn default_profile_under_home() {
     const NAME: &str = "default_profile_under_home";
     if child_case().as_deref() == Some(NAME) {
-        child_logging();
-        child_list(&child_driver(serde_json::json!({}))).await;
-        println!("{PASSED}");
+        child_lists_with_the_chain().await;
         return;
     }
     let ec2 = FixtureServer::start(empty_listing).await;
     let home = ScratchDir::new("ec2-credentials-home");
-    let aws = home.path().join(".aws");
-    std::fs::create_dir_all(&aws).expect("mkdir .aws");
-    std::fs::write(
-        aws.join("credentials"),
-        format!(
-            "[default]\naws_access_key_id = {DEFAULT_PROFILE_KEY_ID}\naws_secret_access_key = {DEFAULT_PROFILE_SECRET}\n"
-        ),
-    )
-    .expect("write ~/.aws/credentials");
+    write_default_profile(&home);
     run_child(
         NAME,
         &home,
@@ -473,23 +481,13 @@ async fn default_profile_under_home() {
 async fn environment_credentials_come_first_in_the_chain() {
     const NAME: &str = "environment_credentials_come_first_in_the_chain";
     if child_case().as_deref() == Some(NAME) {
-        child_logging();
-        child_list(&child_driver(serde_json::json!({}))).await;
-        println!("{PASSED}");
+        child_lists_with_the_chain().await;
         return;
     }
     let imds = Imds::start(true).await;
     let ec2 = FixtureServer::start(empty_listing).await;
     let home = ScratchDir::new("ec2-credentials-env");
-    let aws = home.path().join(".aws");
-    std::fs::create_dir_all(&aws).expect("mkdir .aws");
-    std::fs::write(
-        aws.join("credentials"),
-        format!(
-            "[default]\naws_access_key_id = {DEFAULT_PROFILE_KEY_ID}\naws_secret_access_key = {DEFAULT_PROFILE_SECRET}\n"
-        ),
-    )
-    .expect("write ~/.aws/credentials");
+    write_default_profile(&home);
     run_child(
         NAME,
         &home,
