@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use arvados_dispatch_cloud::core::Timestamp;
 use arvados_dispatch_cloud::core::config::ContainersConfig;
+use arvados_dispatch_cloud::core::key::Key;
 use arvados_dispatch_cloud::core::queue::QueueEntry;
 use arvados_dispatch_cloud::core::rng::Rng;
 use arvados_dispatch_cloud::core::scheduler::{Action, PoolLimits, SchedState, Snapshot, plan};
@@ -286,8 +287,8 @@ fn container(
 /// Everything a snapshot borrows.
 struct World {
     table: TypeTable,
-    queue: BTreeMap<String, QueueEntry>,
-    running: BTreeMap<String, Option<Timestamp>>,
+    queue: BTreeMap<Key, QueueEntry>,
+    running: BTreeMap<Key, Option<Timestamp>>,
     instances: Vec<InstanceView>,
     pool: PoolLimits,
     total_instances: usize,
@@ -314,14 +315,14 @@ struct Builder {
     rng: Rng,
     cfg: ContainersConfig,
     table: TypeTable,
-    queue: BTreeMap<String, QueueEntry>,
+    queue: BTreeMap<Key, QueueEntry>,
 }
 
 impl Builder {
     fn fresh_uuid(&mut self) -> String {
         loop {
             let u = format!("zzzzz-dz642-{}", base36(&mut self.rng, 15));
-            if !self.queue.contains_key(&u) {
+            if !self.queue.contains_key(u.as_str()) {
                 return u;
             }
         }
@@ -337,7 +338,7 @@ impl Builder {
         };
         c.mounts = None;
         self.queue.insert(
-            c.uuid.clone(),
+            Key::new(&c.uuid),
             QueueEntry {
                 container: c.into(),
                 resources,
@@ -373,7 +374,7 @@ fn world(n: usize, m: usize) -> World {
         .collect();
     let wsum: f64 = weights.iter().map(|(_, w)| w).sum();
 
-    let mut running: BTreeMap<String, Option<Timestamp>> = BTreeMap::new();
+    let mut running: BTreeMap<Key, Option<Timestamp>> = BTreeMap::new();
     let mut instances = Vec::with_capacity(m);
     let running_budget = n / 2;
     let mut creating = 0usize;
@@ -447,7 +448,7 @@ fn world(n: usize, m: usize) -> World {
                 room.sub(&need);
                 // A few crunch-runs have exited and wait for the next sync.
                 let exited = (b.rng.below(50) == 0).then(|| Timestamp(NOW.0 - b.rng.below(10_000)));
-                running.insert(uuid.clone(), exited);
+                running.insert(Key::new(&uuid), exited);
                 uuids.push(uuid);
             }
             if uuids.is_empty() {

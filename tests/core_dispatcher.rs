@@ -132,7 +132,7 @@ fn forget_irrelevant_containers() {
     w.add(container(1, Queued, 5, 1, GIB));
     w.add(container(2, Complete, 5, 1, GIB));
     w.run(Duration::from_millis(50), |w| {
-        w.d.queue().entries().contains_key(&uuid(1))
+        w.d.queue().entries().contains_key(uuid(1).as_str())
     });
     assert!(w.d.queue().get(&uuid(1)).is_some());
     assert!(

@@ -642,7 +642,7 @@ fn probe_and_update_table() {
             }
         }
         assert_eq!(
-            rig.pool.workers()[&id].state,
+            rig.pool.workers()[id.as_str()].state,
             row.start,
             "{}: setup",
             row.name
@@ -777,7 +777,7 @@ fn create_unalloc_shutdown() {
         all.iter()
             .filter(|id| !gone.contains(id))
             .map(|id| {
-                let w = &rig.pool.workers()[id];
+                let w = &rig.pool.workers()[id.as_str()];
                 w.info.clone()
             })
             .collect()
@@ -942,7 +942,7 @@ fn quota_error_memory() {
         rig.pool.at_quota(t + Duration::from_secs(3600)),
         "until fewer instances"
     );
-    let keep = rig.pool.workers()[&a].info.clone();
+    let keep = rig.pool.workers()[a.as_str()].info.clone();
     assert!(rig.pool.shutdown(t, &b));
     let th = rig.pool.stamp();
     rig.pool.listed(t, th, Ok(vec![keep]));

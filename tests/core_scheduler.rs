@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use arvados_dispatch_cloud::core::Timestamp;
 use arvados_dispatch_cloud::core::config::Config;
+use arvados_dispatch_cloud::core::key::Key;
 use arvados_dispatch_cloud::core::queue::QueueEntry;
 use arvados_dispatch_cloud::core::scheduler::{
     Action, Plan, PoolLimits, SchedState, Snapshot, Status, plan,
@@ -27,9 +28,9 @@ const NOW: Timestamp = Timestamp(1_000_000_000);
 struct Stub {
     cfg: Config,
     table: TypeTable,
-    queue: BTreeMap<String, QueueEntry>,
+    queue: BTreeMap<Key, QueueEntry>,
     instances: Vec<InstanceView>,
-    running: BTreeMap<String, Option<Timestamp>>,
+    running: BTreeMap<Key, Option<Timestamp>>,
     quota: usize,
     capacity_blocked: BTreeSet<String>,
     can_create: bool,
@@ -95,7 +96,7 @@ impl Stub {
         let resources = resources_needed(&self.cfg.containers, &c);
         c.created_at = NOW;
         self.queue.insert(
-            c.uuid.clone(),
+            Key::new(&c.uuid),
             QueueEntry {
                 container: c.into(),
                 resources,
@@ -113,7 +114,7 @@ impl Stub {
             .get(self.table.id(&format!("type{type_n}")).expect("configured"));
         let uuids: Vec<String> = running.iter().map(|k| uuid(*k)).collect();
         for u in &uuids {
-            self.running.insert(u.clone(), None);
+            self.running.insert(Key::new(u), None);
         }
         self.instances.push(InstanceView {
             instance: id.clone(),
@@ -183,13 +184,17 @@ impl Stub {
     fn apply(&mut self, a: Action) {
         match a {
             Action::Lock(u) => {
-                std::sync::Arc::make_mut(&mut self.queue.get_mut(&u).expect("queued").container)
-                    .state = Locked;
+                std::sync::Arc::make_mut(
+                    &mut self.queue.get_mut(u.as_str()).expect("queued").container,
+                )
+                .state = Locked;
                 self.locked.push(u);
             }
             Action::Unlock(u) => {
-                std::sync::Arc::make_mut(&mut self.queue.get_mut(&u).expect("locked").container)
-                    .state = Queued;
+                std::sync::Arc::make_mut(
+                    &mut self.queue.get_mut(u.as_str()).expect("locked").container,
+                )
+                .state = Queued;
                 self.unlocked.push(u);
             }
             Action::Start { instance, uuid } => {
@@ -200,7 +205,7 @@ impl Stub {
                         .push(uuid.clone());
                     v.worker_state = WorkerState::Running;
                 });
-                self.running.insert(uuid.clone(), None);
+                self.running.insert(Key::new(&uuid), None);
                 self.starts.push(uuid);
             }
             Action::Create { type_id, .. } => {
@@ -215,8 +220,8 @@ impl Stub {
                 self.shutdowns.push(id);
             }
             Action::Kill { uuid, .. } => {
-                if self.running.get(&uuid) == Some(&None) {
-                    self.running.remove(&uuid);
+                if self.running.get(uuid.as_str()) == Some(&None) {
+                    self.running.remove(uuid.as_str());
                 }
                 self.kills.push(uuid);
             }
@@ -286,7 +291,8 @@ fn pack_containers_idle_instance_too_big() {
 #[test]
 fn pack_containers_spare_resources() {
     let mut s = Stub::pack();
-    std::sync::Arc::make_mut(&mut s.queue.get_mut(&uuid(4)).expect("c4").container).state = Running;
+    std::sync::Arc::make_mut(&mut s.queue.get_mut(uuid(4).as_str()).expect("c4").container).state =
+        Running;
     s.vm(3, WorkerState::Running, &[4]);
     s.run();
     assert_eq!(s.starts, names(&[3, 2]));

@@ -99,7 +99,7 @@ impl Checker {
         let idle_ms = idle.as_millis() as u64;
         let workers = d.pool().workers();
         for (id, inst) in &cloud.instances {
-            let ok = match workers.get(id) {
+            let ok = match workers.get(id.as_str()) {
                 None => {
                     now.saturating_sub(inst.created_at)
                         < loaded.core.cloud_vms.sync_interval.as_millis() as u64 * 2

@@ -26,7 +26,6 @@ use super::command::{
     OpId,
 };
 use super::config::Config;
-use super::fastcmp::{str_cmp, str_eq};
 use super::metrics::PoolMetrics;
 use super::ops::{Ops, Pending};
 use super::pool::remote::RunnerSpec;
@@ -604,7 +603,7 @@ impl Dispatcher {
             .values()
             .filter(|e| {
                 e.container.state == ContainerState::Locked
-                    && !running.contains_key(&e.container.uuid)
+                    && !running.contains_key(e.container.uuid.as_str())
             })
             .map(|e| e.container.uuid.clone())
             .collect();
@@ -793,12 +792,12 @@ impl Dispatcher {
         let mut strays: Vec<String> = Vec::new();
         let mut running = self.pool.running().iter().peekable();
         for (key, e) in self.queue.entries() {
-            while let Some((u, _)) = running.next_if(|(u, _)| str_cmp(u, key).is_lt()) {
-                strays.push(u.clone());
+            while let Some((u, _)) = running.next_if(|(u, _)| *u < key) {
+                strays.push(u.to_string());
             }
             let (uuid, state, priority) =
                 (&e.container.uuid, e.container.state, e.container.priority);
-            let proc = running.next_if(|(u, _)| str_eq(u, key)).map(|(_, t)| *t);
+            let proc = running.next_if(|(u, _)| *u == key).map(|(_, t)| *t);
             let exited_before_poll = matches!(proc, Some(Some(t)) if q_updated > t);
             let act = match state {
                 ContainerState::Running => {
@@ -846,7 +845,7 @@ impl Dispatcher {
                 todo.push((uuid.clone(), a));
             }
         }
-        strays.extend(running.map(|(u, _)| u.clone()));
+        strays.extend(running.map(|(u, _)| u.to_string()));
         for (uuid, act) in todo {
             match act {
                 Act::Cancel(reason) => self.cancel(now, &uuid, reason),
@@ -872,8 +871,8 @@ impl Dispatcher {
             .entries()
             .iter()
             .filter(|(key, e)| {
-                while running.next_if(|u| str_cmp(u, key).is_lt()).is_some() {}
-                let has_runner = running.next_if(|u| str_eq(u, key)).is_some();
+                while running.next_if(|u| *u < *key).is_some() {}
+                let has_runner = running.next_if(|u| *u == *key).is_some();
                 e.container.priority > 0
                     && matches!(
                         e.container.state,

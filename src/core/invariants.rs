@@ -6,7 +6,7 @@
 //! verify the same properties against the simulated world.
 
 use super::dispatcher::Dispatcher;
-use super::fastcmp::{sort_by_str_key, str_eq};
+use super::key::Key;
 use super::types::ContainerState;
 
 impl Dispatcher {
@@ -17,17 +17,17 @@ impl Dispatcher {
         // The runners sorted by UUID, ties in visiting order: a UUID seen before is reported
         // against the worker that last held it, in visiting order, as a map of UUID to the
         // last worker would (without building the map).
-        let mut runners: Vec<(&str, &str, usize)> = Vec::new();
+        let mut runners: Vec<(&Key, &str, usize)> = Vec::new();
         for w in self.pool().workers().values() {
             for uuid in w.running.keys().chain(w.starting.keys()) {
                 runners.push((uuid, &w.id, runners.len()));
             }
         }
         // Pushed in visiting order, so the stable sort breaks ties by it.
-        sort_by_str_key(&mut runners, |r| r.0);
+        runners.sort_by(|a, b| a.0.cmp(b.0));
         let mut twice: Vec<(usize, String)> = runners
             .windows(2)
-            .filter(|p| str_eq(p[0].0, p[1].0))
+            .filter(|p| p[0].0 == p[1].0)
             .map(|p| {
                 let ((uuid, other, _), (_, id, seq)) = (p[0], p[1]);
                 (

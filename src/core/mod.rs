@@ -18,6 +18,7 @@ pub mod command;
 pub mod dispatcher;
 pub mod fastcmp;
 pub mod invariants;
+pub mod key;
 pub mod metrics;
 pub mod ops;
 pub mod pool;

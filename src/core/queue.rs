@@ -13,6 +13,7 @@ use std::sync::Arc;
 use super::command::{ContainerUpdate, PollResult};
 use super::config::ContainersConfig;
 use super::fastcmp::{str_cmp, str_eq};
+use super::key::Key;
 use super::select::{SelectError, TypeId, TypeTable, choose_instance_types, resources_needed};
 use super::snapshot::History;
 use super::time::Timestamp;
@@ -47,7 +48,7 @@ pub struct PollEffects {
 /// The cache.
 #[derive(Clone, Debug, Default)]
 pub struct Queue {
-    entries: BTreeMap<String, QueueEntry>,
+    entries: BTreeMap<Key, QueueEntry>,
     /// Start time of the last successful poll.
     updated: Option<Timestamp>,
     /// UUIDs changed locally since the current poll started (`None` when no poll runs).
@@ -60,7 +61,7 @@ pub struct Queue {
 
 impl Queue {
     /// The entries, by UUID.
-    pub fn entries(&self) -> &BTreeMap<String, QueueEntry> {
+    pub fn entries(&self) -> &BTreeMap<Key, QueueEntry> {
         &self.entries
     }
 
@@ -109,7 +110,7 @@ impl Queue {
         let started = self.poll_started.take().unwrap_or(now);
         self.history.poll_started(started);
         for uuid in &result.deleted {
-            if self.entries.remove(uuid).is_some() {
+            if self.entries.remove(uuid.as_str()).is_some() {
                 tracing::warn!(container = %uuid, "container disappeared from the database");
                 fx.dropped += 1;
             }
@@ -138,11 +139,11 @@ impl Queue {
         // since the poll began. New records, and changed ones of entries with no eligible
         // type, are handled after, still in UUID order.
         enum Later {
-            Untyped(String),
+            Untyped(Key),
             New(Arc<Container>),
         }
         let mut later: Vec<Later> = Vec::new();
-        let mut stale: Vec<String> = Vec::new();
+        let mut stale: Vec<Key> = Vec::new();
         let mut it = next.into_iter().peekable();
         for (uuid, ent) in self.entries.iter_mut() {
             // The record the entry holds, returned again (unchanged since the last poll): a
@@ -154,12 +155,12 @@ impl Queue {
                 later.push(Later::New(c));
             }
             let Some(mut ctr) = it.next_if(|c| str_eq(&c.uuid, uuid)) else {
-                if !dont.contains(uuid) {
+                if !dont.contains(uuid.as_str()) {
                     stale.push(uuid.clone());
                 }
                 continue;
             };
-            if Arc::ptr_eq(&ent.container, &ctr) || dont.contains(uuid) {
+            if Arc::ptr_eq(&ent.container, &ctr) || dont.contains(uuid.as_str()) {
                 continue;
             }
             if ctr.mounts.is_some() {
@@ -232,7 +233,7 @@ impl Queue {
             self.history
                 .arrived(now, &ctr, &resources, types.first().copied());
             self.entries.insert(
-                uuid,
+                Key::from(uuid),
                 QueueEntry {
                     container: ctr,
                     resources,

@@ -30,7 +30,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Duration;
 
-use super::fastcmp::{sort_by_str_key, str_cmp, str_eq};
+use super::fastcmp::{sort_by_str_key, str_cmp};
+use super::key::Key;
 use super::queue::QueueEntry;
 use super::select::{TypeId, TypeTable};
 use super::time::Timestamp;
@@ -93,9 +94,9 @@ pub struct Snapshot<'a, I: PlanInstance = InstanceView> {
     /// Configured types.
     pub types: &'a TypeTable,
     /// The queue, by UUID.
-    pub queue: &'a BTreeMap<String, QueueEntry>,
+    pub queue: &'a BTreeMap<Key, QueueEntry>,
     /// `Running()`: UUID → exit time (`None` while crunch-run lives).
-    pub running: &'a BTreeMap<String, Option<Timestamp>>,
+    pub running: &'a BTreeMap<Key, Option<Timestamp>>,
     /// `Instances()`, in Go's order: by ID (pending creates, with the empty ID, first), ties by
     /// type name. The pool passes references to its workers; tests pass `InstanceView`s.
     pub instances: &'a [I],
@@ -122,6 +123,11 @@ pub trait PlanInstance {
     fn type_name(&self) -> &str;
     /// Configured hourly price.
     fn price(&self) -> f64;
+    /// `(types.id(self.type_name()), self.price())`. Implementations that hold the type's
+    /// index answer without the lookup by name.
+    fn type_and_price(&self, types: &TypeTable) -> (Option<TypeId>, f64) {
+        (types.id(self.type_name()), self.price())
+    }
     /// Containers running or starting on it (any order); empty for a pending create.
     fn running_uuids(&self) -> impl Iterator<Item = &str>;
     /// How many `running_uuids` yields.
@@ -1056,9 +1062,11 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     let mut type_ids: Vec<Option<TypeId>> = Vec::with_capacity(nviews);
     let mut remaining: Vec<Resources> = Vec::with_capacity(nviews);
     let mut placed: Vec<(&'a str, usize)> = Vec::new();
+    let mut prices: Vec<f64> = Vec::with_capacity(nviews);
     for (pos, v) in snap.instances.iter().enumerate() {
-        let type_id = snap.types.id(v.type_name());
+        let (type_id, price) = v.type_and_price(snap.types);
         type_ids.push(type_id);
+        prices.push(price);
         remaining.push(type_id.map_or(Resources::FULL, |t| snap.types.get(t).capacity()));
         for uuid in v.running_uuids() {
             placed.push((uuid, pos));
@@ -1077,12 +1085,12 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     // Running first, then Locked, then higher priority, then first seen; the UUID (the row
     // index) makes the order total.
     let mut keys: Vec<(u8, u64, u64, usize)> = Vec::with_capacity(n);
-    let mut uuids = String::with_capacity(n * snap.queue.keys().next().map_or(0, String::len));
+    let mut uuids = String::with_capacity(n * snap.queue.keys().next().map_or(0, |k| k.len()));
     let mut list_ids: Table<&'a [TypeId], u32> = Table::default();
     let mut list_of: Vec<&'a [TypeId]> = Vec::new();
     let mut runs = snap.running.iter().peekable();
     let mut on_instances = placed.iter().peekable();
-    let entries: Vec<(&'a String, &'a QueueEntry)> = snap.queue.iter().collect();
+    let entries: Vec<(&'a Key, &'a QueueEntry)> = snap.queue.iter().collect();
     for chunk in entries.chunks(CHUNK) {
         let mut touch = 0u64;
         for (uuid, e) in chunk {
@@ -1095,8 +1103,8 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
         std::hint::black_box(touch);
         for &(uuid, e) in chunk {
             debug_assert_eq!(uuid, &e.container.uuid, "the queue is keyed by UUID");
-            while runs.next_if(|(u, _)| str_cmp(u, uuid).is_lt()).is_some() {}
-            let run = runs.next_if(|(u, _)| str_eq(u, uuid)).map(|(_, t)| t);
+            while runs.next_if(|(u, _)| *u < uuid).is_some() {}
+            let run = runs.next_if(|(u, _)| *u == uuid).map(|(_, t)| t);
             while let Some(&&(u, pos)) = on_instances.peek() {
                 match str_cmp(u, uuid) {
                     Ordering::Less => missing[pos] = true,
@@ -1136,14 +1144,13 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     }
 
     // The instances' sort key's type-decided prefix, by position.
-    let prefixes: Vec<(f64, i64, i64, i64)> = snap
-        .instances
+    let prefixes: Vec<(f64, i64, i64, i64)> = type_ids
         .iter()
-        .zip(&type_ids)
-        .map(|(v, type_id)| {
+        .zip(&prices)
+        .map(|(type_id, &price)| {
             let it = type_id.map(|t| snap.types.get(t));
             (
-                v.price(),
+                price,
                 it.map_or(0, |t| t.vcpus),
                 it.map_or(0, |t| t.ram),
                 it.map_or(0, |t| t.scratch),
@@ -1703,7 +1710,7 @@ mod reference {
             let mut remaining = it.map(|t| t.capacity()).unwrap_or(Resources::FULL);
             let uuids: &[String] = v.running_container_uuids.as_deref().unwrap_or(&[]);
             for uuid in uuids {
-                match snap.queue.get(uuid) {
+                match snap.queue.get(uuid.as_str()) {
                     Some(e) => remaining.sub(&e.resources),
                     None => {
                         remaining = Resources::FULL;
@@ -1777,7 +1784,7 @@ mod reference {
         let mut order: Vec<(bool, &'a QueueEntry)> = snap
             .queue
             .values()
-            .map(|e| (snap.running.contains_key(&e.container.uuid), e))
+            .map(|e| (snap.running.contains_key(e.container.uuid.as_str()), e))
             .collect();
         order.sort_unstable_by(|(ra, a), (rb, b)| {
             rb.cmp(ra)
@@ -1824,7 +1831,7 @@ mod reference {
                 statuses[i] = Status::SupervisorLimit(overmaxsuper.len());
                 continue;
             }
-            let live_runner = snap.running.get(uuid).is_some_and(|t| t.is_none());
+            let live_runner = snap.running.get(uuid.as_str()).is_some_and(|t| t.is_none());
             match ctr.state {
                 ContainerState::Queued => {
                     if max_containers > 0 && trying >= max_containers {
@@ -1985,8 +1992,8 @@ mod tests {
     /// Everything a random snapshot borrows.
     struct World {
         table: TypeTable,
-        queue: BTreeMap<String, QueueEntry>,
-        running: BTreeMap<String, Option<Timestamp>>,
+        queue: BTreeMap<Key, QueueEntry>,
+        running: BTreeMap<Key, Option<Timestamp>>,
         instances: Vec<InstanceView>,
         pool: PoolLimits,
         state: SchedState,
@@ -2041,7 +2048,7 @@ mod tests {
         let table = TypeTable::new(&types);
         let names: Vec<String> = types.keys().cloned().collect();
 
-        let mut queue = BTreeMap::new();
+        let mut queue: BTreeMap<Key, QueueEntry> = BTreeMap::new();
         let nq = rng.below(n as u64 + 1) as usize;
         while queue.len() < nq {
             let uuid = format!("zzzzz-dz642-{:015}", rng.below(1_000_000));
@@ -2099,21 +2106,21 @@ mod tests {
                 types: eligible,
                 first_seen_at: Timestamp(pick(&mut rng, &[5, 7, 7, 1_700_000_000_000, u64::MAX])),
             };
-            queue.insert(uuid, entry);
+            queue.insert(uuid.into(), entry);
         }
-        let uuids: Vec<String> = queue.keys().cloned().collect();
+        let uuids: Vec<String> = queue.keys().map(String::from).collect();
 
         let mut running = BTreeMap::new();
         for u in &uuids {
-            if queue[u].container.state == ContainerState::Running || rng.below(8) == 0 {
-                running.insert(u.clone(), pick(&mut rng, &[None, None, Some(Timestamp(3))]));
+            if queue[u.as_str()].container.state == ContainerState::Running || rng.below(8) == 0 {
+                running.insert(u.into(), pick(&mut rng, &[None, None, Some(Timestamp(3))]));
             }
         }
         // Crunch-runs of containers the queue does not hold, sorting anywhere among its UUIDs.
         for _ in 0..rng.below(4) {
             let u = format!("zzzzz-dz642-{:015}", rng.below(1_000_000));
-            if !queue.contains_key(&u) {
-                running.insert(u, None);
+            if !queue.contains_key(u.as_str()) {
+                running.insert(u.into(), None);
             }
         }
 
@@ -2139,7 +2146,7 @@ mod tests {
             if rng.below(15) == 0 {
                 // Not in the queue, and sorting anywhere among the queue's UUIDs.
                 let u = format!("zzzzz-dz642-{:015}", rng.below(1_000_000));
-                if !queue.contains_key(&u) {
+                if !queue.contains_key(u.as_str()) {
                     on.push(u);
                 }
             }

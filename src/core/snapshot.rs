@@ -212,9 +212,9 @@ impl History {
 
     /// Keeps the running map within the queue's size (entries dropped without an observed
     /// end would otherwise stay).
-    pub fn prune(&mut self, entries: &BTreeMap<String, QueueEntry>) {
+    pub fn prune(&mut self, entries: &BTreeMap<super::key::Key, QueueEntry>) {
         if self.running.len() > 2 * entries.len() + 1024 {
-            self.running.retain(|u, _| entries.contains_key(u));
+            self.running.retain(|u, _| entries.contains_key(u.as_str()));
         }
     }
 
@@ -435,8 +435,12 @@ pub fn build(d: &Dispatcher, now: Timestamp) -> Snapshot {
     let instances = workers
         .values()
         .map(|w| {
-            let mut uuids: Vec<String> =
-                w.running.keys().chain(w.starting.keys()).cloned().collect();
+            let mut uuids: Vec<String> = w
+                .running
+                .keys()
+                .chain(w.starting.keys())
+                .map(String::from)
+                .collect();
             uuids.sort();
             SnapInstance {
                 id: w.id.clone(),

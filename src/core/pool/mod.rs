@@ -23,7 +23,8 @@ use super::command::{
     ExecStdin, OpId,
 };
 use super::config::Config;
-use super::fastcmp::{sort_by_str_key, str_cmp, str_eq};
+use super::fastcmp::str_eq;
+use super::key::Key;
 use super::metrics::{BootOutcome, PoolMetrics};
 use super::ops::{Ops, Pending};
 use super::price;
@@ -118,17 +119,23 @@ impl PlanInstance for PoolInstance<'_> {
             PoolInstance::Creating(t) => t.price,
         }
     }
+    fn type_and_price(&self, types: &TypeTable) -> (Option<TypeId>, f64) {
+        match self {
+            // A configured type's record is the table's (`Pool::appeared`).
+            PoolInstance::Worker(w) => match w.type_id {
+                Some(t) => (Some(t), types.get(t).price),
+                None => (None, w.itype.price),
+            },
+            PoolInstance::Creating(t) => (types.id(&t.name), t.price),
+        }
+    }
     fn running_uuids(&self) -> impl Iterator<Item = &str> {
         let w = match self {
             PoolInstance::Worker(w) => Some(*w),
             PoolInstance::Creating(_) => None,
         };
-        w.into_iter().flat_map(|w| {
-            w.running
-                .keys()
-                .chain(w.starting.keys())
-                .map(String::as_str)
-        })
+        w.into_iter()
+            .flat_map(|w| w.running.keys().chain(w.starting.keys()).map(Key::as_str))
     }
     fn running_count(&self) -> usize {
         match self {
@@ -154,32 +161,32 @@ impl PlanInstance for PoolInstance<'_> {
 #[derive(Debug, Default)]
 struct RunnerBook {
     /// Container → the worker holding its runner (starting or running).
-    index: BTreeMap<String, String>,
+    index: BTreeMap<Key, Key>,
     /// Exit placeholders: container → when its crunch-run was seen to exit.
-    exited: BTreeMap<String, Timestamp>,
+    exited: BTreeMap<Key, Timestamp>,
     /// `Running()`: the union of the two (they are disjoint).
-    map: BTreeMap<String, Option<Timestamp>>,
+    map: BTreeMap<Key, Option<Timestamp>>,
 }
 
 impl RunnerBook {
     fn started(&mut self, uuid: &str, id: &str) {
-        self.index.insert(uuid.to_string(), id.to_string());
+        self.index.insert(Key::new(uuid), Key::new(id));
         self.exited.remove(uuid);
-        self.map.insert(uuid.to_string(), None);
+        self.map.insert(Key::new(uuid), None);
     }
 
     fn dropped(&mut self, uuid: &str) {
         self.index.remove(uuid);
         match self.exited.get(uuid) {
-            Some(t) => self.map.insert(uuid.to_string(), Some(*t)),
+            Some(t) => self.map.insert(Key::new(uuid), Some(*t)),
             None => self.map.remove(uuid),
         };
     }
 
     fn exited_at(&mut self, uuid: &str, now: Timestamp) {
         self.index.remove(uuid);
-        self.exited.insert(uuid.to_string(), now);
-        self.map.insert(uuid.to_string(), Some(now));
+        self.exited.insert(Key::new(uuid), now);
+        self.map.insert(Key::new(uuid), Some(now));
     }
 
     fn unexit(&mut self, uuid: &str) {
@@ -216,7 +223,7 @@ pub struct Pool {
     types: TypeTable,
     runner: RunnerSpec,
     instance_set_id: String,
-    workers: BTreeMap<String, Worker>,
+    workers: BTreeMap<Key, Worker>,
     creating: BTreeMap<String, Creating>,
     book: RunnerBook,
     stamp: u64,
@@ -358,7 +365,7 @@ impl Pool {
     }
 
     /// The workers, by ID.
-    pub fn workers(&self) -> &BTreeMap<String, Worker> {
+    pub fn workers(&self) -> &BTreeMap<Key, Worker> {
         &self.workers
     }
 
@@ -422,7 +429,7 @@ impl Pool {
 
     /// `Running()`: every UUID with a runner (`None`) or an exit placeholder (`Some(exit)`).
     /// Maintained as runners come and go, so reading it costs nothing.
-    pub fn running(&self) -> &BTreeMap<String, Option<Timestamp>> {
+    pub fn running(&self) -> &BTreeMap<Key, Option<Timestamp>> {
         &self.book.map
     }
 
@@ -433,7 +440,7 @@ impl Pool {
     }
 
     /// The UUIDs of `Running()`, in order.
-    pub fn running_uuids(&self) -> impl Iterator<Item = &String> + '_ {
+    pub fn running_uuids(&self) -> impl Iterator<Item = &Key> + '_ {
         self.book.map.keys()
     }
 
@@ -556,7 +563,7 @@ impl Pool {
         };
         if !matches!(w.state, WorkerState::Idle | WorkerState::Running)
             || w.idle_behavior != IdleBehavior::Run
-            || self.book.index.contains_key(&ctr.uuid)
+            || self.book.index.contains_key(ctr.uuid.as_str())
         {
             return false;
         }
@@ -599,7 +606,7 @@ impl Pool {
         let w = self.workers.get_mut(id).expect("checked above");
         let mut r = Runner::new(&ctr.uuid, ctr.created_at);
         r.start_op = Some(op);
-        w.starting.insert(ctr.uuid.clone(), r);
+        w.starting.insert(Key::new(&ctr.uuid), r);
         self.book.started(&ctr.uuid, id);
         if w.state != WorkerState::Running {
             w.state = WorkerState::Running;
@@ -697,7 +704,10 @@ impl Pool {
         w.version = self.stamp;
         // Starting runners cannot start on a VM being destroyed; they are dropped without an
         // exit record, as Go's Close() does, so the scheduler requeues them.
-        let starting: Vec<String> = std::mem::take(&mut w.starting).into_keys().collect();
+        let starting: Vec<String> = std::mem::take(&mut w.starting)
+            .into_keys()
+            .map(String::from)
+            .collect();
         for uuid in starting {
             self.book.dropped(&uuid);
         }
@@ -804,7 +814,7 @@ impl Pool {
     ) {
         self.stamp += 1;
         let stamp = self.stamp;
-        if let Some(w) = self.workers.get_mut(&info.id) {
+        if let Some(w) = self.workers.get_mut(info.id.as_str()) {
             w.info = info;
             w.seen = stamp;
             let id = w.id.clone();
@@ -847,7 +857,7 @@ impl Pool {
             idle_behavior = %idle_behavior, "instance appeared in cloud");
         let id = info.id.clone();
         self.workers.insert(
-            id.clone(),
+            Key::new(&id),
             Worker {
                 id: id.clone(),
                 info,
@@ -1127,7 +1137,7 @@ impl Pool {
             .queue_to_crunch_run
             .observe(now, now.since(r.created_at).as_secs_f64());
         r.start_op = None;
-        w.running.insert(uuid.to_string(), r);
+        w.running.insert(Key::new(uuid), r);
         w.busy = now;
         w.last_uuid = uuid.to_string();
         self.stamp += 1;
@@ -1507,15 +1517,15 @@ impl Pool {
         }
         let mut changed = false;
         // updateRunning: adopt new UUIDs, promote starting ones, close the ones that left.
-        let reported: BTreeSet<&String> = report.uuids.iter().collect();
+        let reported: BTreeSet<&str> = report.uuids.iter().map(String::as_str).collect();
         let mut adopted = Vec::new();
         for uuid in &report.uuids {
-            if w.running.contains_key(uuid) {
+            if w.running.contains_key(uuid.as_str()) {
                 continue;
             }
-            if let Some(r) = w.starting.remove(uuid) {
-                w.running.insert(uuid.clone(), r);
-            } else if let Some(other) = self.book.index.get(uuid) {
+            if let Some(r) = w.starting.remove(uuid.as_str()) {
+                w.running.insert(Key::new(uuid), r);
+            } else if let Some(other) = self.book.index.get(uuid.as_str()) {
                 // The same container reported on a second instance (a leftover process, or a
                 // probe that raced an exit). The pool keeps one runner per container: the one
                 // it already tracks. This one is adopted once the other is gone.
@@ -1525,7 +1535,7 @@ impl Pool {
             } else {
                 tracing::info!(instance = %id, container = %uuid, "crunch-run process detected");
                 w.running
-                    .insert(uuid.clone(), Runner::new(uuid, Timestamp::ZERO));
+                    .insert(Key::new(uuid), Runner::new(uuid, Timestamp::ZERO));
                 adopted.push(uuid.clone());
             }
             changed = true;
@@ -1533,8 +1543,8 @@ impl Pool {
         let left: Vec<String> = w
             .running
             .keys()
-            .filter(|u| !reported.contains(u))
-            .cloned()
+            .filter(|u| !reported.contains(u.as_str()))
+            .map(String::from)
             .collect();
         let first_ssh = w.first_ssh;
         let state = w.state;
@@ -1633,7 +1643,7 @@ impl Pool {
                 break;
             }
             self.kill_timers.pop_first();
-            if let Some(id) = self.book.index.get(&uuid).cloned() {
+            if let Some(id) = self.book.index.get(uuid.as_str()).cloned() {
                 self.kill_step(now, ops, &id, &uuid);
             }
         }
@@ -1698,7 +1708,7 @@ impl Pool {
                     );
                 }
                 CloudReq::Destroy(id) => {
-                    if !self.workers.contains_key(&id) {
+                    if !self.workers.contains_key(id.as_str()) {
                         continue;
                     }
                     ops.issue(
@@ -1720,11 +1730,12 @@ impl Pool {
                     );
                 }
                 CloudReq::SetTags(id) => {
-                    let Some(w) = self.workers.get(&id) else {
+                    let Some(w) = self.workers.get(id.as_str()) else {
                         continue;
                     };
                     let tags = self.desired_tags(w);
-                    self.workers.get_mut(&id).expect("exists").tags_sent = Some(tags.clone());
+                    self.workers.get_mut(id.as_str()).expect("exists").tags_sent =
+                        Some(tags.clone());
                     ops.issue(
                         now,
                         timeout,
@@ -1765,7 +1776,7 @@ impl Pool {
         // Every runner, in the order the checks below visit them, and which of them the index
         // does not map to their worker: found by one merge of the runners, sorted by UUID, with
         // the index (no lookup per runner).
-        let mut runners: Vec<(&str, &str, usize)> = Vec::new();
+        let mut runners: Vec<(&Key, &str, usize)> = Vec::new();
         for w in self.workers.values() {
             for uuid in w.running.keys().chain(w.starting.keys()) {
                 runners.push((uuid, &w.id, runners.len()));
@@ -1774,13 +1785,13 @@ impl Pool {
         let indexed = runners.len();
         let mut unindexed = vec![false; indexed];
         // Pushed in visiting order, so the stable sort breaks ties by it.
-        sort_by_str_key(&mut runners, |r| r.0);
+        runners.sort_by(|a, b| a.0.cmp(b.0));
         let mut index = self.book.index.iter().peekable();
         for &(uuid, id, seq) in &runners {
-            while index.next_if(|(u, _)| str_cmp(u, uuid).is_lt()).is_some() {}
+            while index.next_if(|(u, _)| *u < uuid).is_some() {}
             let ok = index
                 .peek()
-                .is_some_and(|(u, w)| str_eq(u, uuid) && str_eq(w, id));
+                .is_some_and(|(u, w)| *u == uuid && str_eq(w, id));
             unindexed[seq] = !ok;
         }
         let mut seq = 0;
@@ -1793,8 +1804,8 @@ impl Pool {
             }
             let mut starting = w.starting.keys().peekable();
             for uuid in w.running.keys() {
-                while starting.next_if(|u| str_cmp(u, uuid).is_lt()).is_some() {}
-                if starting.peek().is_some_and(|u| str_eq(u, uuid)) {
+                while starting.next_if(|u| *u < uuid).is_some() {}
+                if starting.peek().is_some_and(|u| *u == uuid) {
                     v.push(format!(
                         "runner {uuid} on {} is both starting and running",
                         w.id
@@ -1820,14 +1831,14 @@ impl Pool {
         let mut index = self.book.index.keys().peekable();
         let mut exited = self.book.exited.iter().peekable();
         for (uuid, got) in &self.book.map {
-            while index.next_if(|u| str_cmp(u, uuid).is_lt()).is_some() {}
-            while exited.next_if(|(u, _)| str_cmp(u, uuid).is_lt()).is_some() {}
-            let want = if index.peek().is_some_and(|u| str_eq(u, uuid)) {
+            while index.next_if(|u| *u < uuid).is_some() {}
+            while exited.next_if(|(u, _)| *u < uuid).is_some() {}
+            let want = if index.peek().is_some_and(|u| *u == uuid) {
                 Some(None)
             } else {
                 exited
                     .peek()
-                    .filter(|(u, _)| str_eq(u, uuid))
+                    .filter(|(u, _)| *u == uuid)
                     .map(|(_, t)| Some(**t))
             };
             if want != Some(*got) {

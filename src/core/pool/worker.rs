@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::super::command::OpId;
+use super::super::key::Key;
 use super::super::select::TypeId;
 use super::super::time::Timestamp;
 use super::super::types::{IdleBehavior, InstanceInfo, InstanceType, InstanceView, WorkerState};
@@ -116,9 +117,9 @@ pub struct Worker {
     /// Since when the run probe reports a stale lock.
     pub stale_since: Option<Timestamp>,
     /// Runners the probe has confirmed (or whose start returned).
-    pub running: BTreeMap<String, Runner>,
+    pub running: BTreeMap<Key, Runner>,
     /// Runners whose start is in progress.
-    pub starting: BTreeMap<String, Runner>,
+    pub starting: BTreeMap<Key, Runner>,
     /// UUID last started (or first seen).
     pub last_uuid: String,
     /// A boot outcome has been counted.
@@ -152,7 +153,7 @@ impl Worker {
             .running
             .keys()
             .chain(self.starting.keys())
-            .cloned()
+            .map(String::from)
             .collect();
         uuids.sort();
         InstanceView {
