@@ -234,7 +234,7 @@ fn container(
     priority: i64,
 ) -> Container {
     let mut c = Container {
-        uuid,
+        uuid: uuid.into(),
         state,
         priority,
         container_image: pick(rng, &IMAGES).to_string(),

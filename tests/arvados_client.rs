@@ -213,7 +213,7 @@ fn tracked(known: &[String], missing: &[String]) -> Vec<Arc<Container>> {
                 ContainerState::Complete
             };
             Arc::new(Container {
-                uuid: u.clone(),
+                uuid: u.as_str().into(),
                 state,
                 ..Container::default()
             })
@@ -366,7 +366,7 @@ async fn keyset_paging_continues_past_short_pages_and_stops_at_an_empty_one() {
         .map(|s| format!("zzzzz-dz642-{s}"))
         .collect();
         let r = c.poll(&tracked(&all, &[])).await.expect("poll");
-        let got: Vec<String> = r.containers.iter().map(|c| c.uuid.clone()).collect();
+        let got: Vec<String> = r.containers.iter().map(|c| c.uuid.to_string()).collect();
         assert_eq!(got, all);
         let mine: Vec<Req> = log(&fake)
             .into_iter()
@@ -452,7 +452,7 @@ async fn missing_uuids_are_refetched_in_batches_and_empty_batches_mean_deleted()
         // 22 missing: batch one (20) returns the alive ones; the rest are retried.
         let missing: Vec<String> = (0..22).map(|i| format!("zzzzz-dz642-{i:015}")).collect();
         let r = c.poll(&tracked(&missing, &missing)).await.expect("poll");
-        let mut got: Vec<String> = r.containers.iter().map(|c| c.uuid.clone()).collect();
+        let mut got: Vec<String> = r.containers.iter().map(|c| c.uuid.to_string()).collect();
         got.sort();
         let alive: Vec<String> = missing
             .iter()

@@ -417,7 +417,7 @@ fn management_api_containers_statuses() {
             .into_iter()
             .map(|it| {
                 (
-                    it.entry.container.uuid.clone(),
+                    it.entry.container.uuid.to_string(),
                     it.entry.container.state,
                     it.scheduling_status,
                 )

@@ -71,7 +71,7 @@ fn fuzz_config() -> Config {
 
 fn container(n: u8, sel: u8) -> Container {
     let mut c = Container {
-        uuid: uuid(n as usize % 8),
+        uuid: uuid(n as usize % 8).into(),
         state: STATES[(sel % 5) as usize],
         priority: i64::from(sel % 4),
         ..Container::default()
@@ -135,7 +135,7 @@ impl Fuzz {
         let fail = a.is_multiple_of(4);
         match cmd.kind {
             CommandKind::PollQueue { tracked } => {
-                let known: Vec<String> = tracked.iter().map(|c| c.uuid.clone()).collect();
+                let known: Vec<String> = tracked.iter().map(|c| c.uuid.to_string()).collect();
                 if fail {
                     return Input::QueuePolled {
                         op,
@@ -145,10 +145,10 @@ impl Fuzz {
                 let mut res = PollResult::default();
                 for i in 0..(b % 6) {
                     let mut c = container(a.wrapping_add(i), b.wrapping_mul(i + 1));
-                    if !known.contains(&c.uuid) {
+                    if !known.contains(&c.uuid.to_string()) {
                         if i == 3 {
                             res.mounts_errors
-                                .push((c.uuid.clone(), "json: cannot unmarshal fuzz".into()));
+                                .push((c.uuid.to_string(), "json: cannot unmarshal fuzz".into()));
                         } else {
                             c.mounts = Some(BTreeMap::new());
                         }

@@ -628,7 +628,7 @@ fn probe_and_update_table() {
         }
         if row.prior_starting {
             let c = Container {
-                uuid: uuid(9),
+                uuid: uuid(9).into(),
                 ..Container::default()
             };
             assert!(
@@ -706,7 +706,7 @@ fn drain() {
             assert_eq!(rig.worker(&id).0, WorkerState::Shutdown);
         }
         let c = Container {
-            uuid: uuid(1),
+            uuid: uuid(1).into(),
             ..Container::default()
         };
         assert_eq!(

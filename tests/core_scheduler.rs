@@ -165,7 +165,7 @@ impl Stub {
         let statuses = p
             .order
             .iter()
-            .map(|e| e.container.uuid.clone())
+            .map(|e| e.container.uuid.to_string())
             .zip(p.statuses.iter().copied())
             .collect();
         let (actions, state, attempts) = (p.actions.clone(), p.state, p.create_attempts.clone());

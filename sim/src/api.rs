@@ -119,7 +119,7 @@ impl Controller {
         c.created_at = arvados_dispatch_cloud::core::Timestamp(now);
         c.locked_by_uuid = None;
         c.mounts = None;
-        let uuid = c.uuid.clone();
+        let uuid = c.uuid.to_string();
         self.rows.insert(
             uuid.clone(),
             Row {

@@ -90,7 +90,7 @@ impl Checker {
             .rows
             .values()
             .filter(|r| !r.c.state.is_final())
-            .map(|r| r.c.uuid.clone())
+            .map(|r| r.c.uuid.to_string())
             .collect();
         let idle = loaded.core.cloud_vms.timeout_idle
             + loaded.core.cloud_vms.probe_interval * 2

@@ -303,7 +303,7 @@ impl StandIn {
         for (i, w) in workload.containers.iter().enumerate() {
             let uuid = workload.uuid_of(i);
             let mut c = Container {
-                uuid: uuid.clone(),
+                uuid: uuid.as_str().into(),
                 priority: w.priority,
                 container_image: w.container_image.clone(),
                 ..Container::default()

@@ -24,6 +24,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use arvados_dispatch_cloud::config::Loaded;
+use arvados_dispatch_cloud::core::key::Key;
 use arvados_dispatch_cloud::core::rng::Rng;
 use arvados_dispatch_cloud::core::snapshot::{self, ClassStats, SnapContainer, Snapshot};
 use arvados_dispatch_cloud::core::time::millis;
@@ -650,7 +651,7 @@ struct Plan {
 
 fn fork_container(c: &SnapContainer) -> Container {
     let mut k = Container {
-        uuid: c.uuid.clone(),
+        uuid: c.uuid.as_str().into(),
         priority: c.priority,
         runtime_constraints: c.runtime_constraints.clone(),
         scheduling_parameters: c.scheduling_parameters.clone(),
@@ -1027,13 +1028,13 @@ fn prepare(w: &mut World, p: &Plan, arrivals: &[Submission]) -> Result<(), World
         if let Some((inst, left)) = &f.running_on {
             w.api.set_state(0, &uuid, ContainerState::Locked, "");
             w.api.set_state(0, &uuid, ContainerState::Running, "");
-            if let Some(r) = w.api.rows.get_mut(&uuid) {
+            if let Some(r) = w.api.rows.get_mut(uuid.as_str()) {
                 r.lock_count = 1;
             }
             let token = w.fork_token();
             if let Some(i) = w.cloud.instances.get_mut(inst) {
                 i.procs.insert(
-                    uuid.clone(),
+                    uuid.to_string(),
                     Proc {
                         token,
                         exited: false,
@@ -1070,7 +1071,7 @@ fn submissions(s: &Snapshot, p: &Plan, config: &Value, loaded: &Loaded) -> Vec<S
         .map(|(n, (k, at, runtime))| {
             let c = &s.arrivals.classes[*k];
             let mut container = Container {
-                uuid: format!("{}-dz642-w{:014}", s.cluster_id, n + 1),
+                uuid: Key::from(format!("{}-dz642-w{:014}", s.cluster_id, n + 1)),
                 priority: c.priority.max(1),
                 runtime_constraints: c.runtime_constraints.clone(),
                 ..Container::default()

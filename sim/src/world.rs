@@ -267,7 +267,7 @@ impl World {
         };
         for (i, s) in submissions.iter_mut().enumerate() {
             w.next_uuid += 1;
-            s.container.uuid = format!("{cluster}-dz642-{:015}", w.next_uuid);
+            s.container.uuid = format!("{cluster}-dz642-{:015}", w.next_uuid).into();
             w.push(s.at, Ev::Arrive(i));
         }
         w.submissions = submissions;
@@ -623,7 +623,7 @@ impl World {
     }
 
     fn submit(&mut self, mut s: Submission, parent: Option<String>) {
-        let uuid = s.container.uuid.clone();
+        let uuid = s.container.uuid.to_string();
         if let Some(after) = s.cancel_after {
             self.push(self.now + millis(after), Ev::UserCancel(uuid.clone()));
         }
@@ -782,7 +782,8 @@ impl World {
                 c.uuid = format!(
                     "{}-dz642-{:015}",
                     self.loaded.core.cluster_id, self.next_uuid
-                );
+                )
+                .into();
                 let s = Submission {
                     at: now,
                     container: c,

@@ -719,7 +719,7 @@ impl Client {
             .collect();
         let index: BTreeMap<String, usize> = new
             .iter()
-            .map(|&i| (containers[i].uuid.clone(), i))
+            .map(|&i| (containers[i].uuid.to_string(), i))
             .collect();
         let mut set = tokio::task::JoinSet::new();
         let mut next = new.iter();
@@ -727,7 +727,7 @@ impl Client {
             while set.len() < MOUNTS_CONCURRENCY {
                 let Some(&i) = next.next() else { break };
                 let c = self.clone();
-                let uuid = containers[i].uuid.clone();
+                let uuid = containers[i].uuid.to_string();
                 set.spawn(async move { c.mounts(uuid).await });
             }
             let Some(joined) = set.join_next().await else {

@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::core::Timestamp;
 use crate::core::command::ContainerUpdate;
+use crate::core::key::Key;
 use crate::core::types::{
     Container, ContainerState, Mount, RuntimeConstraints, SchedulingParameters,
 };
@@ -100,7 +101,7 @@ impl WireContainer {
                 })?,
             };
         Ok(Container {
-            uuid: self.uuid.clone(),
+            uuid: Key::from(&self.uuid),
             state: self.state.unwrap_or_default(),
             priority: self.priority.unwrap_or(0),
             runtime_constraints: self.runtime_constraints.clone().unwrap_or_default(),

@@ -605,7 +605,7 @@ impl Dispatcher {
                 e.container.state == ContainerState::Locked
                     && !running.contains_key(e.container.uuid.as_str())
             })
-            .map(|e| e.container.uuid.clone())
+            .map(|e| e.container.uuid.to_string())
             .collect();
         if stale.is_empty() {
             self.stale = StalePhase::Done;
@@ -842,7 +842,7 @@ impl Dispatcher {
                 }
             };
             if let Some(a) = act {
-                todo.push((uuid.clone(), a));
+                todo.push((uuid.to_string(), a));
             }
         }
         strays.extend(running.map(|(u, _)| u.to_string()));

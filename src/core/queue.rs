@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use super::command::{ContainerUpdate, PollResult};
 use super::config::ContainersConfig;
-use super::fastcmp::{str_cmp, str_eq};
 use super::key::Key;
 use super::select::{SelectError, TypeId, TypeTable, choose_instance_types, resources_needed};
 use super::snapshot::History;
@@ -126,11 +125,11 @@ impl Queue {
         let mut next: Vec<Arc<Container>> = result.containers;
         // Nearly sorted already ("mine" comes in UUID order): the stable sort's run detection
         // makes this about one comparison per record.
-        next.sort_by(|a, b| str_cmp(&a.uuid, &b.uuid));
-        next.dedup_by(|later, first| str_eq(&later.uuid, &first.uuid));
+        next.sort_by(|a, b| a.uuid.cmp(&b.uuid));
+        next.dedup_by(|later, first| later.uuid == first.uuid);
         if !result.deleted.is_empty() {
-            let deleted: BTreeSet<&String> = result.deleted.iter().collect();
-            next.retain(|c| !deleted.contains(&c.uuid));
+            let deleted: BTreeSet<&str> = result.deleted.iter().map(String::as_str).collect();
+            next.retain(|c| !deleted.contains(c.uuid.as_str()));
         }
         // One merge of the cached entries with the returned records, both in UUID order:
         // unchanged records (the same shared record, or equal fields) keep the cached one;
@@ -151,10 +150,10 @@ impl Queue {
             if it.next_if(|c| Arc::ptr_eq(c, &ent.container)).is_some() {
                 continue;
             }
-            while let Some(c) = it.next_if(|c| str_cmp(&c.uuid, uuid).is_lt()) {
+            while let Some(c) = it.next_if(|c| c.uuid < *uuid) {
                 later.push(Later::New(c));
             }
-            let Some(mut ctr) = it.next_if(|c| str_eq(&c.uuid, uuid)) else {
+            let Some(mut ctr) = it.next_if(|c| c.uuid == *uuid) else {
                 if !dont.contains(uuid.as_str()) {
                     stale.push(uuid.clone());
                 }
@@ -193,7 +192,7 @@ impl Queue {
                 }
                 Later::New(ctr) => ctr,
             };
-            if dont.contains(&ctr.uuid) {
+            if dont.contains(ctr.uuid.as_str()) {
                 continue;
             }
             let uuid = ctr.uuid.clone();
@@ -201,7 +200,7 @@ impl Queue {
                 tracing::warn!(container = %uuid, error = %err, "error getting mounts");
                 if err.contains("json: cannot unmarshal") {
                     fx.cancel_unsatisfiable.push((
-                        uuid.clone(),
+                        uuid.to_string(),
                         ctr.state,
                         format!("error getting mounts from container record: {err}"),
                     ));
@@ -224,7 +223,7 @@ impl Queue {
                         tracing::info!(container = %uuid, error = %err,
                             "cancel container with no suitable instance type");
                         fx.cancel_unsatisfiable
-                            .push((uuid.clone(), ctr.state, message(&err)));
+                            .push((uuid.to_string(), ctr.state, message(&err)));
                         continue;
                     }
                     Vec::new()

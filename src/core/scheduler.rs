@@ -1848,12 +1848,12 @@ mod reference {
                     }
                     if live_runner {
                         actions.push(Action::Kill {
-                            uuid: uuid.clone(),
+                            uuid: uuid.to_string(),
                             reason: "about to lock",
                         });
                         continue;
                     }
-                    actions.push(Action::Lock(uuid.clone()));
+                    actions.push(Action::Lock(uuid.to_string()));
                     if let Some(b) = best {
                         pass.reserve(b, e);
                     }
@@ -1872,14 +1872,14 @@ mod reference {
                             allocated_not_started += 1;
                         } else if live_runner {
                             actions.push(Action::Kill {
-                                uuid: uuid.clone(),
+                                uuid: uuid.to_string(),
                                 reason: "about to start",
                             });
                             statuses[i] = Status::WaitingPreviousAttempt;
                         } else if inst.behavior == IdleBehavior::Run {
                             actions.push(Action::Start {
                                 instance: inst.id.to_string(),
-                                uuid: uuid.clone(),
+                                uuid: uuid.to_string(),
                             });
                             pass.insts[b].state = WorkerState::Running;
                             statuses[i] = Status::Preparing;
@@ -1903,7 +1903,7 @@ mod reference {
                             create_attempts.push((t, true));
                             actions.push(Action::Create {
                                 type_id: t,
-                                uuid: uuid.clone(),
+                                uuid: uuid.to_string(),
                             });
                             statuses[i] = Status::WaitingNewInstance(t);
                             allocated_not_started += 1;
@@ -1947,7 +1947,7 @@ mod reference {
         for i in unlock {
             let (in_running, e) = order[i];
             if e.container.state == ContainerState::Locked && !in_running {
-                actions.push(Action::Unlock(e.container.uuid.clone()));
+                actions.push(Action::Unlock(e.container.uuid.to_string()));
             }
         }
         if overquota.is_some() {
@@ -2062,7 +2062,7 @@ mod tests {
                 ],
             );
             let mut c = Container {
-                uuid: uuid.clone(),
+                uuid: uuid.as_str().into(),
                 state,
                 priority: pick(&mut rng, &[0, 1, 1, 2, 5, 10, 1000, -3, i64::MAX, i64::MIN]),
                 ..Container::default()
@@ -2249,7 +2249,10 @@ mod tests {
 
     fn assert_same(seed: u64, got: &Plan<'_>, want: &Plan<'_>) {
         let uuids = |p: &Plan<'_>| -> Vec<String> {
-            p.order.iter().map(|e| e.container.uuid.clone()).collect()
+            p.order
+                .iter()
+                .map(|e| e.container.uuid.to_string())
+                .collect()
         };
         assert_eq!(uuids(got), uuids(want), "order, seed {seed}");
         assert_eq!(got.statuses, want.statuses, "statuses, seed {seed}");

@@ -134,7 +134,7 @@ pub struct History {
     prune_classes_at: usize,
     arrivals: VecDeque<Arrival>,
     /// Containers seen start running, with when and their class.
-    running: BTreeMap<String, (Timestamp, Arc<Class>)>,
+    running: BTreeMap<super::key::Key, (Timestamp, Arc<Class>)>,
     finished: VecDeque<Finished>,
 }
 
@@ -214,7 +214,7 @@ impl History {
     /// end would otherwise stay).
     pub fn prune(&mut self, entries: &BTreeMap<super::key::Key, QueueEntry>) {
         if self.running.len() > 2 * entries.len() + 1024 {
-            self.running.retain(|u, _| entries.contains_key(u.as_str()));
+            self.running.retain(|u, _| entries.contains_key(u));
         }
     }
 
@@ -394,7 +394,7 @@ pub fn build(d: &Dispatcher, now: Timestamp) -> Snapshot {
         .scheduler_queue()
         .unwrap_or_default()
         .into_iter()
-        .map(|q| (q.entry.container.uuid.clone(), q.scheduling_status))
+        .map(|q| (q.entry.container.uuid.to_string(), q.scheduling_status))
         .collect();
     let mut on_instance: BTreeMap<&str, &str> = BTreeMap::new();
     let workers = d.pool().workers();
@@ -411,7 +411,7 @@ pub fn build(d: &Dispatcher, now: Timestamp) -> Snapshot {
         .map(|e| {
             let c = &e.container;
             SnapContainer {
-                uuid: c.uuid.clone(),
+                uuid: c.uuid.to_string(),
                 state: c.state,
                 priority: c.priority,
                 runtime_constraints: c.runtime_constraints.clone(),
@@ -424,11 +424,11 @@ pub fn build(d: &Dispatcher, now: Timestamp) -> Snapshot {
                 age_seconds: now.0.saturating_sub(c.created_at.0) as f64 / 1000.0,
                 running_since_ms: history
                     .running
-                    .get(&c.uuid)
+                    .get(c.uuid.as_str())
                     .filter(|_| state_runs(c.state))
                     .map(|(t, _)| t.0),
                 instance: on_instance.get(c.uuid.as_str()).map(|s| s.to_string()),
-                scheduling_status: statuses.get(&c.uuid).cloned().unwrap_or_default(),
+                scheduling_status: statuses.get(c.uuid.as_str()).cloned().unwrap_or_default(),
             }
         })
         .collect();

@@ -8,6 +8,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use super::key::Key;
 use super::time::Timestamp;
 
 /// GPU properties of an instance type (`InstanceTypes.<name>.GPU`). VRAM is per GPU.
@@ -260,7 +261,7 @@ pub struct Mount {
 #[serde(default)]
 pub struct Container {
     /// The container UUID.
-    pub uuid: String,
+    pub uuid: Key,
     /// State.
     pub state: ContainerState,
     /// Priority (large int64, derived from the requests).

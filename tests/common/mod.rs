@@ -46,7 +46,7 @@ pub fn container(
     ram: i64,
 ) -> Container {
     let mut c = Container {
-        uuid: uuid(i),
+        uuid: uuid(i).into(),
         state,
         priority,
         ..Container::default()

@@ -117,7 +117,7 @@ impl World {
 
     pub fn add(&mut self, mut c: Container) {
         c.created_at = self.now;
-        self.db.insert(c.uuid.clone(), c);
+        self.db.insert(c.uuid.to_string(), c);
     }
 
     fn change(&mut self, uuid: &str, to: ContainerState) {
@@ -167,7 +167,7 @@ impl World {
         let now = self.now;
         Some(match cmd.kind {
             CommandKind::PollQueue { tracked } => {
-                let known: Vec<String> = tracked.iter().map(|c| c.uuid.clone()).collect();
+                let known: Vec<String> = tracked.iter().map(|c| c.uuid.to_string()).collect();
                 let missing: Vec<String> = poll_missing(&tracked).map(str::to_string).collect();
                 if let Some(e) = self.api_err() {
                     return Some(Input::QueuePolled { op, result: Err(e) });
@@ -179,7 +179,7 @@ impl World {
                     let mine = c.locked_by_uuid.as_deref() == Some(ME);
                     let avail = c.state == ContainerState::Queued && c.priority > 0;
                     if mine || avail {
-                        returned.insert(c.uuid.clone());
+                        returned.insert(c.uuid.to_string());
                         res.containers.push(std::sync::Arc::new(c.clone()));
                     }
                 }
@@ -194,9 +194,9 @@ impl World {
                 }
                 for c in &mut res.containers {
                     std::sync::Arc::make_mut(c).mounts = None;
-                    if !known.contains(&c.uuid) {
-                        if let Some(err) = self.mounts.get(&c.uuid) {
-                            res.mounts_errors.push((c.uuid.clone(), err.clone()));
+                    if !known.contains(&c.uuid.to_string()) {
+                        if let Some(err) = self.mounts.get(c.uuid.as_str()) {
+                            res.mounts_errors.push((c.uuid.to_string(), err.clone()));
                         } else {
                             std::sync::Arc::make_mut(c).mounts = Some(BTreeMap::new());
                         }

@@ -581,7 +581,7 @@ impl Pool {
         let command =
             remote::start_command(&self.runner.command, &w.info.remote_user, &args, &ctr.uuid);
         let stdin = ExecStdin::ConfigData {
-            uuid: ctr.uuid.clone(),
+            uuid: ctr.uuid.to_string(),
             instance_type: w.itype.clone(),
             address: w.info.address.clone(),
         };
@@ -591,13 +591,13 @@ impl Pool {
             Pending::Exec(
                 id.to_string(),
                 ExecPurpose::StartRunner {
-                    uuid: ctr.uuid.clone(),
+                    uuid: ctr.uuid.to_string(),
                 },
             ),
             CommandKind::Exec {
                 instance: id.to_string(),
                 purpose: ExecPurpose::StartRunner {
-                    uuid: ctr.uuid.clone(),
+                    uuid: ctr.uuid.to_string(),
                 },
                 command,
                 stdin,
