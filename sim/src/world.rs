@@ -308,7 +308,7 @@ impl World {
         };
         for s in submissions.iter_mut() {
             w.next_uuid += 1;
-            s.container.uuid = format!("{cluster}-dz642-{:015}", w.next_uuid);
+            s.container.uuid = container_uuid(&cluster, w.next_uuid);
         }
         w.events.push_batch(
             submissions
@@ -825,10 +825,7 @@ impl World {
                 }
                 let (mut c, runtime) = from_shape(&wf.child, &mut self.rng.workload);
                 self.next_uuid += 1;
-                c.uuid = format!(
-                    "{}-dz642-{:015}",
-                    self.loaded.core.cluster_id, self.next_uuid
-                );
+                c.uuid = container_uuid(&self.loaded.core.cluster_id, self.next_uuid);
                 let s = Submission {
                     at: now,
                     container: c,
@@ -997,6 +994,28 @@ impl World {
     }
 }
 
+/// The UUID of the simulator's container number `n`: `format!("{cluster}-dz642-{n:015}")`,
+/// written without `fmt` (the workload's arrivals each get one when the world is built).
+fn container_uuid(cluster: &str, n: u64) -> String {
+    let mut digits = [b'0'; 20];
+    let mut at = digits.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    let digits = &digits[at.min(digits.len() - 15)..];
+    let mut uuid = String::with_capacity(cluster.len() + 7 + digits.len());
+    uuid.push_str(cluster);
+    uuid.push_str("-dz642-");
+    uuid.extend(digits.iter().map(|&d| char::from(d)));
+    uuid
+}
+
 fn new_dispatcher(loaded: &Loaded, seed: u64, generation: u32, now: u64) -> Dispatcher {
     Dispatcher::new(
         loaded.core.clone(),
@@ -1022,5 +1041,28 @@ pub fn dispatcher_options(loaded: &Loaded, seed: u64, generation: u32) -> Option
         seed: arvados_dispatch_cloud::core::rng::derive_seed(seed, &format!("core{generation}")),
         instance_set_id: INSTANCE_SET_ID.into(),
         runner,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::container_uuid;
+
+    #[test]
+    fn container_uuids_are_what_format_writes() {
+        for n in [
+            0,
+            1,
+            9,
+            10,
+            12_345,
+            99_999_999_999_999,
+            999_999_999_999_999,
+            1_000_000_000_000_000,
+            u64::MAX,
+        ] {
+            assert_eq!(container_uuid("zzzzz", n), format!("zzzzz-dz642-{n:015}"));
+            assert_eq!(container_uuid("", n), format!("-dz642-{n:015}"));
+        }
     }
 }
