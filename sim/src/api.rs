@@ -176,7 +176,7 @@ impl Controller {
             }
             self.open -= 1;
         }
-        self.reindex(uuid, Some(before));
+        self.index(uuid);
         true
     }
 
@@ -190,7 +190,7 @@ impl Controller {
         }
         self.unindex(uuid, Some(before));
         Arc::make_mut(&mut self.rows.get_mut(uuid).expect("exists").c).priority = 0;
-        self.reindex(uuid, Some(before));
+        self.index(uuid);
         if before.0 == ContainerState::Queued {
             self.set_state(now, uuid, ContainerState::Cancelled, "cancelled by user");
         }
