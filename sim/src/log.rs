@@ -22,17 +22,32 @@ pub struct EventLog {
     buf: Vec<u8>,
 }
 
-/// Appends the decimal digits of `n`, as `u64`'s `Display` writes them.
+/// The two-digit decimal strings "00" to "99", back to back.
+const PAIRS: &[u8; 200] = b"\
+0001020304050607080910111213141516171819\
+2021222324252627282930313233343536373839\
+4041424344454647484950515253545556575859\
+6061626364656667686970717273747576777879\
+8081828384858687888990919293949596979899";
+
+/// Appends the decimal digits of `n`, as `u64`'s `Display` writes them (two digits a step).
+#[inline]
 fn push_u64(b: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
-    loop {
+    while n >= 100 {
+        let pair = (n % 100) as usize * 2;
+        n /= 100;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    }
+    if n >= 10 {
+        let pair = n as usize * 2;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    } else {
         at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
+        digits[at] = b'0' + n as u8;
     }
     b.extend_from_slice(&digits[at..]);
 }
@@ -255,6 +270,26 @@ impl EventLog {
         match self.out.as_mut() {
             Some(o) => o.flush(),
             None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::push_u64;
+
+    #[test]
+    fn integers_are_written_as_display_writes_them() {
+        let mut cases: Vec<u64> = vec![0, 9, 10, 99, 100, 101, 999, 1000, u64::MAX, u64::MAX - 1];
+        let mut p = 1u64;
+        while let Some(next) = p.checked_mul(10) {
+            cases.extend([p - 1, p, p + 1, next / 2 + 7]);
+            p = next;
+        }
+        for n in cases {
+            let mut b = b"x".to_vec();
+            push_u64(&mut b, n);
+            assert_eq!(b, format!("x{n}").into_bytes(), "{n}");
         }
     }
 }
