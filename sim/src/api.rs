@@ -45,7 +45,8 @@ pub struct Controller {
     pub rows: BTreeMap<String, Row>,
     /// Queued with priority > 0, by descending priority then UUID, with the current record
     /// (so that a poll reads the records without a lookup per UUID).
-    queued: BTreeMap<(Reverse<i64>, String), Arc<Container>>,
+    /// Each with whether it is a workflow supervisor, so that a poll's paging reads no record.
+    queued: BTreeMap<(Reverse<i64>, String), (Arc<Container>, bool)>,
     /// Locked by the dispatcher (Locked or Running), with the current record.
     mine: BTreeMap<String, Arc<Container>>,
     max_dispatch_attempts: i64,
@@ -97,7 +98,7 @@ impl Controller {
         if row.c.state == ContainerState::Queued && row.c.priority > 0 {
             self.queued.insert(
                 (Reverse(row.c.priority), uuid.to_string()),
-                Arc::clone(&row.c),
+                (Arc::clone(&row.c), row.c.scheduling_parameters.supervisor),
             );
         }
         if row.c.locked_by_uuid.is_some() {
@@ -223,7 +224,7 @@ impl Controller {
         let mut res = PollResult::default();
         let mut non_supervisors = 0usize;
         let mut page = 0usize;
-        for c in self.queued.values() {
+        for (c, supervisor) in self.queued.values() {
             if page == AVAIL_PAGE {
                 if non_supervisors >= AVAIL_TARGET {
                     break;
@@ -231,7 +232,7 @@ impl Controller {
                 page = 0;
             }
             page += 1;
-            if !c.scheduling_parameters.supervisor {
+            if !supervisor {
                 non_supervisors += 1;
             }
             res.containers.push(Arc::clone(c));
