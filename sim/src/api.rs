@@ -4,7 +4,7 @@
 //! priority to 0 (a Queued container is then cancelled by the server); crunch-run moves Locked
 //! to Running and Running to Complete. 503 windows answer every call with 503.
 
-use std::cmp::{Ordering, Reverse};
+use std::cmp::Reverse;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -45,7 +45,8 @@ pub struct Controller {
     pub rows: BTreeMap<String, Row>,
     /// Queued with priority > 0, by descending priority then UUID, with the current record
     /// (so that a poll reads the records without a lookup per UUID).
-    queued: BTreeMap<(Reverse<i64>, String), Arc<Container>>,
+    /// Each with whether it is a workflow supervisor, so that a poll's paging reads no record.
+    queued: BTreeMap<(Reverse<i64>, String), (Arc<Container>, bool)>,
     /// Locked by the dispatcher (Locked or Running), with the current record.
     mine: BTreeMap<String, Arc<Container>>,
     max_dispatch_attempts: i64,
@@ -54,6 +55,8 @@ pub struct Controller {
     pub count_503: u64,
     /// Containers not yet ended.
     pub open: usize,
+    /// The poll's address index table, kept to reuse its allocation.
+    scratch: Vec<u32>,
 }
 
 fn err(status: u16, message: String) -> ApiError {
@@ -74,6 +77,7 @@ impl Controller {
             outages,
             count_503: 0,
             open: 0,
+            scratch: Vec::new(),
         }
     }
 
@@ -94,7 +98,7 @@ impl Controller {
         if row.c.state == ContainerState::Queued && row.c.priority > 0 {
             self.queued.insert(
                 (Reverse(row.c.priority), uuid.to_string()),
-                Arc::clone(&row.c),
+                (Arc::clone(&row.c), row.c.scheduling_parameters.supervisor),
             );
         }
         if row.c.locked_by_uuid.is_some() {
@@ -173,7 +177,7 @@ impl Controller {
             }
             self.open -= 1;
         }
-        self.reindex(uuid, Some(before));
+        self.index(uuid);
         true
     }
 
@@ -187,7 +191,7 @@ impl Controller {
         }
         self.unindex(uuid, Some(before));
         Arc::make_mut(&mut self.rows.get_mut(uuid).expect("exists").c).priority = 0;
-        self.reindex(uuid, Some(before));
+        self.index(uuid);
         if before.0 == ContainerState::Queued {
             self.set_state(now, uuid, ContainerState::Cancelled, "cancelled by user");
         }
@@ -220,8 +224,7 @@ impl Controller {
         let mut res = PollResult::default();
         let mut non_supervisors = 0usize;
         let mut page = 0usize;
-        let mut avail: Vec<(&str, usize)> = Vec::new();
-        for ((_, uuid), c) in &self.queued {
+        for (c, supervisor) in self.queued.values() {
             if page == AVAIL_PAGE {
                 if non_supervisors >= AVAIL_TARGET {
                     break;
@@ -229,17 +232,13 @@ impl Controller {
                 page = 0;
             }
             page += 1;
-            if !c.scheduling_parameters.supervisor {
+            if !supervisor {
                 non_supervisors += 1;
             }
-            avail.push((uuid, res.containers.len()));
             res.containers.push(Arc::clone(c));
         }
-        avail.sort_unstable_by(|a, b| str_cmp(a.0, b.0));
         // "mine" (locked by the dispatcher) never overlaps "avail" (Queued, so not locked).
-        let mine_start = res.containers.len();
         res.containers.extend(self.mine.values().cloned());
-        let mine_end = res.containers.len();
         // `tracked` is the core's queue, in UUID order (`CommandKind::PollQueue`'s contract).
         debug_assert!(
             tracked
@@ -247,41 +246,38 @@ impl Controller {
                 .all(|w| str_cmp(&w[0].uuid, &w[1].uuid).is_lt()),
             "PollQueue's tracked records come in UUID order"
         );
-        // One merge of `tracked` with "mine" and with "avail" (both in UUID order too) finds the
-        // records of either that are new to the dispatcher (they carry mounts) and the
-        // unfinished tracked containers neither returned (the missing re-fetch, in `tracked`
-        // order; re-fetched records are tracked, so they never carry mounts). A "mine" record
-        // that is the very record the dispatcher holds (unchanged since it last saw it) matches
-        // without reading its UUID.
-        let mut unknown: Vec<usize> = Vec::new();
+        // Which returned records are new to the dispatcher (they carry mounts), and which
+        // unfinished tracked containers neither list returned (the missing re-fetch, in
+        // `tracked` order; re-fetched records are tracked, so they never carry mounts). The
+        // returned records are the rows' current records, so a tracked container is returned
+        // exactly when its row's current record is among them. Most tracked records are that
+        // very record (unchanged since the dispatcher last saw it) and are found by address,
+        // without reading them; the others go through their row.
+        let index = PtrIndex::new(&mut self.scratch, &res.containers);
+        let mut known = vec![false; res.containers.len()];
         let mut refetch: Vec<&str> = Vec::new();
-        let mut mine = (mine_start..mine_end).peekable();
-        let mut avail_it = avail.iter().peekable();
         for t in tracked {
-            let in_mine = mine
-                .next_if(|&i| Arc::ptr_eq(&res.containers[i], t))
-                .is_some()
-                || merge_to(
-                    &mut mine,
-                    &t.uuid,
-                    |i| (res.containers[i].uuid.as_str(), i),
-                    &mut unknown,
-                );
-            let in_avail = merge_to(&mut avail_it, &t.uuid, |&(u, i)| (u, i), &mut unknown);
-            if !in_mine && !in_avail && !t.state.is_final() {
-                refetch.push(&t.uuid);
+            let found = index.find(t, &res.containers).or_else(|| {
+                self.rows
+                    .get(t.uuid.as_str())
+                    .and_then(|r| index.find(&r.c, &res.containers))
+            });
+            match found {
+                Some(i) => known[i] = true,
+                None if !t.state.is_final() => refetch.push(&t.uuid),
+                None => {}
             }
         }
-        unknown.extend(mine);
-        unknown.extend(avail_it.map(|&(_, i)| i));
+        for (i, known) in known.into_iter().enumerate() {
+            if !known {
+                Arc::make_mut(&mut res.containers[i]).mounts = Some(BTreeMap::new());
+            }
+        }
         for uuid in refetch {
             match self.rows.get(uuid) {
                 Some(r) => res.containers.push(Arc::clone(&r.c)),
                 None => res.deleted.push(uuid.to_string()),
             }
-        }
-        for i in unknown {
-            Arc::make_mut(&mut res.containers[i]).mounts = Some(BTreeMap::new());
         }
         Ok(res)
     }
@@ -365,26 +361,56 @@ impl Controller {
     }
 }
 
-/// Advances `cursor`, whose items `key` maps to `(UUID, response index)` in UUID order, up to
-/// `uuid`: the items before it are new to the dispatcher (their indices go to `unknown`).
-/// Returns whether the next item is `uuid`, consuming it if so.
-fn merge_to<'a, T: Copy>(
-    cursor: &mut std::iter::Peekable<impl Iterator<Item = T>>,
-    uuid: &str,
-    key: impl Fn(T) -> (&'a str, usize),
-    unknown: &mut Vec<usize>,
-) -> bool {
-    while let Some(&item) = cursor.peek() {
-        let (u, i) = key(item);
-        match str_cmp(u, uuid) {
-            Ordering::Less => unknown.push(i),
-            Ordering::Equal => {
-                cursor.next();
-                return true;
+/// An open-addressing hash index of records by address (`Arc::as_ptr`), built per poll in a
+/// reused table: slot values are positions in the indexed slice plus one, zero is empty.
+/// Addresses only decide where an entry sits in the table, never an answer: a lookup returns
+/// the position of the very record asked for, or `None`.
+struct PtrIndex<'a> {
+    slots: &'a [u32],
+    shift: u32,
+}
+
+impl<'a> PtrIndex<'a> {
+    fn new(table: &'a mut Vec<u32>, records: &[Arc<Container>]) -> PtrIndex<'a> {
+        let bits = (records.len() * 2)
+            .max(16)
+            .next_power_of_two()
+            .trailing_zeros();
+        table.clear();
+        table.resize(1 << bits, 0);
+        let shift = 64 - bits;
+        let mask = table.len() - 1;
+        for (i, c) in records.iter().enumerate() {
+            let mut at = Self::slot(c, shift);
+            while table[at] != 0 {
+                at = (at + 1) & mask;
             }
-            Ordering::Greater => return false,
+            table[at] = u32::try_from(i + 1).expect("fewer than 2^32 records in a poll");
         }
-        cursor.next();
+        PtrIndex {
+            slots: table,
+            shift,
+        }
     }
-    false
+
+    fn slot(c: &Arc<Container>, shift: u32) -> usize {
+        let addr = Arc::as_ptr(c) as usize as u64;
+        ((addr >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> shift) as usize
+    }
+
+    /// The position of `c` itself (the same allocation) in `records`.
+    fn find(&self, c: &Arc<Container>, records: &[Arc<Container>]) -> Option<usize> {
+        let mask = self.slots.len() - 1;
+        let mut at = Self::slot(c, self.shift);
+        loop {
+            let i = self.slots[at] as usize;
+            if i == 0 {
+                return None;
+            }
+            if Arc::ptr_eq(&records[i - 1], c) {
+                return Some(i - 1);
+            }
+            at = (at + 1) & mask;
+        }
+    }
 }

@@ -64,6 +64,10 @@ pub struct Instance {
     pub runner_installed: bool,
     /// crunch-run processes by container.
     pub procs: BTreeMap<String, Proc>,
+    /// Whether `info.tags` matched the list filter of generation `.0` (see `Cloud::list`); 0
+    /// (no generation) until a list looks. Whoever changes `info.tags` resets it to
+    /// [`Instance::UNLISTED`].
+    pub list_match: (u64, bool),
 }
 
 /// Billing totals.
@@ -94,6 +98,8 @@ pub struct Cloud {
     pub peak: usize,
     /// Spot reclaims.
     pub reclaims: usize,
+    /// The last list filter and its generation (from 1), for the instances' `list_match`.
+    list_filter: Option<(BTreeMap<String, String>, u64)>,
 }
 
 impl Cloud {
@@ -109,6 +115,7 @@ impl Cloud {
             created: 0,
             peak: 0,
             reclaims: 0,
+            list_filter: None,
         }
     }
 
@@ -283,6 +290,7 @@ impl Cloud {
             crunch_run_missing,
             runner_installed: false,
             procs: BTreeMap::new(),
+            list_match: Instance::UNLISTED,
         };
         self.instances.insert(id, inst);
         self.created += 1;
@@ -348,13 +356,32 @@ impl Cloud {
         }
         self.last_list = Some(now);
         let lag = millis(self.spec.list_lag.0);
-        Ok(self
-            .instances
-            .values()
-            .filter(|i| i.created_at + lag <= now)
-            .filter(|i| filter.iter().all(|(k, v)| i.info.tags.get(k) == Some(v)))
-            .map(|i| Arc::clone(&i.info))
-            .collect())
+        // Each instance remembers whether its tags matched the filter of the last generation
+        // it was checked against; the dispatcher lists with the same filter every time, so
+        // an instance's tags are read once per filter and change of tags, not once per list.
+        let generation = match &self.list_filter {
+            Some((f, g)) if f == filter => *g,
+            last => {
+                let g = last.as_ref().map_or(0, |(_, g)| *g) + 1;
+                self.list_filter = Some((filter.clone(), g));
+                g
+            }
+        };
+        let mut listed = Vec::new();
+        for i in self.instances.values_mut() {
+            if i.created_at + lag > now {
+                continue;
+            }
+            if i.list_match.0 != generation {
+                let tags = &i.info.tags;
+                let matched = filter.iter().all(|(k, v)| tags.get(k) == Some(v));
+                i.list_match = (generation, matched);
+            }
+            if i.list_match.1 {
+                listed.push(Arc::clone(&i.info));
+            }
+        }
+        Ok(listed)
     }
 
     /// A set-tags call.
@@ -362,6 +389,7 @@ impl Cloud {
         match self.instances.get_mut(id) {
             Some(i) => {
                 Arc::make_mut(&mut i.info).tags = tags;
+                i.list_match = Instance::UNLISTED;
                 Ok(())
             }
             None => Err(CloudError {
@@ -393,6 +421,9 @@ fn exec_err(kind: ExecErrorKind, stderr: &str) -> Result<ExecOutput, ExecError> 
 }
 
 impl Instance {
+    /// `list_match` before any list has checked the instance's current tags.
+    pub const UNLISTED: (u64, bool) = (0, false);
+
     /// Runs one remote command at `now` (the wire strings of reference-workers.md §2).
     pub fn exec(
         &mut self,

@@ -3,7 +3,6 @@
 //! with FNV-1a 64 as it is written (a specified algorithm, unlike std's `DefaultHasher`), so two
 //! runs can be compared by hash without keeping the log; `--log FILE` writes it out.
 
-use std::fmt::Write as _;
 use std::io::Write;
 
 use arvados_dispatch_cloud::core::command::{Command, CommandKind, Input, poll_missing};
@@ -12,11 +11,67 @@ const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01B3;
 
 /// The log and its running hash.
+///
+/// A line is assembled as bytes in `buf` (strings and decimal integers are appended directly;
+/// only the rare error lines go through `fmt`), then hashed and written out in one piece. The
+/// bytes are exactly what the `Display`/`Debug` formatting of the same values would give.
 pub struct EventLog {
     hash: u64,
     lines: u64,
     out: Option<Box<dyn Write>>,
-    buf: String,
+    buf: Vec<u8>,
+}
+
+/// The two-digit decimal strings "00" to "99", back to back.
+const PAIRS: &[u8; 200] = b"\
+0001020304050607080910111213141516171819\
+2021222324252627282930313233343536373839\
+4041424344454647484950515253545556575859\
+6061626364656667686970717273747576777879\
+8081828384858687888990919293949596979899";
+
+/// Appends the decimal digits of `n`, as `u64`'s `Display` writes them (two digits a step).
+#[inline]
+fn push_u64(b: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    while n >= 100 {
+        let pair = (n % 100) as usize * 2;
+        n /= 100;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    }
+    if n >= 10 {
+        let pair = n as usize * 2;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    } else {
+        at -= 1;
+        digits[at] = b'0' + n as u8;
+    }
+    b.extend_from_slice(&digits[at..]);
+}
+
+/// Appends `n` (a length) in decimal.
+fn push_usize(b: &mut Vec<u8>, n: usize) {
+    push_u64(b, n as u64);
+}
+
+/// Appends `s`.
+fn push(b: &mut Vec<u8>, s: &str) {
+    b.extend_from_slice(s.as_bytes());
+}
+
+/// Starts a line: `"{now}{tag}"`.
+fn start(b: &mut Vec<u8>, now: u64, tag: &str) {
+    push_u64(b, now);
+    push(b, tag);
+}
+
+/// Starts an input line after its time: `"{op} {what}"`.
+fn op(b: &mut Vec<u8>, op: u64, what: &str) {
+    push_u64(b, op);
+    push(b, what);
 }
 
 impl EventLog {
@@ -26,7 +81,7 @@ impl EventLog {
             hash: FNV_OFFSET,
             lines: 0,
             out,
-            buf: String::with_capacity(256),
+            buf: Vec::with_capacity(256),
         }
     }
 
@@ -41,105 +96,171 @@ impl EventLog {
     }
 
     fn emit(&mut self) {
-        self.buf.push('\n');
-        for b in self.buf.bytes() {
-            self.hash ^= u64::from(b);
-            self.hash = self.hash.wrapping_mul(FNV_PRIME);
+        self.buf.push(b'\n');
+        let mut hash = self.hash;
+        for &b in &self.buf {
+            hash ^= u64::from(b);
+            hash = hash.wrapping_mul(FNV_PRIME);
         }
+        self.hash = hash;
         self.lines += 1;
         if let Some(out) = self.out.as_mut() {
             // A failing log file must not change the run; the error shows at flush.
-            let _ = out.write_all(self.buf.as_bytes());
+            let _ = out.write_all(&self.buf);
         }
         self.buf.clear();
     }
 
     /// A free-form world line.
     pub fn line(&mut self, now: u64, text: &str) {
-        let _ = write!(self.buf, "{now} {text}");
+        start(&mut self.buf, now, " ");
+        push(&mut self.buf, text);
         self.emit();
     }
 
     /// A timer firing.
     pub fn timer(&mut self, now: u64) {
-        let _ = write!(self.buf, "{now} T");
+        start(&mut self.buf, now, " T");
         self.emit();
     }
 
     /// A command the dispatcher emitted.
     pub fn command(&mut self, now: u64, c: &Command) {
         let b = &mut self.buf;
-        let _ = write!(b, "{now} C {} ", c.op.0);
-        let _ = match &c.kind {
+        start(b, now, " C ");
+        push_u64(b, c.op.0);
+        push(b, " ");
+        match &c.kind {
             CommandKind::PollQueue { tracked } => {
                 let missing = poll_missing(tracked).count();
-                write!(b, "Poll known={} missing={missing}", tracked.len())
+                push(b, "Poll known=");
+                push_usize(b, tracked.len());
+                push(b, " missing=");
+                push_usize(b, missing);
             }
-            CommandKind::Lock { uuid } => write!(b, "Lock {uuid}"),
-            CommandKind::Unlock { uuid } => write!(b, "Unlock {uuid}"),
-            CommandKind::Cancel { uuid } => write!(b, "Cancel {uuid}"),
+            CommandKind::Lock { uuid } => {
+                push(b, "Lock ");
+                push(b, uuid);
+            }
+            CommandKind::Unlock { uuid } => {
+                push(b, "Unlock ");
+                push(b, uuid);
+            }
+            CommandKind::Cancel { uuid } => {
+                push(b, "Cancel ");
+                push(b, uuid);
+            }
             CommandKind::CancelUnsatisfiable { uuid, .. } => {
-                write!(b, "CancelUnsatisfiable {uuid}")
+                push(b, "CancelUnsatisfiable ");
+                push(b, uuid);
             }
             CommandKind::Create {
                 instance_type,
                 tags,
                 ..
             } => {
-                write!(b, "Create {} tags={}", instance_type.name, tags.len())
+                push(b, "Create ");
+                push(b, &instance_type.name);
+                push(b, " tags=");
+                push_usize(b, tags.len());
             }
-            CommandKind::Destroy { instance } => write!(b, "Destroy {instance}"),
-            CommandKind::ListInstances { .. } => write!(b, "List"),
+            CommandKind::Destroy { instance } => {
+                push(b, "Destroy ");
+                push(b, instance);
+            }
+            CommandKind::ListInstances { .. } => push(b, "List"),
             CommandKind::SetTags { instance, tags } => {
-                write!(b, "SetTags {instance} n={}", tags.len())
+                push(b, "SetTags ");
+                push(b, instance);
+                push(b, " n=");
+                push_usize(b, tags.len());
             }
             CommandKind::Exec {
                 instance, command, ..
-            } => write!(b, "Exec {instance} {command}"),
-        };
+            } => {
+                push(b, "Exec ");
+                push(b, instance);
+                push(b, " ");
+                push(b, command);
+            }
+        }
         self.emit();
     }
 
     /// An input delivered to the dispatcher.
     pub fn input(&mut self, now: u64, i: &Input) {
         let b = &mut self.buf;
-        let _ = write!(b, "{now} I ");
+        start(b, now, " I ");
         let ok = |r: bool| if r { "ok" } else { "err" };
+        // Writing to a `Vec` cannot fail.
         let _ = match i {
-            Input::QueuePolled { op, result } => match result {
-                Ok(r) => write!(
-                    b,
-                    "{} Polled n={} deleted={}",
-                    op.0,
-                    r.containers.len(),
-                    r.deleted.len()
-                ),
-                Err(e) => write!(b, "{} Polled err {e}", op.0),
+            Input::QueuePolled { op: o, result } => match result {
+                Ok(r) => {
+                    op(b, o.0, " Polled n=");
+                    push_usize(b, r.containers.len());
+                    push(b, " deleted=");
+                    push_usize(b, r.deleted.len());
+                    Ok(())
+                }
+                Err(e) => write!(b, "{} Polled err {e}", o.0),
             },
-            Input::ContainerUpdated { op, result } => match result {
-                Ok(u) => write!(b, "{} Updated {}", op.0, u.state),
-                Err(e) => write!(b, "{} Updated err {e}", op.0),
+            Input::ContainerUpdated { op: o, result } => match result {
+                Ok(u) => {
+                    op(b, o.0, " Updated ");
+                    push(b, u.state.as_str());
+                    Ok(())
+                }
+                Err(e) => write!(b, "{} Updated err {e}", o.0),
             },
-            Input::UnsatisfiableCancelled { op, result } => {
-                write!(b, "{} UnsatCancelled {}", op.0, ok(result.is_ok()))
+            Input::UnsatisfiableCancelled { op: o, result } => {
+                op(b, o.0, " UnsatCancelled ");
+                push(b, ok(result.is_ok()));
+                Ok(())
             }
-            Input::CreateFinished { op, result } => match result {
-                Ok(info) => write!(b, "{} Created {}", op.0, info.id),
-                Err(e) => write!(b, "{} Created err {:?} {e}", op.0, e.kind),
+            Input::CreateFinished { op: o, result } => match result {
+                Ok(info) => {
+                    op(b, o.0, " Created ");
+                    push(b, &info.id);
+                    Ok(())
+                }
+                Err(e) => write!(b, "{} Created err {:?} {e}", o.0, e.kind),
             },
-            Input::DestroyFinished { op, result } => {
-                write!(b, "{} Destroyed {}", op.0, ok(result.is_ok()))
+            Input::DestroyFinished { op: o, result } => {
+                op(b, o.0, " Destroyed ");
+                push(b, ok(result.is_ok()));
+                Ok(())
             }
-            Input::InstancesListed { op, result } => match result {
-                Ok(l) => write!(b, "{} Listed n={}", op.0, l.len()),
-                Err(e) => write!(b, "{} Listed err {e}", op.0),
+            Input::InstancesListed { op: o, result } => match result {
+                Ok(l) => {
+                    op(b, o.0, " Listed n=");
+                    push_usize(b, l.len());
+                    Ok(())
+                }
+                Err(e) => write!(b, "{} Listed err {e}", o.0),
             },
-            Input::TagsSet { op, result } => write!(b, "{} TagsSet {}", op.0, ok(result.is_ok())),
-            Input::ExecFinished { op, result } => match result {
-                Ok(o) => write!(b, "{} Exec ok {}", op.0, o.stdout.replace('\n', "|")),
-                Err(e) => write!(b, "{} Exec err {:?}", op.0, e.kind),
+            Input::TagsSet { op: o, result } => {
+                op(b, o.0, " TagsSet ");
+                push(b, ok(result.is_ok()));
+                Ok(())
+            }
+            Input::ExecFinished { op: o, result } => match result {
+                Ok(out) => {
+                    op(b, o.0, " Exec ok ");
+                    // The output with each newline written as '|'.
+                    b.extend(
+                        out.stdout
+                            .bytes()
+                            .map(|c| if c == b'\n' { b'|' } else { c }),
+                    );
+                    Ok(())
+                }
+                Err(e) => write!(b, "{} Exec err {:?}", o.0, e.kind),
             },
-            Input::SshConnected { instance } => write!(b, "SshConnected {instance}"),
+            Input::SshConnected { instance } => {
+                push(b, "SshConnected ");
+                push(b, instance);
+                Ok(())
+            }
         };
         self.emit();
     }
@@ -149,6 +270,26 @@ impl EventLog {
         match self.out.as_mut() {
             Some(o) => o.flush(),
             None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::push_u64;
+
+    #[test]
+    fn integers_are_written_as_display_writes_them() {
+        let mut cases: Vec<u64> = vec![0, 9, 10, 99, 100, 101, 999, 1000, u64::MAX, u64::MAX - 1];
+        let mut p = 1u64;
+        while let Some(next) = p.checked_mul(10) {
+            cases.extend([p - 1, p, p + 1, next / 2 + 7]);
+            p = next;
+        }
+        for n in cases {
+            let mut b = b"x".to_vec();
+            push_u64(&mut b, n);
+            assert_eq!(b, format!("x{n}").into_bytes(), "{n}");
         }
     }
 }

@@ -1017,6 +1017,7 @@ fn prepare(w: &mut World, p: &Plan, arrivals: &[Submission]) -> Result<(), World
                 crunch_run_missing: false,
                 runner_installed: true,
                 procs: BTreeMap::new(),
+                list_match: Instance::UNLISTED,
             },
         );
     }

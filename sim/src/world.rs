@@ -8,7 +8,7 @@
 //! FNV-1a; the same seed gives the same log byte for byte.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap};
+use std::collections::{BTreeMap, BinaryHeap, VecDeque};
 use std::io::Write;
 use std::time::Duration;
 
@@ -68,14 +68,19 @@ enum Ev {
     Restart,
 }
 
-/// The event heap: `(time, sequence, slot)` keys in a binary heap, the events themselves in a
-/// slab. The keys are 24 bytes, so sifting moves little memory (an `Ev` is much larger); the
-/// order is that of `(time, sequence)`, which is unique.
+/// The event queue: `(time, sequence, slot)` keys in a binary heap, the events themselves in a
+/// slab, plus a batch of events known in advance (the workload's arrivals), sorted once by
+/// `(time, sequence)` and consumed from the front. The keys are 24 bytes, so sifting moves
+/// little memory (an `Ev` is much larger); keeping the arrivals (up to the whole workload) out
+/// of the heap keeps it as small as the events actually in flight. The next event is the
+/// smaller of the heap's top and the batch's front by `(time, sequence)`, which is unique, so
+/// the order is exactly that of one heap holding everything.
 #[derive(Default)]
 struct Events {
     heap: BinaryHeap<Reverse<(u64, u64, u32)>>,
     slab: Vec<Option<Ev>>,
     free: Vec<u32>,
+    batch: VecDeque<(u64, u64, Ev)>,
     seq: u64,
 }
 
@@ -95,13 +100,48 @@ impl Events {
         self.heap.push(Reverse((at, self.seq, slot)));
     }
 
+    /// Queues `events` as successive [`Events::push`] calls would (the same sequence numbers,
+    /// so the same order), into the batch. Only once, before any other event.
+    fn push_batch(&mut self, events: impl IntoIterator<Item = (u64, Ev)>) {
+        assert!(
+            self.seq == 0 && self.batch.is_empty(),
+            "the batch comes before any other event"
+        );
+        let mut batch: Vec<(u64, u64, Ev)> = events
+            .into_iter()
+            .map(|(at, ev)| {
+                self.seq += 1;
+                (at, self.seq, ev)
+            })
+            .collect();
+        // Sequence numbers grow along the vector, so a stable sort by time orders it by
+        // (time, sequence).
+        batch.sort_by_key(|&(at, _, _)| at);
+        self.batch = batch.into();
+    }
+
+    /// Whether the batch's front comes before the heap's top.
+    fn batch_first(&self) -> bool {
+        match (self.batch.front(), self.heap.peek()) {
+            (Some(&(at, seq, _)), Some(Reverse((hat, hseq, _)))) => (at, seq) < (*hat, *hseq),
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
+
     /// The time of the next event.
     fn peek_at(&self) -> Option<u64> {
+        if self.batch_first() {
+            return self.batch.front().map(|&(at, _, _)| at);
+        }
         self.heap.peek().map(|Reverse((at, _, _))| *at)
     }
 
     /// The next event and its time.
     fn pop(&mut self) -> Option<(u64, Ev)> {
+        if self.batch_first() {
+            return self.batch.pop_front().map(|(at, _, ev)| (at, ev));
+        }
         let Reverse((at, _, slot)) = self.heap.pop()?;
         self.free.push(slot);
         let ev = self.slab[slot as usize]
@@ -115,6 +155,7 @@ impl Events {
         self.heap
             .iter()
             .filter_map(|Reverse((_, _, slot))| self.slab[*slot as usize].as_ref())
+            .chain(self.batch.iter().map(|(_, _, ev)| ev))
     }
 }
 
@@ -265,11 +306,16 @@ impl World {
             loaded,
             scenario,
         };
-        for (i, s) in submissions.iter_mut().enumerate() {
+        for s in submissions.iter_mut() {
             w.next_uuid += 1;
-            s.container.uuid = format!("{cluster}-dz642-{:015}", w.next_uuid).into();
-            w.push(s.at, Ev::Arrive(i));
+            s.container.uuid = container_uuid(&cluster, w.next_uuid).into();
         }
+        w.events.push_batch(
+            submissions
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (s.at, Ev::Arrive(i))),
+        );
         w.submissions = submissions;
         for r in w.scenario.restarts.clone() {
             w.push(millis(r.0), Ev::Restart);
@@ -779,11 +825,7 @@ impl World {
                 }
                 let (mut c, runtime) = from_shape(&wf.child, &mut self.rng.workload);
                 self.next_uuid += 1;
-                c.uuid = format!(
-                    "{}-dz642-{:015}",
-                    self.loaded.core.cluster_id, self.next_uuid
-                )
-                .into();
+                c.uuid = container_uuid(&self.loaded.core.cluster_id, self.next_uuid).into();
                 let s = Submission {
                     at: now,
                     container: c,
@@ -952,6 +994,28 @@ impl World {
     }
 }
 
+/// The UUID of the simulator's container number `n`: `format!("{cluster}-dz642-{n:015}")`,
+/// written without `fmt` (the workload's arrivals each get one when the world is built).
+fn container_uuid(cluster: &str, n: u64) -> String {
+    let mut digits = [b'0'; 20];
+    let mut at = digits.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    let digits = &digits[at.min(digits.len() - 15)..];
+    let mut uuid = String::with_capacity(cluster.len() + 7 + digits.len());
+    uuid.push_str(cluster);
+    uuid.push_str("-dz642-");
+    uuid.extend(digits.iter().map(|&d| char::from(d)));
+    uuid
+}
+
 fn new_dispatcher(loaded: &Loaded, seed: u64, generation: u32, now: u64) -> Dispatcher {
     Dispatcher::new(
         loaded.core.clone(),
@@ -977,5 +1041,28 @@ pub fn dispatcher_options(loaded: &Loaded, seed: u64, generation: u32) -> Option
         seed: arvados_dispatch_cloud::core::rng::derive_seed(seed, &format!("core{generation}")),
         instance_set_id: INSTANCE_SET_ID.into(),
         runner,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::container_uuid;
+
+    #[test]
+    fn container_uuids_are_what_format_writes() {
+        for n in [
+            0,
+            1,
+            9,
+            10,
+            12_345,
+            99_999_999_999_999,
+            999_999_999_999_999,
+            1_000_000_000_000_000,
+            u64::MAX,
+        ] {
+            assert_eq!(container_uuid("zzzzz", n), format!("zzzzz-dz642-{n:015}"));
+            assert_eq!(container_uuid("", n), format!("-dz642-{n:015}"));
+        }
     }
 }
