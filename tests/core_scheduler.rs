@@ -145,6 +145,7 @@ impl Stub {
             types: &self.table,
             queue: &self.queue,
             running: &self.running,
+            runners: None,
             instances: &self.instances,
             total_instances: self.instances.len(),
             pool: PoolLimits {
@@ -616,6 +617,7 @@ fn containers_metrics() {
             types: &s.table,
             queue: &s.queue,
             running: &s.running,
+            runners: None,
             instances: &s.instances,
             total_instances: s.instances.len(),
             pool: snap_quota(s),

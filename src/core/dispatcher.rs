@@ -641,6 +641,7 @@ impl Dispatcher {
                 types: &self.types,
                 queue: self.queue.entries(),
                 running: self.pool.running(),
+                runners: Some(self.pool.runner_index()),
                 instances: &instances,
                 total_instances: total,
                 pool: PoolLimits {

@@ -97,6 +97,11 @@ pub struct Snapshot<'a, I: PlanInstance = InstanceView> {
     pub queue: &'a BTreeMap<Key, QueueEntry>,
     /// `Running()`: UUID → exit time (`None` while crunch-run lives).
     pub running: &'a BTreeMap<Key, Option<Timestamp>>,
+    /// The instances' containers as a map from container UUID to instance ID, when the
+    /// caller keeps one (the pool does): exactly the pairs `instances[..].running_uuids()`
+    /// give, each UUID on one instance. The pass then reads it instead of every instance's
+    /// containers, and needs no sort. `None`: read them from `instances`.
+    pub runners: Option<&'a BTreeMap<Key, Key>>,
     /// `Instances()`, in Go's order: by ID (pending creates, with the empty ID, first), ties by
     /// type name. The pool passes references to its workers; tests pass `InstanceView`s.
     pub instances: &'a [I],
@@ -1078,17 +1083,32 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     let mut remaining: Vec<Resources> = Vec::with_capacity(nviews);
     let mut placed: Vec<(&'a str, usize)> = Vec::new();
     let mut prices: Vec<f64> = Vec::with_capacity(nviews);
+    let mut pos_of: Table<&str, usize> = Table::default();
     for (pos, v) in snap.instances.iter().enumerate() {
         let (type_id, price) = v.type_and_price(snap.types);
         type_ids.push(type_id);
         prices.push(price);
         remaining.push(type_id.map_or(Resources::FULL, |t| snap.types.get(t).capacity()));
-        for uuid in v.running_uuids() {
-            placed.push((uuid, pos));
+        if snap.runners.is_some() {
+            if !v.id().is_empty() {
+                pos_of.insert(v.id(), pos);
+            }
+        } else {
+            for uuid in v.running_uuids() {
+                placed.push((uuid, pos));
+            }
         }
     }
-    // Pushed in position order, so the stable sort breaks ties by position.
-    sort_by_str_key(&mut placed, |p| p.0);
+    match snap.runners {
+        // Already in UUID order, one instance each.
+        Some(index) => placed.extend(
+            index
+                .iter()
+                .filter_map(|(uuid, id)| Some((uuid.as_str(), *pos_of.get(id.as_str())?))),
+        ),
+        // Pushed in position order, so the stable sort breaks ties by position.
+        None => sort_by_str_key(&mut placed, |p| p.0),
+    }
     let mut missing = vec![false; nviews];
 
     // §2.5, first half: one merge, in UUID order, of the queue with `Running()` and with the
@@ -2248,6 +2268,7 @@ mod tests {
             types: &w.table,
             queue: &w.queue,
             running: &w.running,
+            runners: None,
             instances: &w.instances,
             total_instances: w
                 .instances
@@ -2299,6 +2320,37 @@ mod tests {
             let now = Timestamp(1000);
             assert_same(seed, &plan(&snap, now), &reference::plan(&snap, now));
         }
+    }
+
+    /// The caller's runner index (`Snapshot::runners`) gives the same plan as reading the
+    /// instances' containers.
+    #[test]
+    fn plan_with_a_runner_index_matches_plan_without() {
+        let mut compared = 0;
+        for seed in 0..3000 {
+            let w = world(seed, 40, 20);
+            let mut index: BTreeMap<Key, Key> = BTreeMap::new();
+            let mut unique = true;
+            for v in &w.instances {
+                for uuid in v.running_uuids() {
+                    unique &= index.insert(uuid.into(), v.id().into()).is_none();
+                }
+            }
+            // The index holds one instance per container (the pool's invariant); a world
+            // with a container on two instances has no such index.
+            if !unique {
+                continue;
+            }
+            compared += 1;
+            let without = snapshot(&w);
+            let with = Snapshot {
+                runners: Some(&index),
+                ..without.clone()
+            };
+            let now = Timestamp(1000);
+            assert_same(seed, &plan(&with, now), &plan(&without, now));
+        }
+        assert!(compared > 500, "only {compared} worlds had a runner index");
     }
 
     #[test]

@@ -444,6 +444,11 @@ impl Pool {
         self.book.map.keys()
     }
 
+    /// Every runner (starting or running): container UUID → the instance holding it.
+    pub fn runner_index(&self) -> &BTreeMap<Key, Key> {
+        &self.book.index
+    }
+
     /// Whether a runner (starting or running) exists for `uuid`.
     pub fn has_runner(&self, uuid: &str) -> bool {
         self.book.index.contains_key(uuid)
