@@ -66,7 +66,7 @@ impl Queue {
 
     /// One entry.
     pub fn get(&self, uuid: &str) -> Option<&QueueEntry> {
-        self.entries.get(uuid)
+        self.entries.get(&Key::new(uuid))
     }
 
     /// Start time of the last successful poll (`None` before the first).
@@ -258,7 +258,7 @@ impl Queue {
         if let Some(d) = self.dontupdate.as_mut() {
             d.insert(uuid.to_string());
         }
-        match self.entries.get_mut(uuid) {
+        match self.entries.get_mut(&Key::new(uuid)) {
             Some(ent) => {
                 let c = Arc::make_mut(&mut ent.container);
                 c.state = upd.state;
@@ -274,14 +274,14 @@ impl Queue {
     /// is later seen Queued or Locked (the controller requeued it), it can never be scheduled:
     /// drop it and ask for it to be cancelled, as at first sight.
     fn untyped_schedulable(&mut self, uuid: &str) -> Option<(String, ContainerState, String)> {
-        let ent = self.entries.get(uuid)?;
+        let ent = self.entries.get(&Key::new(uuid))?;
         let state = ent.container.state;
         if !ent.types.is_empty()
             || !matches!(state, ContainerState::Queued | ContainerState::Locked)
         {
             return None;
         }
-        self.entries.remove(uuid);
+        self.entries.remove(&Key::new(uuid));
         tracing::info!(container = %uuid, "cancel container with no suitable instance type");
         Some((
             uuid.to_string(),
@@ -292,12 +292,12 @@ impl Queue {
 
     /// `Forget`: drops the entry only if it is final, or Queued with priority 0.
     pub fn forget(&mut self, uuid: &str) -> bool {
-        let drop = self.entries.get(uuid).is_some_and(|e| {
+        let drop = self.entries.get(&Key::new(uuid)).is_some_and(|e| {
             e.container.state.is_final()
                 || (e.container.state == ContainerState::Queued && e.container.priority == 0)
         });
         if drop {
-            self.entries.remove(uuid);
+            self.entries.remove(&Key::new(uuid));
         }
         drop
     }

@@ -170,28 +170,32 @@ struct RunnerBook {
 
 impl RunnerBook {
     fn started(&mut self, uuid: &str, id: &str) {
-        self.index.insert(Key::new(uuid), Key::new(id));
-        self.exited.remove(uuid);
-        self.map.insert(Key::new(uuid), None);
+        let uuid = Key::new(uuid);
+        self.index.insert(uuid.clone(), Key::new(id));
+        self.exited.remove(&uuid);
+        self.map.insert(uuid, None);
     }
 
     fn dropped(&mut self, uuid: &str) {
-        self.index.remove(uuid);
-        match self.exited.get(uuid) {
-            Some(t) => self.map.insert(Key::new(uuid), Some(*t)),
-            None => self.map.remove(uuid),
+        let uuid = Key::new(uuid);
+        self.index.remove(&uuid);
+        match self.exited.get(&uuid) {
+            Some(t) => self.map.insert(uuid, Some(*t)),
+            None => self.map.remove(&uuid),
         };
     }
 
     fn exited_at(&mut self, uuid: &str, now: Timestamp) {
-        self.index.remove(uuid);
-        self.exited.insert(Key::new(uuid), now);
-        self.map.insert(Key::new(uuid), Some(now));
+        let uuid = Key::new(uuid);
+        self.index.remove(&uuid);
+        self.exited.insert(uuid.clone(), now);
+        self.map.insert(uuid, Some(now));
     }
 
     fn unexit(&mut self, uuid: &str) {
-        if self.exited.remove(uuid).is_some() && !self.index.contains_key(uuid) {
-            self.map.remove(uuid);
+        let uuid = Key::new(uuid);
+        if self.exited.remove(&uuid).is_some() && !self.index.contains_key(&uuid) {
+            self.map.remove(&uuid);
         }
     }
 }
@@ -436,7 +440,7 @@ impl Pool {
     /// One entry of `Running()`: `Some(None)` while a runner exists, `Some(Some(exit))` for an
     /// exit placeholder, `None` otherwise.
     pub fn running_get(&self, uuid: &str) -> Option<Option<Timestamp>> {
-        self.book.map.get(uuid).copied()
+        self.book.map.get(&Key::new(uuid)).copied()
     }
 
     /// The UUIDs of `Running()`, in order.
@@ -451,7 +455,7 @@ impl Pool {
 
     /// Whether a runner (starting or running) exists for `uuid`.
     pub fn has_runner(&self, uuid: &str) -> bool {
-        self.book.index.contains_key(uuid)
+        self.book.index.contains_key(&Key::new(uuid))
     }
 
     /// `Instances()`: workers and pending creates, sorted by ID, then type name.
@@ -544,7 +548,7 @@ impl Pool {
 
     /// `Shutdown(id)`: only booting or idle workers that are not on hold.
     pub fn shutdown(&mut self, now: Timestamp, id: &str) -> bool {
-        let ok = self.workers.get(id).is_some_and(|w| {
+        let ok = self.workers.get(&Key::new(id)).is_some_and(|w| {
             w.idle_behavior != IdleBehavior::Hold
                 && matches!(w.state, WorkerState::Booting | WorkerState::Idle)
         });
@@ -563,12 +567,12 @@ impl Pool {
         id: &str,
         ctr: &Container,
     ) -> bool {
-        let Some(w) = self.workers.get(id) else {
+        let Some(w) = self.workers.get(&Key::new(id)) else {
             return false;
         };
         if !matches!(w.state, WorkerState::Idle | WorkerState::Running)
             || w.idle_behavior != IdleBehavior::Run
-            || self.book.index.contains_key(ctr.uuid.as_str())
+            || self.book.index.contains_key(&ctr.uuid)
         {
             return false;
         }
@@ -608,7 +612,7 @@ impl Pool {
                 stdin,
             },
         );
-        let w = self.workers.get_mut(id).expect("checked above");
+        let w = self.workers.get_mut(&Key::new(id)).expect("checked above");
         let mut r = Runner::new(&ctr.uuid, ctr.created_at);
         r.start_op = Some(op);
         w.starting.insert(Key::new(&ctr.uuid), r);
@@ -630,7 +634,7 @@ impl Pool {
         uuid: &str,
         reason: &str,
     ) -> bool {
-        let Some(id) = self.book.index.get(uuid).cloned() else {
+        let Some(id) = self.book.index.get(&Key::new(uuid)).cloned() else {
             return false;
         };
         let term = self.timeout_term();
@@ -662,7 +666,7 @@ impl Pool {
         id: &str,
         reason: &str,
     ) -> Result<(), AdminError> {
-        if !self.workers.contains_key(id) {
+        if !self.workers.contains_key(&Key::new(id)) {
             return Err(AdminError::InstanceNotFound);
         }
         tracing::info!(instance = %id, reason, "killing instance");
@@ -678,7 +682,10 @@ impl Pool {
         id: &str,
         b: IdleBehavior,
     ) -> Result<(), AdminError> {
-        let w = self.workers.get_mut(id).ok_or(AdminError::NoSuchInstance)?;
+        let w = self
+            .workers
+            .get_mut(&Key::new(id))
+            .ok_or(AdminError::NoSuchInstance)?;
         tracing::info!(instance = %id, idle_behavior = %b, "set idle behavior");
         w.idle_behavior = b;
         self.changed = true;
@@ -690,7 +697,7 @@ impl Pool {
     // ----- internal state changes -----------------------------------------------------------
 
     fn report_boot(&mut self, id: &str, o: BootOutcome) {
-        if let Some(w) = self.workers.get_mut(id)
+        if let Some(w) = self.workers.get_mut(&Key::new(id))
             && !w.boot_reported
         {
             w.boot_reported = true;
@@ -699,7 +706,7 @@ impl Pool {
     }
 
     fn shutdown_worker(&mut self, now: Timestamp, id: &str) {
-        let Some(w) = self.workers.get_mut(id) else {
+        let Some(w) = self.workers.get_mut(&Key::new(id)) else {
             return;
         };
         tracing::info!(instance = %id, state = %w.state, "shutting down instance");
@@ -759,7 +766,7 @@ impl Pool {
     }
 
     fn shutdown_if_idle(&mut self, now: Timestamp, id: &str) -> bool {
-        let Some(w) = self.workers.get(id) else {
+        let Some(w) = self.workers.get(&Key::new(id)) else {
             return false;
         };
         if !self.eligible_for_shutdown(now, w) {
@@ -783,18 +790,21 @@ impl Pool {
     }
 
     fn save_tags(&mut self, id: &str) {
-        let Some(w) = self.workers.get(id) else {
+        let Some(w) = self.workers.get(&Key::new(id)) else {
             return;
         };
         if w.state == WorkerState::Shutdown || w.tags_busy || self.tag_keys.current(w) {
             return;
         }
-        self.workers.get_mut(id).expect("checked").tags_busy = true;
+        self.workers
+            .get_mut(&Key::new(id))
+            .expect("checked")
+            .tags_busy = true;
         self.queue_cloud(CloudReq::SetTags(id.to_string()));
     }
 
     fn close_runner(&mut self, now: Timestamp, id: &str, uuid: &str) -> bool {
-        let Some(w) = self.workers.get_mut(id) else {
+        let Some(w) = self.workers.get_mut(&Key::new(id)) else {
             return false;
         };
         if w.running.remove(uuid).is_none() {
@@ -819,7 +829,7 @@ impl Pool {
     ) {
         self.stamp += 1;
         let stamp = self.stamp;
-        if let Some(w) = self.workers.get_mut(info.id.as_str()) {
+        if let Some(w) = self.workers.get_mut(&Key::new(&info.id)) {
             w.info = info;
             w.seen = stamp;
             let id = w.id.clone();
@@ -893,7 +903,7 @@ impl Pool {
     }
 
     fn remove_worker(&mut self, now: Timestamp, id: &str) {
-        let Some(w) = self.workers.remove(id) else {
+        let Some(w) = self.workers.remove(&Key::new(id)) else {
             return;
         };
         tracing::info!(instance = %id, state = %w.state, "instance disappeared from cloud");
@@ -980,7 +990,7 @@ impl Pool {
     /// A set-tags call finished.
     pub fn tags_set(&mut self, id: &str, result: Result<(), CloudError>) {
         self.metrics.driver_op("SetTags", result.is_err());
-        let Some(w) = self.workers.get_mut(id) else {
+        let Some(w) = self.workers.get_mut(&Key::new(id)) else {
             return;
         };
         w.tags_busy = false;
@@ -1030,7 +1040,7 @@ impl Pool {
         // the same ID is skipped.
         let first = self.stamp;
         for info in list {
-            let w = self.workers.get_mut(info.id.as_str());
+            let w = self.workers.get_mut(&Key::new(&info.id));
             // Drivers may ignore the tag filter; apply it here. A record the worker already
             // holds (the same listing as last time) passed it then.
             if !w.as_ref().is_some_and(|w| Arc::ptr_eq(&w.info, &info))
@@ -1088,7 +1098,7 @@ impl Pool {
 
     /// The SSH layer reached host-key verification on `id`.
     pub fn ssh_connected(&mut self, now: Timestamp, id: &str) {
-        if let Some(w) = self.workers.get_mut(id)
+        if let Some(w) = self.workers.get_mut(&Key::new(id))
             && w.state == WorkerState::Booting
             && w.first_ssh.is_none()
         {
@@ -1128,7 +1138,7 @@ impl Pool {
             tracing::warn!(instance = %id, container = %uuid, error = %err.message,
                 stderr = %err.stderr, "error starting crunch-run process");
         }
-        let Some(w) = self.workers.get_mut(id) else {
+        let Some(w) = self.workers.get_mut(&Key::new(id)) else {
             return;
         };
         let Some(r) = w.starting.get(uuid) else {
@@ -1158,7 +1168,7 @@ impl Pool {
             .exec_timeout
             .min(signal.max(Duration::from_secs(1)));
         let runner_cmd = self.runner.command.clone();
-        let Some(w) = self.workers.get_mut(id) else {
+        let Some(w) = self.workers.get_mut(&Key::new(id)) else {
             return;
         };
         let user = w.info.remote_user.clone();
@@ -1213,7 +1223,7 @@ impl Pool {
         op: OpId,
         result: Result<ExecOutput, ExecError>,
     ) {
-        let Some(w) = self.workers.get_mut(id) else {
+        let Some(w) = self.workers.get_mut(&Key::new(id)) else {
             return;
         };
         let Some(r) = w.runner_mut(uuid) else {
@@ -1243,7 +1253,7 @@ impl Pool {
     /// Starts a probe of `id` now, unless one is in progress (probes are single-flight). The
     /// probe loop calls this at `MaxProbesPerSecond`; tests and admin tools may call it directly.
     pub fn probe_now(&mut self, now: Timestamp, ops: &mut Ops, id: &str) {
-        let Some(w) = self.workers.get(id) else {
+        let Some(w) = self.workers.get(&Key::new(id)) else {
             return;
         };
         if w.probe.is_some() || w.state == WorkerState::Shutdown {
@@ -1258,7 +1268,7 @@ impl Pool {
             ProbeStep::Boot
         };
         let op = self.issue_probe_step(now, ops, id, step);
-        let w = self.workers.get_mut(id).expect("checked");
+        let w = self.workers.get_mut(&Key::new(id)).expect("checked");
         w.probe = Some(Probe {
             op,
             step,
@@ -1363,7 +1373,7 @@ impl Pool {
         id: &str,
         result: Result<ExecOutput, ExecError>,
     ) {
-        let Some(w) = self.workers.get_mut(id) else {
+        let Some(w) = self.workers.get_mut(&Key::new(id)) else {
             return;
         };
         let Some(p) = w.probe.as_mut() else {
@@ -1447,7 +1457,7 @@ impl Pool {
     ) {
         let stale_timeout = self.timeout_stale_run_lock();
         let cluster_id = self.cfg.cluster_id.clone();
-        let Some(w) = self.workers.get_mut(id) else {
+        let Some(w) = self.workers.get_mut(&Key::new(id)) else {
             return;
         };
         let p = w.probe.take().expect("probe in progress");
@@ -1472,13 +1482,13 @@ impl Pool {
         if broken && w.idle_behavior == IdleBehavior::Run {
             tracing::warn!(instance = %id, "probe reported broken instance");
             self.report_boot(id, BootOutcome::Failure);
-            let w = self.workers.get_mut(id).expect("exists");
+            let w = self.workers.get_mut(&Key::new(id)).expect("exists");
             w.idle_behavior = IdleBehavior::Drain;
             self.changed = true;
             self.save_tags(id);
         }
         let (timeout_booting, timeout_probe) = (self.timeout_booting(), self.timeout_probe());
-        let w = self.workers.get_mut(id).expect("exists");
+        let w = self.workers.get_mut(&Key::new(id)).expect("exists");
         if !ok || (!p.booted && report.uuids.is_empty() && w.running.is_empty()) {
             if w.state == WorkerState::Shutdown && w.version != p.v0 {
                 return;
@@ -1530,7 +1540,7 @@ impl Pool {
             }
             if let Some(r) = w.starting.remove(uuid.as_str()) {
                 w.running.insert(Key::new(uuid), r);
-            } else if let Some(other) = self.book.index.get(uuid.as_str()) {
+            } else if let Some(other) = self.book.index.get(&Key::new(&uuid)) {
                 // The same container reported on a second instance (a leftover process, or a
                 // probe that raced an exit). The pool keeps one runner per container: the one
                 // it already tracks. This one is adopted once the other is gone.
@@ -1561,7 +1571,7 @@ impl Pool {
             self.close_runner(now, id, uuid);
             changed = true;
         }
-        let w = self.workers.get_mut(id).expect("exists");
+        let w = self.workers.get_mut(&Key::new(id)).expect("exists");
         if booted_now {
             if state == WorkerState::Booting
                 && let Some(t) = first_ssh
@@ -1648,7 +1658,7 @@ impl Pool {
                 break;
             }
             self.kill_timers.pop_first();
-            if let Some(id) = self.book.index.get(uuid.as_str()).cloned() {
+            if let Some(id) = self.book.index.get(&Key::new(&uuid)).cloned() {
                 self.kill_step(now, ops, &id, &uuid);
             }
         }
@@ -1713,7 +1723,7 @@ impl Pool {
                     );
                 }
                 CloudReq::Destroy(id) => {
-                    if !self.workers.contains_key(id.as_str()) {
+                    if !self.workers.contains_key(&Key::new(&id)) {
                         continue;
                     }
                     ops.issue(
@@ -1735,12 +1745,14 @@ impl Pool {
                     );
                 }
                 CloudReq::SetTags(id) => {
-                    let Some(w) = self.workers.get(id.as_str()) else {
+                    let Some(w) = self.workers.get(&Key::new(&id)) else {
                         continue;
                     };
                     let tags = self.desired_tags(w);
-                    self.workers.get_mut(id.as_str()).expect("exists").tags_sent =
-                        Some(tags.clone());
+                    self.workers
+                        .get_mut(&Key::new(&id))
+                        .expect("exists")
+                        .tags_sent = Some(tags.clone());
                     ops.issue(
                         now,
                         timeout,
