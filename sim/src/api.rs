@@ -217,10 +217,17 @@ impl Controller {
 
     /// One poll (reference-scheduler.md §4.2): "avail" pages by priority until 100 non-supervisor
     /// containers, "mine", then the missing re-fetch, and mounts for new containers.
-    /// `tracked` is the dispatcher's queue (see `CommandKind::PollQueue`).
-    pub fn poll(&mut self, now: u64, tracked: &[Arc<Container>]) -> Result<PollResult, ApiError> {
+    /// `tracked` is the dispatcher's queue (see `CommandKind::PollQueue`). Also returns, when
+    /// the poll got that far, how many tracked records are unfinished
+    /// (`poll_missing(tracked).count()`, which the event log prints), counted without reading
+    /// the records the lists returned.
+    pub fn poll(
+        &mut self,
+        now: u64,
+        tracked: &[Arc<Container>],
+    ) -> (Result<PollResult, ApiError>, Option<usize>) {
         if let Some(e) = self.outage(now) {
-            return Err(e);
+            return (Err(e), None);
         }
         let mut res = PollResult::default();
         let mut non_supervisors = 0usize;
@@ -257,12 +264,22 @@ impl Controller {
         let index = PtrIndex::new(&mut self.scratch, &res.containers);
         let mut known = vec![false; res.containers.len()];
         let mut refetch: Vec<&Key> = Vec::new();
+        // A tracked record that is itself among the returned ones is Queued, Locked or
+        // Running (the lists hold nothing else), so unfinished; the others are read anyway.
+        let mut unfinished = 0usize;
         for t in tracked {
-            let found = index.find(t, &res.containers).or_else(|| {
-                self.rows
-                    .get(&t.uuid)
-                    .and_then(|r| index.find(&r.c, &res.containers))
-            });
+            let found = match index.find(t, &res.containers) {
+                Some(i) => {
+                    unfinished += 1;
+                    Some(i)
+                }
+                None => {
+                    unfinished += usize::from(!t.state.is_final());
+                    self.rows
+                        .get(&t.uuid)
+                        .and_then(|r| index.find(&r.c, &res.containers))
+                }
+            };
             match found {
                 Some(i) => known[i] = true,
                 None if !t.state.is_final() => refetch.push(&t.uuid),
@@ -280,7 +297,11 @@ impl Controller {
                 None => res.deleted.push(uuid.to_string()),
             }
         }
-        Ok(res)
+        debug_assert_eq!(
+            unfinished,
+            arvados_dispatch_cloud::core::command::poll_missing(tracked).count()
+        );
+        (Ok(res), Some(unfinished))
     }
 
     /// `POST …/lock`.

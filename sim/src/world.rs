@@ -13,7 +13,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use arvados_dispatch_cloud::config::Loaded;
-use arvados_dispatch_cloud::core::command::{Command, CommandKind, Input};
+use arvados_dispatch_cloud::core::command::{ApiError, Command, CommandKind, Input, PollResult};
 use arvados_dispatch_cloud::core::key::Key;
 use arvados_dispatch_cloud::core::metrics::PoolMetrics;
 use arvados_dispatch_cloud::core::pool::remote::RunnerSpec;
@@ -403,6 +403,18 @@ impl World {
     /// Routes the dispatcher's commands and re-arms its timer.
     fn after_core(&mut self) {
         while let Some(cmd) = self.d.poll_command() {
+            if let CommandKind::PollQueue { tracked } = &cmd.kind {
+                // The poll counts the log line's unfinished records as it goes (routing a
+                // poll logs nothing else, so the line may follow it).
+                let (at, result, missing) = self.route_poll(tracked);
+                let missing = missing.unwrap_or_else(|| {
+                    arvados_dispatch_cloud::core::command::poll_missing(tracked).count()
+                });
+                self.log
+                    .poll_command(self.now, cmd.op.0, tracked.len(), missing);
+                self.deliver(at, Input::QueuePolled { op: cmd.op, result });
+                continue;
+            }
             self.log.command(self.now, &cmd);
             self.route(cmd);
         }
@@ -433,13 +445,24 @@ impl World {
         )
     }
 
+    /// A poll's delivery time and result, and how many tracked records are unfinished if
+    /// the poll counted them (see [`Controller::poll`]).
+    fn route_poll(
+        &mut self,
+        tracked: &[std::sync::Arc<arvados_dispatch_cloud::core::types::Container>],
+    ) -> (u64, Result<PollResult, ApiError>, Option<usize>) {
+        let now = self.now;
+        let at = now + self.api_latency();
+        let (result, missing) = self.api.poll(now, tracked);
+        (at, result, missing)
+    }
+
     fn route(&mut self, cmd: Command) {
         let now = self.now;
         let op = cmd.op;
         match cmd.kind {
             CommandKind::PollQueue { tracked } => {
-                let at = now + self.api_latency();
-                let result = self.api.poll(now, &tracked);
+                let (at, result, _) = self.route_poll(&tracked);
                 self.deliver(at, Input::QueuePolled { op, result });
             }
             CommandKind::Lock { uuid } => {
