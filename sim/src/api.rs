@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use arvados_dispatch_cloud::core::command::{ApiError, ContainerUpdate, PollResult};
 use arvados_dispatch_cloud::core::fastcmp::str_cmp;
+use arvados_dispatch_cloud::core::key::Key;
 use arvados_dispatch_cloud::core::types::{Container, ContainerState};
 
 use crate::scenario::Window;
@@ -41,14 +42,14 @@ pub struct Row {
 /// The controller.
 #[derive(Debug)]
 pub struct Controller {
-    /// The table.
-    pub rows: BTreeMap<String, Row>,
+    /// The table, by UUID (kept in the nodes, see [`Key`]).
+    pub rows: BTreeMap<Key, Row>,
     /// Queued with priority > 0, by descending priority then UUID, with the current record
     /// (so that a poll reads the records without a lookup per UUID).
     /// Each with whether it is a workflow supervisor, so that a poll's paging reads no record.
-    queued: BTreeMap<(Reverse<i64>, String), (Arc<Container>, bool)>,
+    queued: BTreeMap<(Reverse<i64>, Key), (Arc<Container>, bool)>,
     /// Locked by the dispatcher (Locked or Running), with the current record.
-    mine: BTreeMap<String, Arc<Container>>,
+    mine: BTreeMap<Key, Arc<Container>>,
     max_dispatch_attempts: i64,
     outages: Vec<Window>,
     /// Calls answered with 503.
@@ -83,35 +84,35 @@ impl Controller {
 
     /// Drops the row's index entries (taken before a change, so that the row's record is
     /// shared only with the dispatcher and `Arc::make_mut` copies it only when it must).
-    fn unindex(&mut self, uuid: &str, before: Option<(ContainerState, i64, bool)>) {
+    fn unindex(&mut self, uuid: &Key, before: Option<(ContainerState, i64, bool)>) {
         if let Some((s, p, _)) = before
             && s == ContainerState::Queued
         {
-            self.queued.remove(&(Reverse(p), uuid.to_string()));
+            self.queued.remove(&(Reverse(p), uuid.clone()));
         }
         self.mine.remove(uuid);
     }
 
     /// Adds the row's index entries from its current record.
-    fn index(&mut self, uuid: &str) {
+    fn index(&mut self, uuid: &Key) {
         let row = &self.rows[uuid];
         if row.c.state == ContainerState::Queued && row.c.priority > 0 {
             self.queued.insert(
-                (Reverse(row.c.priority), uuid.to_string()),
+                (Reverse(row.c.priority), row.c.uuid.clone()),
                 (Arc::clone(&row.c), row.c.scheduling_parameters.supervisor),
             );
         }
         if row.c.locked_by_uuid.is_some() {
-            self.mine.insert(uuid.to_string(), Arc::clone(&row.c));
+            self.mine.insert(row.c.uuid.clone(), Arc::clone(&row.c));
         }
     }
 
-    fn reindex(&mut self, uuid: &str, before: Option<(ContainerState, i64, bool)>) {
+    fn reindex(&mut self, uuid: &Key, before: Option<(ContainerState, i64, bool)>) {
         self.unindex(uuid, before);
         self.index(uuid);
     }
 
-    fn snapshot(&self, uuid: &str) -> Option<(ContainerState, i64, bool)> {
+    fn snapshot(&self, uuid: &Key) -> Option<(ContainerState, i64, bool)> {
         self.rows
             .get(uuid)
             .map(|r| (r.c.state, r.c.priority, r.c.locked_by_uuid.is_some()))
@@ -123,7 +124,7 @@ impl Controller {
         c.created_at = arvados_dispatch_cloud::core::Timestamp(now);
         c.locked_by_uuid = None;
         c.mounts = None;
-        let uuid = c.uuid.to_string();
+        let uuid = c.uuid.clone();
         self.rows.insert(
             uuid.clone(),
             Row {
@@ -140,7 +141,7 @@ impl Controller {
 
     /// Changes a container's state (crunch-run or server rules). Returns false for a transition
     /// the server refuses.
-    pub fn set_state(&mut self, now: u64, uuid: &str, to: ContainerState, reason: &str) -> bool {
+    pub fn set_state(&mut self, now: u64, uuid: &Key, to: ContainerState, reason: &str) -> bool {
         let Some(before) = self.snapshot(uuid) else {
             return false;
         };
@@ -182,7 +183,7 @@ impl Controller {
     }
 
     /// The user cancels: priority 0; a Queued container is cancelled by the server at once.
-    pub fn user_cancel(&mut self, now: u64, uuid: &str) {
+    pub fn user_cancel(&mut self, now: u64, uuid: &Key) {
         let Some(before) = self.snapshot(uuid) else {
             return;
         };
@@ -205,7 +206,7 @@ impl Controller {
         None
     }
 
-    fn update(&self, uuid: &str) -> ContainerUpdate {
+    fn update(&self, uuid: &Key) -> ContainerUpdate {
         let r = &self.rows[uuid];
         ContainerUpdate {
             state: r.c.state,
@@ -216,10 +217,17 @@ impl Controller {
 
     /// One poll (reference-scheduler.md §4.2): "avail" pages by priority until 100 non-supervisor
     /// containers, "mine", then the missing re-fetch, and mounts for new containers.
-    /// `tracked` is the dispatcher's queue (see `CommandKind::PollQueue`).
-    pub fn poll(&mut self, now: u64, tracked: &[Arc<Container>]) -> Result<PollResult, ApiError> {
+    /// `tracked` is the dispatcher's queue (see `CommandKind::PollQueue`). Also returns, when
+    /// the poll got that far, how many tracked records are unfinished
+    /// (`poll_missing(tracked).count()`, which the event log prints), counted without reading
+    /// the records the lists returned.
+    pub fn poll(
+        &mut self,
+        now: u64,
+        tracked: &[Arc<Container>],
+    ) -> (Result<PollResult, ApiError>, Option<usize>) {
         if let Some(e) = self.outage(now) {
-            return Err(e);
+            return (Err(e), None);
         }
         let mut res = PollResult::default();
         let mut non_supervisors = 0usize;
@@ -255,13 +263,23 @@ impl Controller {
         // without reading them; the others go through their row.
         let index = PtrIndex::new(&mut self.scratch, &res.containers);
         let mut known = vec![false; res.containers.len()];
-        let mut refetch: Vec<&str> = Vec::new();
+        let mut refetch: Vec<&Key> = Vec::new();
+        // A tracked record that is itself among the returned ones is Queued, Locked or
+        // Running (the lists hold nothing else), so unfinished; the others are read anyway.
+        let mut unfinished = 0usize;
         for t in tracked {
-            let found = index.find(t, &res.containers).or_else(|| {
-                self.rows
-                    .get(t.uuid.as_str())
-                    .and_then(|r| index.find(&r.c, &res.containers))
-            });
+            let found = match index.find(t, &res.containers) {
+                Some(i) => {
+                    unfinished += 1;
+                    Some(i)
+                }
+                None => {
+                    unfinished += usize::from(!t.state.is_final());
+                    self.rows
+                        .get(&t.uuid)
+                        .and_then(|r| index.find(&r.c, &res.containers))
+                }
+            };
             match found {
                 Some(i) => known[i] = true,
                 None if !t.state.is_final() => refetch.push(&t.uuid),
@@ -279,11 +297,15 @@ impl Controller {
                 None => res.deleted.push(uuid.to_string()),
             }
         }
-        Ok(res)
+        debug_assert_eq!(
+            unfinished,
+            arvados_dispatch_cloud::core::command::poll_missing(tracked).count()
+        );
+        (Ok(res), Some(unfinished))
     }
 
     /// `POST …/lock`.
-    pub fn lock(&mut self, now: u64, uuid: &str) -> Result<ContainerUpdate, ApiError> {
+    pub fn lock(&mut self, now: u64, uuid: &Key) -> Result<ContainerUpdate, ApiError> {
         if let Some(e) = self.outage(now) {
             return Err(e);
         }
@@ -302,7 +324,7 @@ impl Controller {
     }
 
     /// `POST …/unlock`: past MaxDispatchAttempts the container is cancelled instead.
-    pub fn unlock(&mut self, now: u64, uuid: &str) -> Result<ContainerUpdate, ApiError> {
+    pub fn unlock(&mut self, now: u64, uuid: &Key) -> Result<ContainerUpdate, ApiError> {
         if let Some(e) = self.outage(now) {
             return Err(e);
         }
@@ -325,7 +347,7 @@ impl Controller {
     }
 
     /// `PUT …` state=Cancelled by the dispatcher.
-    pub fn cancel(&mut self, now: u64, uuid: &str) -> Result<ContainerUpdate, ApiError> {
+    pub fn cancel(&mut self, now: u64, uuid: &Key) -> Result<ContainerUpdate, ApiError> {
         if let Some(e) = self.outage(now) {
             return Err(e);
         }
@@ -348,7 +370,7 @@ impl Controller {
     pub fn cancel_unsatisfiable(
         &mut self,
         now: u64,
-        uuid: &str,
+        uuid: &Key,
         message: &str,
     ) -> Result<(), ApiError> {
         if let Some(e) = self.outage(now) {

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 
 use arvados_dispatch_cloud::config::Loaded;
 use arvados_dispatch_cloud::core::Dispatcher;
+use arvados_dispatch_cloud::core::key::Key;
 use arvados_dispatch_cloud::core::types::{IdleBehavior, WorkerState};
 
 use crate::api::Controller;
@@ -23,8 +24,9 @@ const VIOLATIONS_KEPT: usize = 100;
 /// The checker's state and findings.
 #[derive(Clone, Debug, Default)]
 pub struct Checker {
-    live: BTreeMap<String, String>,
-    payload_starts: BTreeMap<String, u32>,
+    /// Where each container's crunch-run lives (UUIDs and instance IDs kept in place).
+    live: BTreeMap<Key, Key>,
+    payload_starts: BTreeMap<Key, u32>,
     /// Violations (first ones verbatim).
     pub violations: Vec<String>,
     /// Total violations.
@@ -50,21 +52,21 @@ impl Checker {
     }
 
     /// A crunch-run process started; returns the instance where the container already runs.
-    pub fn proc_started(&mut self, uuid: &str, inst: &str) -> Option<String> {
+    pub fn proc_started(&mut self, uuid: &Key, inst: &Key) -> Option<Key> {
         self.live
-            .insert(uuid.to_string(), inst.to_string())
+            .insert(uuid.clone(), inst.clone())
             .filter(|other| other != inst)
     }
 
     /// A crunch-run process ended.
-    pub fn proc_stopped(&mut self, uuid: &str) {
+    pub fn proc_stopped(&mut self, uuid: &Key) {
         self.live.remove(uuid);
     }
 
     /// A container reached Running.
-    pub fn payload_started(&mut self, now: u64, uuid: &str) {
+    pub fn payload_started(&mut self, now: u64, uuid: &Key) {
         let n = {
-            let n = self.payload_starts.entry(uuid.to_string()).or_default();
+            let n = self.payload_starts.entry(uuid.clone()).or_default();
             *n += 1;
             *n
         };
@@ -115,7 +117,7 @@ impl Checker {
                 }
             };
             if !ok {
-                self.leaked.push(id.clone());
+                self.leaked.push(id.to_string());
             }
         }
     }

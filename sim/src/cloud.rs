@@ -10,6 +10,7 @@ use arvados_dispatch_cloud::core::Timestamp;
 use arvados_dispatch_cloud::core::command::{
     CapacityScope, CloudError, CloudErrorKind, ExecError, ExecErrorKind, ExecOutput,
 };
+use arvados_dispatch_cloud::core::key::Key;
 use arvados_dispatch_cloud::core::rng::Rng;
 use arvados_dispatch_cloud::core::time::millis;
 use arvados_dispatch_cloud::core::types::{InstanceInfo, InstanceType};
@@ -62,8 +63,8 @@ pub struct Instance {
     pub crunch_run_missing: bool,
     /// The deployed runner binary is in place.
     pub runner_installed: bool,
-    /// crunch-run processes by container.
-    pub procs: BTreeMap<String, Proc>,
+    /// crunch-run processes by container (UUIDs kept in the nodes, see [`Key`]).
+    pub procs: BTreeMap<Key, Proc>,
     /// Whether `info.tags` matched the list filter of generation `.0` (see `Cloud::list`); 0
     /// (no generation) until a list looks. Whoever changes `info.tags` resets it to
     /// [`Instance::UNLISTED`].
@@ -85,8 +86,8 @@ pub struct Billing {
 #[derive(Debug)]
 pub struct Cloud {
     spec: CloudSpec,
-    /// Live instances.
-    pub instances: BTreeMap<String, Instance>,
+    /// Live instances, by ID (kept in the nodes, see [`Key`]: a lookup reads no other block).
+    pub instances: BTreeMap<Key, Instance>,
     next_id: u64,
     last_create: Option<u64>,
     last_list: Option<u64>,
@@ -292,7 +293,7 @@ impl Cloud {
             procs: BTreeMap::new(),
             list_match: Instance::UNLISTED,
         };
-        self.instances.insert(id, inst);
+        self.instances.insert(id.into(), inst);
         self.created += 1;
         self.peak = self.peak.max(self.instances.len());
         let reclaim = (it.preemptible && self.spec.spot_reclaims_per_hour > 0.0).then(|| {
@@ -302,7 +303,7 @@ impl Cloud {
     }
 
     /// Removes an instance (destroy or reclaim); returns the containers whose crunch-run died.
-    pub fn remove(&mut self, now: u64, id: &str) -> Vec<String> {
+    pub fn remove(&mut self, now: u64, id: &str) -> Vec<Key> {
         let Some(inst) = self.instances.remove(id) else {
             return Vec::new();
         };
@@ -315,12 +316,7 @@ impl Cloud {
     }
 
     /// A destroy call. `Ok(procs killed)` on success.
-    pub fn destroy(
-        &mut self,
-        now: u64,
-        id: &str,
-        rng: &mut Rng,
-    ) -> Result<Vec<String>, CloudError> {
+    pub fn destroy(&mut self, now: u64, id: &str, rng: &mut Rng) -> Result<Vec<Key>, CloudError> {
         if rng.unit_f64() < self.spec.destroy_error_rate {
             return Err(CloudError {
                 kind: CloudErrorKind::Transient,
@@ -406,9 +402,9 @@ pub struct ExecEffects {
     /// The first SSH connection to this instance happened.
     pub ssh_connected: bool,
     /// A crunch-run process was started for this container (with this token).
-    pub started: Option<(String, u64)>,
+    pub started: Option<(Key, u64)>,
     /// A crunch-run process exited on SIGTERM.
-    pub killed: Option<String>,
+    pub killed: Option<Key>,
 }
 
 fn exec_err(kind: ExecErrorKind, stderr: &str) -> Result<ExecOutput, ExecError> {
@@ -511,13 +507,9 @@ impl Instance {
                 )
             }
             Some("--detach") => {
-                let uuid = cmd
-                    .rsplit(' ')
-                    .next()
-                    .unwrap_or("")
-                    .trim_matches('\'')
-                    .to_string();
-                if let Some(p) = self.procs.get(&uuid)
+                let uuid = cmd.rsplit(' ').next().unwrap_or("").trim_matches('\'');
+                let key = Key::new(uuid);
+                if let Some(p) = self.procs.get(&key)
                     && (!p.exited || p.stale_until > now)
                 {
                     return (
@@ -529,7 +521,7 @@ impl Instance {
                     );
                 }
                 self.procs.insert(
-                    uuid.clone(),
+                    key.clone(),
                     Proc {
                         token,
                         exited: false,
@@ -537,7 +529,7 @@ impl Instance {
                         ignore_term,
                     },
                 );
-                fx.started = Some((uuid.clone(), token));
+                fx.started = Some((key, token));
                 let out = format!("{{\"UUID\":\"{uuid}\",\"PID\":{token}}}\n");
                 (
                     Ok(ExecOutput {
@@ -548,7 +540,7 @@ impl Instance {
                 )
             }
             Some("--kill") => {
-                let uuid = cmd.rsplit(' ').next().unwrap_or("").to_string();
+                let uuid = Key::new(cmd.rsplit(' ').next().unwrap_or(""));
                 match self.procs.get_mut(&uuid) {
                     Some(p) if !p.exited => {
                         if p.ignore_term {
@@ -575,7 +567,7 @@ impl Instance {
 
     /// Ends a process (payload done or crashed) unless a later one replaced it. Returns whether
     /// it was this process.
-    pub fn exit_proc(&mut self, uuid: &str, token: u64, stale_until: u64) -> bool {
+    pub fn exit_proc(&mut self, uuid: &Key, token: u64, stale_until: u64) -> bool {
         match self.procs.get_mut(uuid) {
             Some(p) if p.token == token && !p.exited => {
                 p.exited = true;

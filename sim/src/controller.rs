@@ -30,6 +30,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use arvados_dispatch_cloud::core::key::Key;
 use arvados_dispatch_cloud::core::types::{Container, ContainerState, Mount};
 use axum::body::Bytes;
 use axum::extract::State;
@@ -380,9 +381,9 @@ impl StandIn {
         let mut containers = Map::new();
         for (uuid, row) in &self.ctl.rows {
             *counts.entry(row.c.state.as_str()).or_default() += 1;
-            let x = self.extra.get(uuid).cloned().unwrap_or_default();
+            let x = self.extra.get(uuid.as_str()).cloned().unwrap_or_default();
             containers.insert(
-                uuid.clone(),
+                uuid.to_string(),
                 json!({
                     "state": row.c.state.as_str(),
                     "priority": row.c.priority,
@@ -713,10 +714,10 @@ impl StandIn {
             let from = self.ctl.rows[uuid].c.state;
             if to == ContainerState::Cancelled {
                 self.ctl
-                    .cancel(now, uuid)
+                    .cancel(now, &Key::new(uuid))
                     .map_err(|e| (StatusCode::UNPROCESSABLE_ENTITY, e.message))?;
             } else if to != from {
-                if !self.ctl.set_state(now, uuid, to, "") {
+                if !self.ctl.set_state(now, &Key::new(uuid), to, "") {
                     return Err(unprocessable(format!(
                         "State cannot change from {from} to {to}"
                     )));
@@ -804,9 +805,9 @@ fn route(st: &Shared, method: &Method, uri: &Uri, headers: &HeaderMap, body: &[u
         ) => {
             let now = now_ms();
             let r = if *action == "lock" {
-                s.ctl.lock(now, uuid)
+                s.ctl.lock(now, &Key::new(uuid))
             } else {
-                s.ctl.unlock(now, uuid)
+                s.ctl.unlock(now, &Key::new(uuid))
             };
             match r {
                 Ok(_) => {

@@ -63,6 +63,13 @@ fn push(b: &mut Vec<u8>, s: &str) {
 }
 
 /// Starts a line: `"{now}{tag}"`.
+fn push_poll(b: &mut Vec<u8>, known: usize, missing: usize) {
+    push(b, "Poll known=");
+    push_usize(b, known);
+    push(b, " missing=");
+    push_usize(b, missing);
+}
+
 fn start(b: &mut Vec<u8>, now: u64, tag: &str) {
     push_u64(b, now);
     push(b, tag);
@@ -124,6 +131,18 @@ impl EventLog {
         self.emit();
     }
 
+    /// The line [`EventLog::command`] writes for a `PollQueue` command with id `op` and
+    /// `known` tracked records, `missing` of them unfinished (`poll_missing(tracked).count()`,
+    /// which the caller may know without reading every record).
+    pub fn poll_command(&mut self, now: u64, op: u64, known: usize, missing: usize) {
+        let b = &mut self.buf;
+        start(b, now, " C ");
+        push_u64(b, op);
+        push(b, " ");
+        push_poll(b, known, missing);
+        self.emit();
+    }
+
     /// A command the dispatcher emitted.
     pub fn command(&mut self, now: u64, c: &Command) {
         let b = &mut self.buf;
@@ -132,11 +151,7 @@ impl EventLog {
         push(b, " ");
         match &c.kind {
             CommandKind::PollQueue { tracked } => {
-                let missing = poll_missing(tracked).count();
-                push(b, "Poll known=");
-                push_usize(b, tracked.len());
-                push(b, " missing=");
-                push_usize(b, missing);
+                push_poll(b, tracked.len(), poll_missing(tracked).count());
             }
             CommandKind::Lock { uuid } => {
                 push(b, "Lock ");

@@ -992,7 +992,7 @@ fn prepare(w: &mut World, p: &Plan, arrivals: &[Submission]) -> Result<(), World
         let n = n + 1;
         let ready = fi.boot_in.unwrap_or(0);
         w.cloud.instances.insert(
-            fi.id.clone(),
+            fi.id.as_str().into(),
             Instance {
                 info: InstanceInfo {
                     id: fi.id.clone(),
@@ -1029,13 +1029,13 @@ fn prepare(w: &mut World, p: &Plan, arrivals: &[Submission]) -> Result<(), World
         if let Some((inst, left)) = &f.running_on {
             w.api.set_state(0, &uuid, ContainerState::Locked, "");
             w.api.set_state(0, &uuid, ContainerState::Running, "");
-            if let Some(r) = w.api.rows.get_mut(uuid.as_str()) {
+            if let Some(r) = w.api.rows.get_mut(&uuid) {
                 r.lock_count = 1;
             }
             let token = w.fork_token();
-            if let Some(i) = w.cloud.instances.get_mut(inst) {
+            if let Some(i) = w.cloud.instances.get_mut(inst.as_str()) {
                 i.procs.insert(
-                    uuid.to_string(),
+                    uuid.clone(),
                     Proc {
                         token,
                         exited: false,
@@ -1044,7 +1044,7 @@ fn prepare(w: &mut World, p: &Plan, arrivals: &[Submission]) -> Result<(), World
                     },
                 );
             }
-            w.checker.proc_started(&uuid, inst);
+            w.checker.proc_started(&uuid, &Key::new(inst));
             w.checker.payload_started(0, &uuid);
             w.fork_exit(*left, inst, &uuid, token);
         }

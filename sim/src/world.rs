@@ -13,7 +13,8 @@ use std::io::Write;
 use std::time::Duration;
 
 use arvados_dispatch_cloud::config::Loaded;
-use arvados_dispatch_cloud::core::command::{Command, CommandKind, Input};
+use arvados_dispatch_cloud::core::command::{ApiError, Command, CommandKind, Input, PollResult};
+use arvados_dispatch_cloud::core::key::Key;
 use arvados_dispatch_cloud::core::metrics::PoolMetrics;
 use arvados_dispatch_cloud::core::pool::remote::RunnerSpec;
 use arvados_dispatch_cloud::core::rng::Rng;
@@ -43,27 +44,23 @@ enum Ev {
     /// Workload submission number `i`.
     Arrive(usize),
     /// crunch-run finished setting up; the container goes Running.
-    Setup {
-        inst: String,
-        uuid: String,
-        token: u64,
-    },
+    Setup { inst: Key, uuid: Key, token: u64 },
     /// crunch-run exits (payload done, or crash).
     Exit {
-        inst: String,
-        uuid: String,
+        inst: Key,
+        uuid: Key,
         token: u64,
         crash: bool,
     },
     /// The user cancels a container.
-    UserCancel(String),
+    UserCancel(Key),
     /// A workflow supervisor submits child `n`.
-    Child { parent: String, n: usize },
+    Child { parent: Key, n: usize },
     /// The cloud warns that it will reclaim a spot instance (logged; crunch-run would see it in
     /// the instance metadata).
-    ReclaimNotice(String),
+    ReclaimNotice(Key),
     /// The cloud reclaims a spot instance.
-    Reclaim(String),
+    Reclaim(Key),
     /// The dispatcher restarts.
     Restart,
 }
@@ -166,7 +163,7 @@ struct Payload {
     workflow: Option<crate::scenario::WorkflowSpec>,
     children_left: usize,
     children_total: usize,
-    parent: Option<String>,
+    parent: Option<Key>,
 }
 
 /// Streams of randomness, one per consumer.
@@ -220,7 +217,8 @@ pub struct World {
     pub cloud: Cloud,
     rng: Streams,
     submissions: Vec<Submission>,
-    payloads: BTreeMap<String, Payload>,
+    /// By container UUID (kept in the nodes, see [`Key`]).
+    payloads: BTreeMap<Key, Payload>,
     next_uuid: u64,
     next_token: u64,
     /// The event log.
@@ -405,6 +403,18 @@ impl World {
     /// Routes the dispatcher's commands and re-arms its timer.
     fn after_core(&mut self) {
         while let Some(cmd) = self.d.poll_command() {
+            if let CommandKind::PollQueue { tracked } = &cmd.kind {
+                // The poll counts the log line's unfinished records as it goes (routing a
+                // poll logs nothing else, so the line may follow it).
+                let (at, result, missing) = self.route_poll(tracked);
+                let missing = missing.unwrap_or_else(|| {
+                    arvados_dispatch_cloud::core::command::poll_missing(tracked).count()
+                });
+                self.log
+                    .poll_command(self.now, cmd.op.0, tracked.len(), missing);
+                self.deliver(at, Input::QueuePolled { op: cmd.op, result });
+                continue;
+            }
             self.log.command(self.now, &cmd);
             self.route(cmd);
         }
@@ -435,33 +445,46 @@ impl World {
         )
     }
 
+    /// A poll's delivery time and result, and how many tracked records are unfinished if
+    /// the poll counted them (see [`Controller::poll`]).
+    fn route_poll(
+        &mut self,
+        tracked: &[std::sync::Arc<arvados_dispatch_cloud::core::types::Container>],
+    ) -> (u64, Result<PollResult, ApiError>, Option<usize>) {
+        let now = self.now;
+        let at = now + self.api_latency();
+        let (result, missing) = self.api.poll(now, tracked);
+        (at, result, missing)
+    }
+
     fn route(&mut self, cmd: Command) {
         let now = self.now;
         let op = cmd.op;
         match cmd.kind {
             CommandKind::PollQueue { tracked } => {
-                let at = now + self.api_latency();
-                let result = self.api.poll(now, &tracked);
+                let (at, result, _) = self.route_poll(&tracked);
                 self.deliver(at, Input::QueuePolled { op, result });
             }
             CommandKind::Lock { uuid } => {
                 let at = now + self.api_latency();
-                let result = self.api.lock(now, &uuid);
+                let result = self.api.lock(now, &Key::new(&uuid));
                 self.deliver(at, Input::ContainerUpdated { op, result });
             }
             CommandKind::Unlock { uuid } => {
                 let at = now + self.api_latency();
-                let result = self.api.unlock(now, &uuid);
+                let result = self.api.unlock(now, &Key::new(&uuid));
                 self.deliver(at, Input::ContainerUpdated { op, result });
             }
             CommandKind::Cancel { uuid } => {
                 let at = now + self.api_latency();
-                let result = self.api.cancel(now, &uuid);
+                let result = self.api.cancel(now, &Key::new(&uuid));
                 self.deliver(at, Input::ContainerUpdated { op, result });
             }
             CommandKind::CancelUnsatisfiable { uuid, message, .. } => {
                 let at = now + 3 * self.api_latency();
-                let result = self.api.cancel_unsatisfiable(now, &uuid, &message);
+                let result = self
+                    .api
+                    .cancel_unsatisfiable(now, &Key::new(&uuid), &message);
                 self.deliver(at, Input::UnsatisfiableCancelled { op, result });
             }
             CommandKind::Create {
@@ -488,8 +511,8 @@ impl World {
                     let notice = t
                         .saturating_sub(millis(self.scenario.cloud.spot_notice.0))
                         .max(done);
-                    self.push(notice, Ev::ReclaimNotice(info.id.clone()));
-                    self.push(t, Ev::Reclaim(info.id.clone()));
+                    self.push(notice, Ev::ReclaimNotice(Key::new(&info.id)));
+                    self.push(t, Ev::Reclaim(Key::new(&info.id)));
                 }
                 self.deliver(done, Input::CreateFinished { op, result });
             }
@@ -538,7 +561,8 @@ impl World {
                 self.next_token += 1;
                 let token = self.next_token;
                 let ignore_term = self.rng.vm.unit_f64() < self.scenario.vms.ignore_term_rate;
-                let Some(inst) = self.cloud.instances.get_mut(&instance) else {
+                let id = Key::new(&instance);
+                let Some(inst) = self.cloud.instances.get_mut(&id) else {
                     let result = Err(arvados_dispatch_cloud::core::command::ExecError {
                         kind: arvados_dispatch_cloud::core::command::ExecErrorKind::Connect,
                         stdout: String::new(),
@@ -559,7 +583,7 @@ impl World {
                     );
                 }
                 if let Some((uuid, token)) = fx.started {
-                    self.proc_started(&instance, &uuid, token);
+                    self.proc_started(id, uuid, token);
                 }
                 if let Some(uuid) = fx.killed {
                     self.checker.proc_stopped(&uuid);
@@ -583,9 +607,9 @@ impl World {
         }
     }
 
-    fn proc_started(&mut self, inst: &str, uuid: &str, token: u64) {
+    fn proc_started(&mut self, inst: Key, uuid: Key, token: u64) {
         let now = self.now;
-        if let Some(other) = self.checker.proc_started(uuid, inst) {
+        if let Some(other) = self.checker.proc_started(&uuid, &inst) {
             self.checker.violation(
                 now,
                 format!("container {uuid} runs on {inst} while still running on {other}"),
@@ -600,25 +624,18 @@ impl World {
             self.push(
                 at,
                 Ev::Exit {
-                    inst: inst.into(),
-                    uuid: uuid.into(),
+                    inst,
+                    uuid,
                     token,
                     crash: true,
                 },
             );
             return;
         }
-        self.push(
-            now + setup,
-            Ev::Setup {
-                inst: inst.into(),
-                uuid: uuid.into(),
-                token,
-            },
-        );
+        self.push(now + setup, Ev::Setup { inst, uuid, token });
     }
 
-    fn container_ended(&mut self, uuid: &str) {
+    fn container_ended(&mut self, uuid: &Key) {
         if self.api.open == 0 && self.ended_all_at.is_none() && self.arrivals_done() {
             self.ended_all_at = Some(self.now);
         }
@@ -652,7 +669,7 @@ impl World {
         }
     }
 
-    fn find_proc(&self, uuid: &str) -> Option<(String, u64)> {
+    fn find_proc(&self, uuid: &Key) -> Option<(Key, u64)> {
         self.cloud.instances.iter().find_map(|(id, i)| {
             i.procs
                 .get(uuid)
@@ -668,8 +685,8 @@ impl World {
             .any(|ev| matches!(ev, Ev::Arrive(_) | Ev::Child { .. }))
     }
 
-    fn submit(&mut self, mut s: Submission, parent: Option<String>) {
-        let uuid = s.container.uuid.to_string();
+    fn submit(&mut self, mut s: Submission, parent: Option<Key>) {
+        let uuid = s.container.uuid.clone();
         if let Some(after) = s.cancel_after {
             self.push(self.now + millis(after), Ev::UserCancel(uuid.clone()));
         }
@@ -962,7 +979,7 @@ impl World {
     /// The payload run time of a container a fork puts in the controller.
     pub fn fork_payload(&mut self, uuid: &str, runtime: Duration) {
         self.payloads.insert(
-            uuid.to_string(),
+            uuid.into(),
             Payload {
                 runtime,
                 workflow: None,
@@ -978,8 +995,8 @@ impl World {
         self.push(
             at,
             Ev::Exit {
-                inst: inst.to_string(),
-                uuid: uuid.to_string(),
+                inst: inst.into(),
+                uuid: uuid.into(),
                 token,
                 crash: false,
             },
