@@ -232,7 +232,7 @@ impl Queue {
             self.history
                 .arrived(now, &ctr, &resources, types.first().copied());
             self.entries.insert(
-                Key::from(uuid),
+                uuid,
                 QueueEntry {
                     container: ctr,
                     resources,

@@ -1540,7 +1540,7 @@ impl Pool {
             }
             if let Some(r) = w.starting.remove(uuid.as_str()) {
                 w.running.insert(Key::new(uuid), r);
-            } else if let Some(other) = self.book.index.get(&Key::new(&uuid)) {
+            } else if let Some(other) = self.book.index.get(&Key::new(uuid)) {
                 // The same container reported on a second instance (a leftover process, or a
                 // probe that raced an exit). The pool keeps one runner per container: the one
                 // it already tracks. This one is adopted once the other is gone.
