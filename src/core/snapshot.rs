@@ -435,13 +435,7 @@ pub fn build(d: &Dispatcher, now: Timestamp) -> Snapshot {
     let instances = workers
         .values()
         .map(|w| {
-            let mut uuids: Vec<String> = w
-                .running
-                .keys()
-                .chain(w.starting.keys())
-                .map(String::from)
-                .collect();
-            uuids.sort();
+            let uuids = w.runner_uuids();
             SnapInstance {
                 id: w.id.clone(),
                 instance_type: w.itype.name.clone(),

@@ -147,8 +147,8 @@ impl Worker {
         }
     }
 
-    /// The view the management API sees.
-    pub fn view(&self) -> InstanceView {
+    /// The UUIDs in `running` and `starting`, sorted.
+    pub fn runner_uuids(&self) -> Vec<String> {
         let mut uuids: Vec<String> = self
             .running
             .keys()
@@ -156,6 +156,12 @@ impl Worker {
             .map(String::from)
             .collect();
         uuids.sort();
+        uuids
+    }
+
+    /// The view the management API sees.
+    pub fn view(&self) -> InstanceView {
+        let uuids = self.runner_uuids();
         InstanceView {
             instance: self.id.clone(),
             address: self.info.address.clone(),
