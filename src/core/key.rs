@@ -39,7 +39,7 @@ impl Key {
     pub fn new(s: &str) -> Key {
         if s.len() <= INLINE {
             let mut bytes = [0u8; INLINE];
-            bytes[..s.len()].copy_from_slice(s.as_bytes());
+            copy_short(&mut bytes, s.as_bytes());
             Key(Repr::Inline {
                 len: s.len() as u8,
                 bytes,
@@ -63,6 +63,31 @@ impl Key {
             }
             Repr::Heap(s) => s,
         }
+    }
+}
+
+/// Copies `src` (at most [`INLINE`] bytes) to the start of `dst`. A copy of a variable
+/// length is a call to `memcpy`, which costs more than the lookup the key is built for; two
+/// copies of a fixed size that overlap in the middle cover every length of their range and
+/// compile to a few moves.
+#[inline]
+fn copy_short(dst: &mut [u8; INLINE], src: &[u8]) {
+    let n = src.len();
+    debug_assert!(n <= INLINE);
+    if n >= 16 {
+        dst[..16].copy_from_slice(&src[..16]);
+        dst[n - 16..n].copy_from_slice(&src[n - 16..]);
+    } else if n >= 8 {
+        dst[..8].copy_from_slice(&src[..8]);
+        dst[n - 8..n].copy_from_slice(&src[n - 8..]);
+    } else if n >= 4 {
+        dst[..4].copy_from_slice(&src[..4]);
+        dst[n - 4..n].copy_from_slice(&src[n - 4..]);
+    } else if n > 0 {
+        // 1 to 3 bytes: the first, the middle and the last cover them.
+        dst[0] = src[0];
+        dst[n / 2] = src[n / 2];
+        dst[n - 1] = src[n - 1];
     }
 }
 
@@ -293,6 +318,19 @@ mod tests {
             assert_eq!(by_key.get(s.as_str()), by_string.get(s));
         }
         assert_eq!(by_key.get("not there"), None);
+    }
+
+    #[test]
+    fn every_inline_length_is_copied_exactly() {
+        let all = "abcdefghijklmnopqrstuvwxyz0123456789";
+        for n in 0..=INLINE {
+            let k = Key::new(&all[..n]);
+            assert_eq!(k.as_str(), &all[..n]);
+            let Repr::Inline { bytes, .. } = &k.0 else {
+                panic!("{n} bytes should be inline");
+            };
+            assert!(bytes[n..].iter().all(|&b| b == 0), "padding after {n} bytes");
+        }
     }
 
     #[test]
