@@ -722,10 +722,18 @@ impl FxHasher {
 
 impl Hasher for FxHasher {
     fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut b = [0u8; 8];
-            b[..chunk.len()].copy_from_slice(chunk);
-            self.add(u64::from_le_bytes(b));
+        // Whole words, then the tail a byte at a time (a copy of the tail into a word would be
+        // a call to `memcpy` per key).
+        let mut words = bytes.chunks_exact(8);
+        for w in &mut words {
+            self.add(u64::from_le_bytes(w.try_into().unwrap_or([0; 8])));
+        }
+        let mut tail = 0u64;
+        for (i, &b) in words.remainder().iter().enumerate() {
+            tail |= u64::from(b) << (8 * i);
+        }
+        if !words.remainder().is_empty() {
+            self.add(tail);
         }
     }
     fn write_u8(&mut self, v: u8) {
@@ -763,8 +771,6 @@ struct Row<'a> {
     /// entry).
     uuid: (u32, u32),
     run: Option<&'a Option<Timestamp>>,
-    /// `e.types`, interned: an index of `Pass::lists`.
-    list: u32,
     need: Resources,
     state: ContainerState,
     /// Priority ≥ 1.
@@ -782,8 +788,11 @@ struct Pass<'s, 'a, I: PlanInstance> {
     /// Per type: every existing candidate has the type's price (so its whole sort-key prefix
     /// is the type's).
     uniform: Vec<bool>,
-    /// The distinct eligible-type lists, in the order rows first name them.
+    /// The distinct eligible-type lists, in the order rows that look for an instance first
+    /// name them (only those rows read their entry's list, so the others' lists are never
+    /// loaded).
     lists: Vec<ListPlan>,
+    list_ids: Table<&'a [TypeId], u32>,
     list_types: Vec<TypeId>,
     /// Instances created so far in this pass.
     inserts: u64,
@@ -843,6 +852,18 @@ impl<'a, I: PlanInstance> Pass<'_, 'a, I> {
         }
     }
 
+    /// The index in `lists` of the eligible types `types`, planned at first sight.
+    fn list(&mut self, types: &'a [TypeId]) -> u32 {
+        if let Some(&id) = self.list_ids.get(types) {
+            return id;
+        }
+        let id = u32::try_from(self.lists.len()).expect("fewer than 2^32 distinct type lists");
+        let l = self.plan_list(types);
+        self.lists.push(l);
+        self.list_ids.insert(types, id);
+        id
+    }
+
     /// How to visit the candidates of the eligible types `types`.
     fn plan_list(&mut self, types: &[TypeId]) -> ListPlan {
         let start = self.list_types.len();
@@ -868,8 +889,9 @@ impl<'a, I: PlanInstance> Pass<'_, 'a, I> {
     }
 
     /// §2.9: the best existing instance for the row's container, or `None`.
-    fn find_best(&mut self, row: &Row<'_>) -> Option<usize> {
-        let l = self.lists[row.list as usize];
+    fn find_best(&mut self, row: &Row<'a>) -> Option<usize> {
+        let list = self.list(&row.e.types);
+        let l = self.lists[list as usize];
         let types = &self.list_types[l.visit.0..l.visit.1];
         if l.sorted || types.len() == 1 {
             // One walk in instance order, skipping what cannot fit or cannot change the choice.
@@ -911,8 +933,9 @@ impl<'a, I: PlanInstance> Pass<'_, 'a, I> {
     }
 
     /// §2.10: the cheapest eligible type not at capacity.
-    fn available_type(&mut self, row: &Row<'_>) -> Option<TypeId> {
-        let (a, b) = self.lists[row.list as usize].types;
+    fn available_type(&mut self, row: &Row<'a>) -> Option<TypeId> {
+        let list = self.list(&row.e.types);
+        let (a, b) = self.lists[list as usize].types;
         for n in a..b {
             let t = &self.list_types[n];
             let k = self.pass_key[t.0 as usize];
@@ -1083,7 +1106,11 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     let mut remaining: Vec<Resources> = Vec::with_capacity(nviews);
     let mut placed: Vec<(&'a str, usize)> = Vec::new();
     let mut prices: Vec<f64> = Vec::with_capacity(nviews);
-    let mut pos_of: Table<&str, usize> = Table::default();
+    let mut pos_of: Table<&str, usize> = if snap.runners.is_some() {
+        Table::with_capacity_and_hasher(nviews, BuildHasherDefault::default())
+    } else {
+        Table::default()
+    };
     for (pos, v) in snap.instances.iter().enumerate() {
         let (type_id, price) = v.type_and_price(snap.types);
         type_ids.push(type_id);
@@ -1121,8 +1148,6 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     // index) makes the order total.
     let mut keys: Vec<(u8, u64, u64, usize)> = Vec::with_capacity(n);
     let mut uuids = String::with_capacity(n * snap.queue.keys().next().map_or(0, |k| k.len()));
-    let mut list_ids: Table<&'a [TypeId], u32> = Table::default();
-    let mut list_of: Vec<&'a [TypeId]> = Vec::new();
     let mut runs = snap.running.iter().peekable();
     let mut on_instances = placed.iter().peekable();
     let entries: Vec<(&'a Key, &'a QueueEntry)> = snap.queue.iter().collect();
@@ -1130,7 +1155,6 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
         let mut touch = 0u64;
         for (uuid, e) in chunk {
             touch ^= u64::from(uuid.as_bytes().first().copied().unwrap_or(0))
-                ^ e.types.first().map_or(0, |t| u64::from(t.0))
                 ^ e.first_seen_at.0
                 ^ u64::from(e.container.scheduling_parameters.supervisor);
         }
@@ -1148,10 +1172,6 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
                 }
                 on_instances.next();
             }
-            let list = *list_ids.entry(e.types.as_slice()).or_insert_with(|| {
-                list_of.push(e.types.as_slice());
-                u32::try_from(list_of.len() - 1).expect("fewer than 2^32 distinct type lists")
-            });
             let c = &e.container;
             let start = uuids.len();
             uuids.push_str(uuid);
@@ -1165,7 +1185,6 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
                 e,
                 run,
                 uuid: (span(start), span(uuids.len())),
-                list,
                 need: e.resources,
                 state: c.state,
                 positive: c.priority >= 1,
@@ -1278,6 +1297,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
         insts,
         uniform,
         lists: Vec::new(),
+        list_ids: Table::default(),
         list_types: Vec::new(),
         inserts: 0,
         found: Vec::new(),
@@ -1311,7 +1331,6 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
         });
     }
 
-    pass.lists = list_of.iter().map(|types| pass.plan_list(types)).collect();
 
     // §2.5, second half: the order.
     let order: Vec<Row<'a>> = sorted_indices(keys).map(|i| rows[i]).collect();
