@@ -340,12 +340,7 @@ impl Builder {
         c.mounts = None;
         self.queue.insert(
             Key::new(&c.uuid),
-            QueueEntry {
-                container: c.into(),
-                resources,
-                types,
-                first_seen_at,
-            },
+            QueueEntry::new(c.into(), resources, types, first_seen_at),
         );
         true
     }

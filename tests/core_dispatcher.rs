@@ -197,7 +197,7 @@ fn queue_lock_unlock_cancel_and_guard() {
     );
     let e = q.get(&uuid(1)).expect("added");
     assert_eq!(e.types.len(), 1, "one eligible type");
-    assert!(e.container.mounts.is_none(), "mounts are dropped");
+    assert!(e.container().mounts.is_none(), "mounts are dropped");
     assert_eq!(
         q.updated(),
         Some(Timestamp(1)),
@@ -223,7 +223,7 @@ fn queue_lock_unlock_cancel_and_guard() {
         &cfg.containers,
         100,
     );
-    assert_eq!(q.get(&uuid(1)).expect("kept").container.state, Locked);
+    assert_eq!(q.get(&uuid(1)).expect("kept").state(), Locked);
     // The next poll brings the record up to date.
     q.begin_poll(Timestamp(5));
     q.apply_poll(
@@ -236,7 +236,7 @@ fn queue_lock_unlock_cancel_and_guard() {
         &cfg.containers,
         100,
     );
-    assert_eq!(q.get(&uuid(1)).expect("kept").container.state, Queued);
+    assert_eq!(q.get(&uuid(1)).expect("kept").state(), Queued);
     // Cancelled, then forgotten.
     let cancelled = ContainerUpdate {
         state: Cancelled,
@@ -407,8 +407,8 @@ fn management_api_containers_statuses() {
         };
         items.len() == 20
             && items.iter().all(|it| {
-                let i: usize = it.entry.container.uuid[12..].parse().expect("uuid");
-                (it.entry.container.state, it.scheduling_status.clone()) == want(i)
+                let i: usize = it.entry.container().uuid[12..].parse().expect("uuid");
+                (it.entry.container().state, it.scheduling_status.clone()) == want(i)
             })
     });
     let got: Vec<(String, ContainerState, String)> =
@@ -417,8 +417,8 @@ fn management_api_containers_statuses() {
             .into_iter()
             .map(|it| {
                 (
-                    it.entry.container.uuid.to_string(),
-                    it.entry.container.state,
+                    it.entry.container().uuid.to_string(),
+                    it.entry.container().state,
                     it.scheduling_status,
                 )
             })

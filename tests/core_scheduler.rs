@@ -97,12 +97,7 @@ impl Stub {
         c.created_at = NOW;
         self.queue.insert(
             Key::new(&c.uuid),
-            QueueEntry {
-                container: c.into(),
-                resources,
-                types,
-                first_seen_at: NOW,
-            },
+            QueueEntry::new(c.into(), resources, types, NOW),
         );
     }
 
@@ -166,7 +161,7 @@ impl Stub {
         let statuses = p
             .order
             .iter()
-            .map(|e| e.container.uuid.to_string())
+            .map(|k| k.to_string())
             .zip(p.statuses.iter().copied())
             .collect();
         let (actions, state, attempts) = (p.actions.clone(), p.state, p.create_attempts.clone());
@@ -185,17 +180,17 @@ impl Stub {
     fn apply(&mut self, a: Action) {
         match a {
             Action::Lock(u) => {
-                std::sync::Arc::make_mut(
-                    &mut self.queue.get_mut(u.as_str()).expect("queued").container,
-                )
-                .state = Locked;
+                self.queue
+                    .get_mut(u.as_str())
+                    .expect("queued")
+                    .modify_container(|c| c.state = Locked);
                 self.locked.push(u);
             }
             Action::Unlock(u) => {
-                std::sync::Arc::make_mut(
-                    &mut self.queue.get_mut(u.as_str()).expect("locked").container,
-                )
-                .state = Queued;
+                self.queue
+                    .get_mut(u.as_str())
+                    .expect("locked")
+                    .modify_container(|c| c.state = Queued);
                 self.unlocked.push(u);
             }
             Action::Start { instance, uuid } => {
@@ -292,8 +287,10 @@ fn pack_containers_idle_instance_too_big() {
 #[test]
 fn pack_containers_spare_resources() {
     let mut s = Stub::pack();
-    std::sync::Arc::make_mut(&mut s.queue.get_mut(uuid(4).as_str()).expect("c4").container).state =
-        Running;
+    s.queue
+        .get_mut(uuid(4).as_str())
+        .expect("c4")
+        .modify_container(|c| c.state = Running);
     s.vm(3, WorkerState::Running, &[4]);
     s.run();
     assert_eq!(s.starts, names(&[3, 2]));

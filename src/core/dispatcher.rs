@@ -26,6 +26,7 @@ use super::command::{
     OpId,
 };
 use super::config::Config;
+use super::key::Key;
 use super::metrics::PoolMetrics;
 use super::ops::{Ops, Pending};
 use super::pool::remote::RunnerSpec;
@@ -35,7 +36,7 @@ use super::rng::Rng;
 use super::scheduler::{self, Action, PoolLimits, SchedState, Snapshot, Status};
 use super::select::TypeTable;
 use super::time::Timestamp;
-use super::types::{Container, ContainerState, IdleBehavior, InstanceView};
+use super::types::{ContainerState, IdleBehavior, InstanceView};
 
 /// Re-run a pass this soon when a per-container operation was still in flight.
 pub const UUID_CONTENTION_RETRY: Duration = Duration::from_millis(250);
@@ -106,10 +107,10 @@ pub struct Dispatcher {
     dirty: bool,
     last_pass: Option<Timestamp>,
     retry_at: Option<Timestamp>,
-    /// Last pass's containers in scheduling order, with their statuses. The records are the
-    /// queue's shared ones, so publishing copies no UUID; lookups by UUID (the management
-    /// API's, rare next to passes) scan it.
-    published: Vec<(Arc<Container>, Status)>,
+    /// Last pass's containers in scheduling order, with their statuses. UUIDs as keys (copied
+    /// in place, without touching the records); lookups by UUID (the management API's, rare
+    /// next to passes) scan it.
+    published: Vec<(Key, Status)>,
     metrics: SchedMetrics,
     ignored_completions: u64,
 }
@@ -196,8 +197,8 @@ impl Dispatcher {
         Some(
             self.published
                 .iter()
-                .filter_map(|(c, st)| {
-                    let e = self.queue.get(&c.uuid)?;
+                .filter_map(|(uuid, st)| {
+                    let e = self.queue.entries().get(uuid)?;
                     Some(QueueItem {
                         entry: e.clone(),
                         scheduling_status: st.text(e, &self.types),
@@ -209,7 +210,7 @@ impl Dispatcher {
 
     /// One container of the published queue.
     pub fn scheduler_queue_item(&self, uuid: &str) -> Option<QueueItem> {
-        let (_, st) = self.published.iter().find(|(c, _)| c.uuid == uuid)?;
+        let (_, st) = self.published.iter().find(|(u, _)| *u == *uuid)?;
         let e = self.queue.get(uuid)?;
         Some(QueueItem {
             entry: e.clone(),
@@ -602,10 +603,10 @@ impl Dispatcher {
             .entries()
             .values()
             .filter(|e| {
-                e.container.state == ContainerState::Locked
-                    && !running.contains_key(e.container.uuid.as_str())
+                e.container().state == ContainerState::Locked
+                    && !running.contains_key(e.container().uuid.as_str())
             })
-            .map(|e| e.container.uuid.to_string())
+            .map(|e| e.container().uuid.to_string())
             .collect();
         if stale.is_empty() {
             self.stale = StalePhase::Done;
@@ -664,7 +665,7 @@ impl Dispatcher {
                 plan.order
                     .iter()
                     .zip(plan.statuses.iter())
-                    .map(|(e, st)| (Arc::clone(&e.container), *st)),
+                    .map(|(uuid, st)| ((*uuid).clone(), *st)),
             );
             (
                 plan.actions,
@@ -695,7 +696,7 @@ impl Dispatcher {
                 if self
                     .queue
                     .get(&uuid)
-                    .is_some_and(|e| e.container.state == ContainerState::Queued)
+                    .is_some_and(|e| e.state() == ContainerState::Queued)
                 {
                     self.issue_uuid_op(now, &uuid, |u| {
                         (
@@ -712,7 +713,7 @@ impl Dispatcher {
                     .queue
                     .get(&uuid)
                     .expect("planned from the queue")
-                    .container
+                    .container()
                     .clone();
                 if !self
                     .pool
@@ -796,8 +797,7 @@ impl Dispatcher {
             while let Some((u, _)) = running.next_if(|(u, _)| *u < key) {
                 strays.push(u.to_string());
             }
-            let (uuid, state, priority) =
-                (&e.container.uuid, e.container.state, e.container.priority);
+            let (state, priority) = (e.state(), e.priority());
             let proc = running.next_if(|(u, _)| *u == key).map(|(_, t)| *t);
             let exited_before_poll = matches!(proc, Some(Some(t)) if q_updated > t);
             let act = match state {
@@ -843,7 +843,7 @@ impl Dispatcher {
                 }
             };
             if let Some(a) = act {
-                todo.push((uuid.to_string(), a));
+                todo.push((key.to_string(), a));
             }
         }
         strays.extend(running.map(|(u, _)| u.to_string()));
@@ -874,14 +874,11 @@ impl Dispatcher {
             .filter(|(key, e)| {
                 while running.next_if(|u| *u < *key).is_some() {}
                 let has_runner = running.next_if(|u| *u == *key).is_some();
-                e.container.priority > 0
-                    && matches!(
-                        e.container.state,
-                        ContainerState::Queued | ContainerState::Locked
-                    )
+                e.priority() > 0
+                    && matches!(e.state(), ContainerState::Queued | ContainerState::Locked)
                     && !has_runner
             })
-            .map(|(_, e)| e.container.created_at)
+            .map(|(_, e)| e.container().created_at)
             .min();
         self.metrics.longest_wait_seconds = oldest.map_or(0.0, |t| now.since(t).as_secs_f64());
     }

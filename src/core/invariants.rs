@@ -54,13 +54,14 @@ impl Dispatcher {
         // Queued and Locked entries have eligible types.
         for e in self.queue().entries().values() {
             if matches!(
-                e.container.state,
+                e.container().state,
                 ContainerState::Queued | ContainerState::Locked
             ) && e.types.is_empty()
             {
                 v.push(format!(
                     "container {} is {} with no eligible instance type",
-                    e.container.uuid, e.container.state
+                    e.container().uuid,
+                    e.container().state
                 ));
             }
         }

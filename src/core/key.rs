@@ -329,7 +329,10 @@ mod tests {
             let Repr::Inline { bytes, .. } = &k.0 else {
                 panic!("{n} bytes should be inline");
             };
-            assert!(bytes[n..].iter().all(|&b| b == 0), "padding after {n} bytes");
+            assert!(
+                bytes[n..].iter().all(|&b| b == 0),
+                "padding after {n} bytes"
+            );
         }
     }
 

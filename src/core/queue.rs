@@ -22,8 +22,9 @@ use super::types::{Container, ContainerState, Resources};
 #[derive(Clone, Debug, PartialEq)]
 pub struct QueueEntry {
     /// The partial record; `mounts` is always `None` once cached. Shared with the poll
-    /// result it came from; local changes copy it first (`Arc::make_mut`).
-    pub container: Arc<Container>,
+    /// result it came from; local changes copy it first (`Arc::make_mut`). Private, so that
+    /// [`QueueEntry::state`] and its siblings stay its copies.
+    container: Arc<Container>,
     /// Needs, computed at first sight (with the mounts).
     pub resources: Resources,
     /// Eligible types, cheapest first. Empty only for a Running container whose type selection
@@ -31,6 +32,80 @@ pub struct QueueEntry {
     pub types: Vec<TypeId>,
     /// When this dispatcher first saw it.
     pub first_seen_at: Timestamp,
+    hot: Hot,
+}
+
+/// What every scheduling pass reads of the record, copied into the entry: the pass, `sync`
+/// and the gauges each walk the whole queue, and the records are separate heap blocks (a
+/// cache miss each), while the entries sit together in the map's nodes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Hot {
+    state: ContainerState,
+    priority: i64,
+    supervisor: bool,
+}
+
+impl Hot {
+    fn of(c: &Container) -> Hot {
+        Hot {
+            state: c.state,
+            priority: c.priority,
+            supervisor: c.scheduling_parameters.supervisor,
+        }
+    }
+}
+
+impl QueueEntry {
+    /// An entry for `container` (its `mounts` should already be dropped).
+    pub fn new(
+        container: Arc<Container>,
+        resources: Resources,
+        types: Vec<TypeId>,
+        first_seen_at: Timestamp,
+    ) -> QueueEntry {
+        QueueEntry {
+            hot: Hot::of(&container),
+            container,
+            resources,
+            types,
+            first_seen_at,
+        }
+    }
+
+    /// The record (without `mounts`).
+    #[inline]
+    pub fn container(&self) -> &Arc<Container> {
+        &self.container
+    }
+
+    /// Changes the record (copied first if shared), keeping the entry's copies of it current.
+    pub fn modify_container(&mut self, f: impl FnOnce(&mut Container)) {
+        f(Arc::make_mut(&mut self.container));
+        self.hot = Hot::of(&self.container);
+    }
+
+    /// The record's state.
+    #[inline]
+    pub fn state(&self) -> ContainerState {
+        self.hot.state
+    }
+
+    /// The record's priority.
+    #[inline]
+    pub fn priority(&self) -> i64 {
+        self.hot.priority
+    }
+
+    /// The record's `scheduling_parameters.supervisor`.
+    #[inline]
+    pub fn supervisor(&self) -> bool {
+        self.hot.supervisor
+    }
+
+    fn set_container(&mut self, container: Arc<Container>) {
+        self.hot = Hot::of(&container);
+        self.container = container;
+    }
 }
 
 /// What applying a poll asks the dispatcher to do next.
@@ -168,11 +243,11 @@ impl Queue {
             if *ent.container == *ctr {
                 // Keep the poll's record (equal to the cached one) so that the next poll, which
                 // returns the same shared record, is recognised without comparing fields.
-                ent.container = ctr;
+                ent.set_container(ctr);
                 continue;
             }
             self.history.changed(now, ent, &ctr);
-            ent.container = ctr;
+            ent.set_container(ctr);
             if ent.types.is_empty() {
                 later.push(Later::Untyped(uuid.clone()));
             }
@@ -231,15 +306,8 @@ impl Queue {
             };
             self.history
                 .arrived(now, &ctr, &resources, types.first().copied());
-            self.entries.insert(
-                uuid,
-                QueueEntry {
-                    container: ctr,
-                    resources,
-                    types,
-                    first_seen_at: now,
-                },
-            );
+            self.entries
+                .insert(uuid, QueueEntry::new(ctr, resources, types, now));
             fx.added += 1;
         }
         self.history.prune(&self.entries);
@@ -260,10 +328,11 @@ impl Queue {
         }
         match self.entries.get_mut(&Key::new(uuid)) {
             Some(ent) => {
-                let c = Arc::make_mut(&mut ent.container);
-                c.state = upd.state;
-                c.priority = upd.priority;
-                c.locked_by_uuid = upd.locked_by_uuid.clone();
+                ent.modify_container(|c| {
+                    c.state = upd.state;
+                    c.priority = upd.priority;
+                    c.locked_by_uuid = upd.locked_by_uuid.clone();
+                });
                 (true, self.untyped_schedulable(uuid))
             }
             None => (false, None),
@@ -275,7 +344,7 @@ impl Queue {
     /// drop it and ask for it to be cancelled, as at first sight.
     fn untyped_schedulable(&mut self, uuid: &str) -> Option<(String, ContainerState, String)> {
         let ent = self.entries.get(&Key::new(uuid))?;
-        let state = ent.container.state;
+        let state = ent.state();
         if !ent.types.is_empty()
             || !matches!(state, ContainerState::Queued | ContainerState::Locked)
         {
@@ -293,8 +362,7 @@ impl Queue {
     /// `Forget`: drops the entry only if it is final, or Queued with priority 0.
     pub fn forget(&mut self, uuid: &str) -> bool {
         let drop = self.entries.get(&Key::new(uuid)).is_some_and(|e| {
-            e.container.state.is_final()
-                || (e.container.state == ContainerState::Queued && e.container.priority == 0)
+            e.state().is_final() || (e.state() == ContainerState::Queued && e.priority() == 0)
         });
         if drop {
             self.entries.remove(&Key::new(uuid));

@@ -37,9 +37,6 @@ use super::select::{TypeId, TypeTable};
 use super::time::Timestamp;
 use super::types::{ContainerState, IdleBehavior, InstanceView, Resources, WorkerState};
 
-/// Rows handled together by the loops that read scattered memory (see [`plan`]'s setup).
-const CHUNK: usize = 32;
-
 /// How long after a 503 the concurrency limit stays where the 503 put it.
 pub const QUIET_PERIOD_503: Duration = Duration::from_secs(60);
 
@@ -271,8 +268,8 @@ pub enum Action {
 /// The result of one pass.
 #[derive(Clone, Debug)]
 pub struct Plan<'a> {
-    /// Entries in scheduling order.
-    pub order: Vec<&'a QueueEntry>,
+    /// The entries' UUIDs (the queue's keys), in scheduling order.
+    pub order: Vec<&'a Key>,
     /// Status of each entry of `order`.
     pub statuses: Vec<Status>,
     /// Decisions, in order.
@@ -763,13 +760,12 @@ type Table<K, V> = std::collections::HashMap<K, V, BuildHasherDefault<FxHasher>>
 
 /// One queue entry with its `Running()` entry, if any, and a copy of what the pass reads
 /// (read once, in UUID order: the pass then visits the rows in queue order without touching
-/// the scattered entries).
+/// the entries again, except the few that act).
 #[derive(Clone, Copy, Debug)]
 struct Row<'a> {
     e: &'a QueueEntry,
-    /// The UUID: a range of the pass's copy of the UUIDs (compact, read without touching the
-    /// entry).
-    uuid: (u32, u32),
+    /// The UUID (the queue's key).
+    key: &'a Key,
     run: Option<&'a Option<Timestamp>>,
     need: Resources,
     state: ContainerState,
@@ -1139,58 +1135,40 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     let mut missing = vec![false; nviews];
 
     // §2.5, first half: one merge, in UUID order, of the queue with `Running()` and with the
-    // instances' containers copies what the pass reads of each entry into a row. The entries
-    // are scattered in memory (a cache miss or two each, the largest cost of a long queue), so
-    // each chunk of them is first read by a short loop whose loads the processor overlaps.
+    // instances' containers copies what the pass reads of each entry into a row. It reads only
+    // the map's nodes: the entries keep copies of what a pass reads of their records.
     let n = snap.queue.len();
     let mut rows: Vec<Row<'a>> = Vec::with_capacity(n);
     // Running first, then Locked, then higher priority, then first seen; the UUID (the row
     // index) makes the order total.
     let mut keys: Vec<(u8, u64, u64, usize)> = Vec::with_capacity(n);
-    let mut uuids = String::with_capacity(n * snap.queue.keys().next().map_or(0, |k| k.len()));
     let mut runs = snap.running.iter().peekable();
     let mut on_instances = placed.iter().peekable();
-    let entries: Vec<(&'a Key, &'a QueueEntry)> = snap.queue.iter().collect();
-    for chunk in entries.chunks(CHUNK) {
-        let mut touch = 0u64;
-        for (uuid, e) in chunk {
-            touch ^= u64::from(uuid.as_bytes().first().copied().unwrap_or(0))
-                ^ e.first_seen_at.0
-                ^ u64::from(e.container.scheduling_parameters.supervisor);
-        }
-        // Keeps the reads above: they only bring the entries into the cache.
-        std::hint::black_box(touch);
-        for &(uuid, e) in chunk {
-            debug_assert_eq!(uuid, &e.container.uuid, "the queue is keyed by UUID");
-            while runs.next_if(|(u, _)| *u < uuid).is_some() {}
-            let run = runs.next_if(|(u, _)| *u == uuid).map(|(_, t)| t);
-            while let Some(&&(u, pos)) = on_instances.peek() {
-                match str_cmp(u, uuid) {
-                    Ordering::Less => missing[pos] = true,
-                    Ordering::Equal => remaining[pos].sub(&e.resources),
-                    Ordering::Greater => break,
-                }
-                on_instances.next();
+    for (uuid, e) in snap.queue {
+        debug_assert_eq!(*uuid, e.container().uuid, "the queue is keyed by UUID");
+        while runs.next_if(|(u, _)| *u < uuid).is_some() {}
+        let run = runs.next_if(|(u, _)| *u == uuid).map(|(_, t)| t);
+        while let Some(&&(u, pos)) = on_instances.peek() {
+            match str_cmp(u, uuid) {
+                Ordering::Less => missing[pos] = true,
+                Ordering::Equal => remaining[pos].sub(&e.resources),
+                Ordering::Greater => break,
             }
-            let c = &e.container;
-            let start = uuids.len();
-            uuids.push_str(uuid);
-            let span = |x: usize| u32::try_from(x).expect("less than 4 GiB of UUIDs");
-            let class =
-                (u8::from(run.is_none()) << 1) | u8::from(c.state != ContainerState::Locked);
-            // Descending priority: flip the sign bit for an unsigned order, then invert.
-            let priority = !((c.priority as u64) ^ (1 << 63));
-            keys.push((class, priority, e.first_seen_at.0, rows.len()));
-            rows.push(Row {
-                e,
-                run,
-                uuid: (span(start), span(uuids.len())),
-                need: e.resources,
-                state: c.state,
-                positive: c.priority >= 1,
-                supervisor: c.scheduling_parameters.supervisor,
-            });
+            on_instances.next();
         }
+        let class = (u8::from(run.is_none()) << 1) | u8::from(e.state() != ContainerState::Locked);
+        // Descending priority: flip the sign bit for an unsigned order, then invert.
+        let priority = !((e.priority() as u64) ^ (1 << 63));
+        keys.push((class, priority, e.first_seen_at.0, rows.len()));
+        rows.push(Row {
+            e,
+            run,
+            key: uuid,
+            need: e.resources,
+            state: e.state(),
+            positive: e.priority() >= 1,
+            supervisor: e.supervisor(),
+        });
     }
     // Containers not in the queue: the instance counts as full.
     for &(_, pos) in on_instances {
@@ -1331,7 +1309,6 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
         });
     }
 
-
     // §2.5, second half: the order.
     let order: Vec<Row<'a>> = sorted_indices(keys).map(|i| rows[i]).collect();
     drop(rows);
@@ -1347,124 +1324,113 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     let mut qpos = 0usize;
     let mut supervisors = 0usize;
 
-    // A row's UUID is read only when it acts. The copies are in UUID order, so in queue order
-    // they are scattered again: touching a chunk's UUIDs first lets those reads overlap.
-    let uuid_bytes = uuids.as_bytes();
-    'rows: for (c, chunk) in order.chunks(CHUNK).enumerate() {
-        let mut touch = 0u8;
-        for row in chunk {
-            touch ^= uuid_bytes.get(row.uuid.0 as usize).copied().unwrap_or(0);
+    'rows: for (i, row) in order.iter().enumerate() {
+        let in_running = row.run.is_some();
+        let uuid = || row.key.as_str();
+        let supervisor = row.supervisor;
+        if supervisor {
+            supervisors += 1;
         }
-        std::hint::black_box(touch);
-        for (j, row) in chunk.iter().enumerate() {
-            let i = c * CHUNK + j;
-            let in_running = row.run.is_some();
-            let uuid = || &uuids[row.uuid.0 as usize..row.uuid.1 as usize];
-            let supervisor = row.supervisor;
-            if supervisor {
-                supervisors += 1;
+        if in_running {
+            if matches!(row.state, ContainerState::Queued | ContainerState::Locked) {
+                statuses[i] = Status::Preparing;
             }
-            if in_running {
-                if matches!(row.state, ContainerState::Queued | ContainerState::Locked) {
-                    statuses[i] = Status::Preparing;
+            continue;
+        }
+        if !row.positive {
+            statuses[i] = Status::PriorityZero(row.state);
+            continue;
+        }
+        if supervisor && max_supervisors > 0 && supervisors > max_supervisors {
+            overmaxsuper.push(i);
+            statuses[i] = Status::SupervisorLimit(overmaxsuper.len());
+            continue;
+        }
+        let live_runner = row.run.is_some_and(|t| t.is_none());
+        match row.state {
+            ContainerState::Queued => {
+                if max_containers > 0 && trying >= max_containers {
+                    continue;
                 }
-                continue;
+                trying += 1;
+                let best = pass.find_best(row);
+                if best.is_none() && pass.at_quota() {
+                    overquota = Some(i);
+                    break 'rows;
+                }
+                if best.is_none() && pass.available_type(row).is_none() {
+                    continue;
+                }
+                if live_runner {
+                    actions.push(Action::Kill {
+                        uuid: uuid().to_string(),
+                        reason: "about to lock",
+                    });
+                    continue;
+                }
+                actions.push(Action::Lock(uuid().to_string()));
+                if let Some(b) = best {
+                    pass.reserve(b, &row.need);
+                }
             }
-            if !row.positive {
-                statuses[i] = Status::PriorityZero(row.state);
-                continue;
-            }
-            if supervisor && max_supervisors > 0 && supervisors > max_supervisors {
-                overmaxsuper.push(i);
-                statuses[i] = Status::SupervisorLimit(overmaxsuper.len());
-                continue;
-            }
-            let live_runner = row.run.is_some_and(|t| t.is_none());
-            match row.state {
-                ContainerState::Queued => {
-                    if max_containers > 0 && trying >= max_containers {
-                        continue;
-                    }
-                    trying += 1;
-                    let best = pass.find_best(row);
-                    if best.is_none() && pass.at_quota() {
-                        overquota = Some(i);
-                        break 'rows;
-                    }
-                    if best.is_none() && pass.available_type(row).is_none() {
-                        continue;
-                    }
-                    if live_runner {
+            ContainerState::Locked => {
+                if max_containers > 0 && trying >= max_containers {
+                    continue;
+                }
+                trying += 1;
+                if let Some(b) = pass.find_best(row) {
+                    pass.reserve(b, &row.need);
+                    let inst = &pass.insts[b];
+                    let type_id = inst.type_id.expect("candidates have a configured type");
+                    if inst.id.is_empty() || !inst.ready() {
+                        statuses[i] = Status::WaitingNewInstance(type_id);
+                        allocated_not_started += 1;
+                    } else if live_runner {
                         actions.push(Action::Kill {
                             uuid: uuid().to_string(),
-                            reason: "about to lock",
+                            reason: "about to start",
                         });
-                        continue;
+                        statuses[i] = Status::WaitingPreviousAttempt;
+                    } else if inst.behavior == IdleBehavior::Run {
+                        actions.push(Action::Start {
+                            instance: inst.id.to_string(),
+                            uuid: uuid().to_string(),
+                        });
+                        pass.start(b);
+                        statuses[i] = Status::Preparing;
+                    } else {
+                        statuses[i] = Status::WaitingNewInstance(type_id);
+                        allocated_not_started += 1;
                     }
-                    actions.push(Action::Lock(uuid().to_string()));
-                    if let Some(b) = best {
-                        pass.reserve(b, &row.need);
+                    continue;
+                }
+                if pass.at_quota() {
+                    overquota = Some(i);
+                    break 'rows;
+                }
+                let Some(t) = pass.available_type(row) else {
+                    qpos += 1;
+                    statuses[i] = Status::WaitingInstanceType(qpos);
+                    continue;
+                };
+                match pass.try_create(t) {
+                    Ok(()) => {
+                        create_attempts.push((t, true));
+                        actions.push(Action::Create {
+                            type_id: t,
+                            uuid: uuid().to_string(),
+                        });
+                        statuses[i] = Status::WaitingNewInstance(t);
+                        allocated_not_started += 1;
+                        pass.insert_instance(t, &row.need);
+                    }
+                    Err(limit) => {
+                        create_attempts.push((t, false));
+                        hit_create_limit |= limit;
                     }
                 }
-                ContainerState::Locked => {
-                    if max_containers > 0 && trying >= max_containers {
-                        continue;
-                    }
-                    trying += 1;
-                    if let Some(b) = pass.find_best(row) {
-                        pass.reserve(b, &row.need);
-                        let inst = &pass.insts[b];
-                        let type_id = inst.type_id.expect("candidates have a configured type");
-                        if inst.id.is_empty() || !inst.ready() {
-                            statuses[i] = Status::WaitingNewInstance(type_id);
-                            allocated_not_started += 1;
-                        } else if live_runner {
-                            actions.push(Action::Kill {
-                                uuid: uuid().to_string(),
-                                reason: "about to start",
-                            });
-                            statuses[i] = Status::WaitingPreviousAttempt;
-                        } else if inst.behavior == IdleBehavior::Run {
-                            actions.push(Action::Start {
-                                instance: inst.id.to_string(),
-                                uuid: uuid().to_string(),
-                            });
-                            pass.start(b);
-                            statuses[i] = Status::Preparing;
-                        } else {
-                            statuses[i] = Status::WaitingNewInstance(type_id);
-                            allocated_not_started += 1;
-                        }
-                        continue;
-                    }
-                    if pass.at_quota() {
-                        overquota = Some(i);
-                        break 'rows;
-                    }
-                    let Some(t) = pass.available_type(row) else {
-                        qpos += 1;
-                        statuses[i] = Status::WaitingInstanceType(qpos);
-                        continue;
-                    };
-                    match pass.try_create(t) {
-                        Ok(()) => {
-                            create_attempts.push((t, true));
-                            actions.push(Action::Create {
-                                type_id: t,
-                                uuid: uuid().to_string(),
-                            });
-                            statuses[i] = Status::WaitingNewInstance(t);
-                            allocated_not_started += 1;
-                            pass.insert_instance(t, &row.need);
-                        }
-                        Err(limit) => {
-                            create_attempts.push((t, false));
-                            hit_create_limit |= limit;
-                        }
-                    }
-                }
-                _ => {}
             }
+            _ => {}
         }
     }
 
@@ -1493,9 +1459,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     for i in unlock {
         let row = &order[i];
         if row.state == ContainerState::Locked && row.run.is_none() {
-            actions.push(Action::Unlock(
-                uuids[row.uuid.0 as usize..row.uuid.1 as usize].to_string(),
-            ));
+            actions.push(Action::Unlock(row.key.to_string()));
         }
     }
     if overquota.is_some() {
@@ -1511,7 +1475,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     }
 
     Plan {
-        order: order.into_iter().map(|row| row.e).collect(),
+        order: order.into_iter().map(|row| row.key).collect(),
         statuses,
         actions,
         create_attempts,
@@ -1838,18 +1802,18 @@ mod reference {
         let mut order: Vec<(bool, &'a QueueEntry)> = snap
             .queue
             .values()
-            .map(|e| (snap.running.contains_key(e.container.uuid.as_str()), e))
+            .map(|e| (snap.running.contains_key(e.container().uuid.as_str()), e))
             .collect();
         order.sort_unstable_by(|(ra, a), (rb, b)| {
             rb.cmp(ra)
                 .then_with(|| {
-                    (b.container.state == ContainerState::Locked)
-                        .cmp(&(a.container.state == ContainerState::Locked))
+                    (b.container().state == ContainerState::Locked)
+                        .cmp(&(a.container().state == ContainerState::Locked))
                 })
-                .then(b.container.priority.cmp(&a.container.priority))
+                .then(b.container().priority.cmp(&a.container().priority))
                 .then(a.first_seen_at.cmp(&b.first_seen_at))
                 // The UUID is unique, so the order is total.
-                .then_with(|| a.container.uuid.cmp(&b.container.uuid))
+                .then_with(|| a.container().uuid.cmp(&b.container().uuid))
         });
 
         let mut statuses = vec![Status::None; order.len()];
@@ -1864,7 +1828,7 @@ mod reference {
         let mut supervisors = 0usize;
 
         for (i, &(in_running, e)) in order.iter().enumerate() {
-            let ctr = &e.container;
+            let ctr = e.container();
             let uuid = &ctr.uuid;
             let supervisor = ctr.scheduling_parameters.supervisor;
             if supervisor {
@@ -1979,7 +1943,7 @@ mod reference {
         for (i, (_, e)) in order.iter().enumerate() {
             if statuses[i] == Status::None
                 && matches!(
-                    e.container.state,
+                    e.container().state,
                     ContainerState::Queued | ContainerState::Locked
                 )
             {
@@ -2000,8 +1964,8 @@ mod reference {
         }
         for i in unlock {
             let (in_running, e) = order[i];
-            if e.container.state == ContainerState::Locked && !in_running {
-                actions.push(Action::Unlock(e.container.uuid.to_string()));
+            if e.container().state == ContainerState::Locked && !in_running {
+                actions.push(Action::Unlock(e.container().uuid.to_string()));
             }
         }
         if overquota.is_some() {
@@ -2017,7 +1981,10 @@ mod reference {
         }
 
         Plan {
-            order: order.into_iter().map(|(_, e)| e).collect(),
+            order: order
+                .into_iter()
+                .map(|(_, e)| &e.container().uuid)
+                .collect(),
             statuses,
             actions,
             create_attempts,
@@ -2154,19 +2121,19 @@ mod tests {
             if eligible.is_empty() && state != ContainerState::Running {
                 eligible.push(TypeId(rng.below(ntypes as u64) as u32));
             }
-            let entry = QueueEntry {
-                container: std::sync::Arc::new(c),
+            let entry = QueueEntry::new(
+                std::sync::Arc::new(c),
                 resources,
-                types: eligible,
-                first_seen_at: Timestamp(pick(&mut rng, &[5, 7, 7, 1_700_000_000_000, u64::MAX])),
-            };
+                eligible,
+                Timestamp(pick(&mut rng, &[5, 7, 7, 1_700_000_000_000, u64::MAX])),
+            );
             queue.insert(uuid.into(), entry);
         }
         let uuids: Vec<String> = queue.keys().map(String::from).collect();
 
         let mut running = BTreeMap::new();
         for u in &uuids {
-            if queue[u.as_str()].container.state == ContainerState::Running || rng.below(8) == 0 {
+            if queue[u.as_str()].state() == ContainerState::Running || rng.below(8) == 0 {
                 running.insert(u.into(), pick(&mut rng, &[None, None, Some(Timestamp(3))]));
             }
         }
@@ -2303,12 +2270,8 @@ mod tests {
     }
 
     fn assert_same(seed: u64, got: &Plan<'_>, want: &Plan<'_>) {
-        let uuids = |p: &Plan<'_>| -> Vec<String> {
-            p.order
-                .iter()
-                .map(|e| e.container.uuid.to_string())
-                .collect()
-        };
+        let uuids =
+            |p: &Plan<'_>| -> Vec<String> { p.order.iter().map(|k| k.to_string()).collect() };
         assert_eq!(uuids(got), uuids(want), "order, seed {seed}");
         assert_eq!(got.statuses, want.statuses, "statuses, seed {seed}");
         assert_eq!(got.actions, want.actions, "actions, seed {seed}");
@@ -2394,11 +2357,13 @@ mod tests {
         for seed in 0..400 {
             let mut w = world(2_000_000 + seed, 80, 6);
             for e in w.queue.values_mut() {
-                if e.container.state == ContainerState::Queued && seed % 4 != 0 {
-                    std::sync::Arc::make_mut(&mut e.container).state = ContainerState::Locked;
-                }
-                let c = std::sync::Arc::make_mut(&mut e.container);
-                c.priority = c.priority.max(1);
+                let lock = e.state() == ContainerState::Queued && seed % 4 != 0;
+                e.modify_container(|c| {
+                    if lock {
+                        c.state = ContainerState::Locked;
+                    }
+                    c.priority = c.priority.max(1);
+                });
             }
             w.pool = PoolLimits {
                 instance_count: w.instances.len(),

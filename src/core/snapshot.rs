@@ -189,7 +189,7 @@ impl History {
 
     /// A poll at `now` changed a cached container from `old` to `new`.
     pub fn changed(&mut self, now: Timestamp, old: &QueueEntry, new: &Container) {
-        let from = old.container.state;
+        let from = old.container().state;
         let to = new.state;
         if from == to {
             return;
@@ -394,7 +394,7 @@ pub fn build(d: &Dispatcher, now: Timestamp) -> Snapshot {
         .scheduler_queue()
         .unwrap_or_default()
         .into_iter()
-        .map(|q| (q.entry.container.uuid.to_string(), q.scheduling_status))
+        .map(|q| (q.entry.container().uuid.to_string(), q.scheduling_status))
         .collect();
     let mut on_instance: BTreeMap<&str, &str> = BTreeMap::new();
     let workers = d.pool().workers();
@@ -409,7 +409,7 @@ pub fn build(d: &Dispatcher, now: Timestamp) -> Snapshot {
         .entries()
         .values()
         .map(|e| {
-            let c = &e.container;
+            let c = e.container();
             SnapContainer {
                 uuid: c.uuid.to_string(),
                 state: c.state,

@@ -129,7 +129,7 @@ pub fn queue_item(item: &QueueItem, types: &TypeTable) -> Value {
         .map(|id| serde_json::to_value(types.get(*id).as_ref()).unwrap_or(Value::Null))
         .collect();
     let mut m = Map::new();
-    m.insert("container".into(), container(&e.container));
+    m.insert("container".into(), container(e.container()));
     m.insert(
         "instance_resources".into(),
         serde_json::to_value(e.resources).unwrap_or(Value::Null),
