@@ -990,3 +990,63 @@ fn regression_listing_beyond_max_instances() {
     assert!(!rig.pool.create(T0, &mut rig.rng, t1));
     assert!(rig.pool.check_invariants(&rig.ops).is_empty());
 }
+
+/// Runs due cloud calls at `now`, completing each SetTags; returns how many there were.
+fn set_tags_calls(rig: &mut Rig, now: Timestamp) -> usize {
+    rig.pool.handle_timeout(now, &mut rig.ops, &mut rig.rng);
+    let mut n = 0;
+    while let Some(cmd) = rig.ops.pop_command() {
+        rig.ops.take(cmd.op);
+        if let CommandKind::SetTags { instance, .. } = cmd.kind {
+            rig.pool.tags_set(&instance, Ok(()));
+            n += 1;
+        }
+    }
+    n
+}
+
+#[test]
+fn tags_are_checked_again_when_the_record_or_the_behaviour_changes() {
+    let mut rig = Rig::new(base_config(), RunnerSpec::installed("crunch-run"));
+    let id = rig.unknown(T0, "type1", "i-1");
+    let at = |s: u64| T0 + Duration::from_secs(s);
+    assert_eq!(
+        set_tags_calls(&mut rig, at(1)),
+        0,
+        "listed with current tags"
+    );
+    // The same shared record again: still current.
+    let same = rig.pool.workers()[id.as_str()].info.clone();
+    let th = rig.pool.stamp();
+    rig.pool.listed(at(2), th, Ok(vec![same.clone()]));
+    assert_eq!(set_tags_calls(&mut rig, at(3)), 0);
+    // A new record whose idle-behaviour tag someone changed: set back.
+    let mut changed = (*same).clone();
+    changed
+        .tags
+        .insert("ArvadosIdleBehavior".to_string(), "hold".to_string());
+    let th = rig.pool.stamp();
+    rig.pool.listed(at(4), th, Ok(vec![Arc::new(changed)]));
+    assert_eq!(
+        set_tags_calls(&mut rig, at(5)),
+        1,
+        "tag changed in the cloud"
+    );
+    assert_eq!(
+        rig.pool.workers()[id.as_str()].info.tags["ArvadosIdleBehavior"],
+        "run"
+    );
+    let th = rig.pool.stamp();
+    let fixed = rig.pool.workers()[id.as_str()].info.clone();
+    rig.pool.listed(at(6), th, Ok(vec![fixed]));
+    assert_eq!(
+        set_tags_calls(&mut rig, at(7)),
+        0,
+        "set back, current again"
+    );
+    // Same record, new behaviour.
+    rig.pool
+        .set_idle_behavior(at(8), &id, IdleBehavior::Hold)
+        .expect("exists");
+    assert_eq!(set_tags_calls(&mut rig, at(9)), 1, "behaviour changed");
+}

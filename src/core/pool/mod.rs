@@ -212,10 +212,18 @@ impl TagKeys {
     /// `desired_tags(w) == w.info.tags` without building the map: the desired tags are the
     /// listed ones with two keys set, so they are equal exactly when both keys already hold
     /// the desired values.
-    fn current(&self, w: &Worker) -> bool {
-        w.info.tags.get(&self.instance_type) == Some(&w.itype.name)
+    fn current(&self, w: &mut Worker) -> bool {
+        if let Some((info, behavior)) = &w.tags_current_for
+            && Arc::ptr_eq(info, &w.info)
+            && *behavior == w.idle_behavior
+        {
+            return true;
+        }
+        let current = w.info.tags.get(&self.instance_type) == Some(&w.itype.name)
             && w.info.tags.get(&self.idle_behavior).map(String::as_str)
-                == Some(w.idle_behavior.as_str())
+                == Some(w.idle_behavior.as_str());
+        w.tags_current_for = current.then(|| (Arc::clone(&w.info), w.idle_behavior));
+        current
     }
 }
 
@@ -790,16 +798,13 @@ impl Pool {
     }
 
     fn save_tags(&mut self, id: &str) {
-        let Some(w) = self.workers.get(&Key::new(id)) else {
+        let Some(w) = self.workers.get_mut(&Key::new(id)) else {
             return;
         };
         if w.state == WorkerState::Shutdown || w.tags_busy || self.tag_keys.current(w) {
             return;
         }
-        self.workers
-            .get_mut(&Key::new(id))
-            .expect("checked")
-            .tags_busy = true;
+        w.tags_busy = true;
         self.queue_cloud(CloudReq::SetTags(id.to_string()));
     }
 
@@ -896,6 +901,7 @@ impl Pool {
                 probe: None,
                 tags_busy: false,
                 tags_sent: None,
+                tags_current_for: None,
             },
         );
         self.changed = true;

@@ -130,6 +130,10 @@ pub struct Worker {
     pub tags_busy: bool,
     /// The tags of the SetTags call in flight.
     pub tags_sent: Option<BTreeMap<String, String>>,
+    /// The listed record, and the idle behaviour, for which the tags were last found current:
+    /// while both stay the same, so do the tags. A listing hands back the same shared record
+    /// when nothing changed, so each sync checks a worker's tags without reading them.
+    pub tags_current_for: Option<(Arc<InstanceInfo>, IdleBehavior)>,
 }
 
 impl Worker {
