@@ -12,11 +12,19 @@ use super::types::ContainerState;
 impl Dispatcher {
     /// Returns one message per violated invariant.
     pub fn check_invariants(&self) -> Vec<String> {
-        let mut v = self.pool().check_invariants(self.ops());
-        // No container has runners on two instances.
-        // The runners sorted by UUID, ties in visiting order: a UUID seen before is reported
-        // against the worker that last held it, in visiting order, as a map of UUID to the
-        // last worker would (without building the map).
+        let (mut v, unique) = self.pool().check(self.ops());
+        if !unique {
+            self.runners_on_two_instances(&mut v);
+        }
+        self.check_ops_and_queue(&mut v);
+        v
+    }
+
+    /// No container has runners on two instances. The runners sorted by UUID, ties in
+    /// visiting order: a UUID seen before is reported against the worker that last held it,
+    /// in visiting order, as a map of UUID to the last worker would (without building the
+    /// map).
+    fn runners_on_two_instances(&self, v: &mut Vec<String>) {
         let mut runners: Vec<(&Key, &str, usize)> = Vec::new();
         for w in self.pool().workers().values() {
             for uuid in w.running.keys().chain(w.starting.keys()) {
@@ -38,6 +46,9 @@ impl Dispatcher {
             .collect();
         twice.sort_unstable_by_key(|(seq, _)| *seq);
         v.extend(twice.into_iter().map(|(_, msg)| msg));
+    }
+
+    fn check_ops_and_queue(&self, v: &mut Vec<String>) {
         // Per-container operations and the poll are really in flight (each op completes once).
         for (uuid, op) in self.uuid_ops() {
             if !self.ops().contains(*op) {
@@ -65,6 +76,5 @@ impl Dispatcher {
                 ));
             }
         }
-        v
     }
 }

@@ -1795,7 +1795,94 @@ impl Pool {
 
     /// Checks the pool's own consistency; returns a description of each violation.
     pub fn check_invariants(&self, ops: &Ops) -> Vec<String> {
+        self.check(ops).0
+    }
+
+    /// Whether every check of [`Pool::check_invariants`] that visits the workers holds: one
+    /// walk, with one index lookup per runner, that only answers yes or no (the usual answer
+    /// is yes; when it is no, the full checks run to say which). Yes also means that no
+    /// container has runners on two instances: each runner is indexed to its own worker, and
+    /// there are as many runners as index entries, one per UUID.
+    fn workers_consistent(&self, ops: &Ops) -> bool {
+        let mut runners = 0;
+        for w in self.workers.values() {
+            if (w.state == WorkerState::Shutdown && !w.starting.is_empty())
+                || w.probe.as_ref().is_some_and(|p| !ops.contains(p.op))
+                || (w.state == WorkerState::Idle && w.runner_count() > 0)
+            {
+                return false;
+            }
+            runners += w.runner_count();
+            let indexed_here = |uuid: &Key| {
+                self.book
+                    .index
+                    .get(uuid)
+                    .is_some_and(|id| str_eq(id, &w.id))
+            };
+            let mut starting = w.starting.keys().peekable();
+            for uuid in w.running.keys() {
+                while starting.next_if(|u| *u < uuid).is_some() {}
+                if starting.peek().is_some_and(|u| *u == uuid) || !indexed_here(uuid) {
+                    return false;
+                }
+            }
+            if !w.starting.keys().all(indexed_here) {
+                return false;
+            }
+        }
+        runners == self.book.index.len()
+    }
+
+    /// [`Pool::check_invariants`], and whether no container has runners on two instances
+    /// (known without a look when the workers' checks all hold; `false` means "not known").
+    pub(crate) fn check(&self, ops: &Ops) -> (Vec<String>, bool) {
         let mut v = Vec::new();
+        let consistent = self.workers_consistent(ops);
+        if !consistent {
+            self.check_workers(ops, &mut v);
+        }
+        // `Running()` against the runners and the exit placeholders: one merge of the three.
+        let mut index = self.book.index.keys().peekable();
+        let mut exited = self.book.exited.iter().peekable();
+        for (uuid, got) in &self.book.map {
+            while index.next_if(|u| *u < uuid).is_some() {}
+            while exited.next_if(|(u, _)| *u < uuid).is_some() {}
+            let want = if index.peek().is_some_and(|u| *u == uuid) {
+                Some(None)
+            } else {
+                exited
+                    .peek()
+                    .filter(|(u, _)| *u == uuid)
+                    .map(|(_, t)| Some(**t))
+            };
+            if want != Some(*got) {
+                v.push(format!(
+                    "Running() entry for {uuid} is {got:?}, want {want:?}"
+                ));
+            }
+        }
+        if self.book.map.len() != self.book.index.len() + self.book.exited.len() {
+            v.push(format!(
+                "Running() has {} entries; runners {} and exit placeholders {} should be disjoint",
+                self.book.map.len(),
+                self.book.index.len(),
+                self.book.exited.len()
+            ));
+        }
+        // Instances listed from an earlier process can push the total past MaxInstances, but
+        // the pool itself never creates beyond it: creates start only below the limit.
+        let max = self.cfg.cloud_vms.max_instances;
+        if max > 0 && self.creating.len() > max {
+            v.push(format!(
+                "{} creates in flight exceed MaxInstances {max}",
+                self.creating.len()
+            ));
+        }
+        (v, consistent)
+    }
+
+    /// The checks that visit the workers, each violation described.
+    fn check_workers(&self, ops: &Ops, v: &mut Vec<String>) {
         // Every runner, in the order the checks below visit them, and which of them the index
         // does not map to their worker: found by one merge of the runners, sorted by UUID, with
         // the index (no lookup per runner).
@@ -1850,49 +1937,122 @@ impl Pool {
                 v.push(format!("idle instance {} has runners", w.id));
             }
         }
-        // `Running()` against the runners and the exit placeholders: one merge of the three.
-        let mut index = self.book.index.keys().peekable();
-        let mut exited = self.book.exited.iter().peekable();
-        for (uuid, got) in &self.book.map {
-            while index.next_if(|u| *u < uuid).is_some() {}
-            while exited.next_if(|(u, _)| *u < uuid).is_some() {}
-            let want = if index.peek().is_some_and(|u| *u == uuid) {
-                Some(None)
-            } else {
-                exited
-                    .peek()
-                    .filter(|(u, _)| *u == uuid)
-                    .map(|(_, t)| Some(**t))
-            };
-            if want != Some(*got) {
-                v.push(format!(
-                    "Running() entry for {uuid} is {got:?}, want {want:?}"
-                ));
-            }
-        }
-        if self.book.map.len() != self.book.index.len() + self.book.exited.len() {
-            v.push(format!(
-                "Running() has {} entries; runners {} and exit placeholders {} should be disjoint",
-                self.book.map.len(),
-                self.book.index.len(),
-                self.book.exited.len()
-            ));
-        }
         if indexed != self.book.index.len() {
             v.push(format!(
                 "runner index has {} entries but workers hold {indexed} runners",
                 self.book.index.len()
             ));
         }
-        // Instances listed from an earlier process can push the total past MaxInstances, but
-        // the pool itself never creates beyond it: creates start only below the limit.
-        let max = self.cfg.cloud_vms.max_instances;
-        if max > 0 && self.creating.len() > max {
-            v.push(format!(
-                "{} creates in flight exceed MaxInstances {max}",
-                self.creating.len()
-            ));
-        }
-        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SET: &str = "set-1";
+    const U1: &str = "zzzzz-dz642-000000000000001";
+
+    /// A pool that has listed the instances `ids` (of one configured type).
+    fn pool(ids: &[&str]) -> Pool {
+        let mut cfg = Config::default();
+        let t = InstanceType {
+            name: "t1".into(),
+            provider_type: "t1".into(),
+            vcpus: 2,
+            ram: 1 << 30,
+            price: 0.1,
+            ..InstanceType::default()
+        };
+        cfg.instance_types.insert("t1".into(), t);
+        let types = TypeTable::new(&cfg.instance_types);
+        let mut p = Pool::new(
+            Arc::new(cfg),
+            types,
+            RunnerSpec::installed("crunch-run"),
+            SET,
+            Timestamp(1_000),
+        );
+        let list = ids
+            .iter()
+            .map(|id| {
+                let mut tags = BTreeMap::new();
+                tags.insert(p.tag("InstanceSetID"), SET.to_string());
+                tags.insert(p.tag("InstanceType"), "t1".to_string());
+                tags.insert(p.tag("IdleBehavior"), "run".to_string());
+                Arc::new(InstanceInfo {
+                    id: (*id).to_string(),
+                    tags,
+                    ..InstanceInfo::default()
+                })
+            })
+            .collect();
+        p.listed(Timestamp(1_000), 0, Ok(list));
+        p
+    }
+
+    fn worker<'p>(p: &'p mut Pool, id: &str) -> &'p mut Worker {
+        p.workers.get_mut(id).expect("listed")
+    }
+
+    #[test]
+    fn the_quick_check_and_the_full_one_agree() {
+        let ops = Ops::default();
+        let mut p = pool(&["i-1", "i-2"]);
+        assert_eq!(p.check(&ops), (vec![], true));
+
+        // A runner the index does not know.
+        worker(&mut p, "i-1")
+            .running
+            .insert(Key::new(U1), Runner::new(U1, Timestamp(1)));
+        let (v, unique) = p.check(&ops);
+        assert!(!unique);
+        assert_eq!(
+            v,
+            [
+                format!("runner {U1} on i-1 is not indexed to it"),
+                format!("runner index has 0 entries but workers hold 1 runners"),
+            ]
+        );
+
+        // Indexed: consistent again.
+        p.book.started(U1, "i-1");
+        assert_eq!(p.check(&ops), (vec![], true));
+
+        // The same container starting on a second instance: not indexed there, and the
+        // counts differ; the dispatcher then looks for UUIDs on two instances.
+        worker(&mut p, "i-2")
+            .starting
+            .insert(Key::new(U1), Runner::new(U1, Timestamp(1)));
+        let (v, unique) = p.check(&ops);
+        assert!(!unique);
+        assert_eq!(
+            v,
+            [
+                format!("runner {U1} on i-2 is not indexed to it"),
+                format!("runner index has 1 entries but workers hold 2 runners"),
+            ]
+        );
+        worker(&mut p, "i-2").starting.clear();
+
+        // Starting and running on the same instance.
+        worker(&mut p, "i-1")
+            .starting
+            .insert(Key::new(U1), Runner::new(U1, Timestamp(1)));
+        let (v, unique) = p.check(&ops);
+        assert!(!unique);
+        assert!(
+            v.contains(&format!("runner {U1} on i-1 is both starting and running")),
+            "{v:?}"
+        );
+        worker(&mut p, "i-1").starting.clear();
+        assert_eq!(p.check(&ops), (vec![], true));
+
+        // An idle instance with a runner.
+        worker(&mut p, "i-1").state = WorkerState::Idle;
+        assert_eq!(
+            p.check(&ops),
+            (vec!["idle instance i-1 has runners".to_string()], false)
+        );
     }
 }
