@@ -486,6 +486,7 @@ impl Instance {
         match words.next() {
             Some("--list") => {
                 let mut out = String::new();
+                let mut expired = false;
                 for (u, p) in &self.procs {
                     if !p.exited {
                         out.push_str(u);
@@ -493,7 +494,12 @@ impl Instance {
                     } else if p.stale_until > now {
                         out.push_str(u);
                         out.push_str(" stale\n");
+                    } else {
+                        expired = true;
                     }
+                }
+                if expired {
+                    self.gc(now);
                 }
                 if now >= self.report_broken_at {
                     out.push_str("broken\n");
@@ -581,7 +587,9 @@ impl Instance {
         }
     }
 
-    /// Drops stale entries whose time has passed.
+    /// Drops stale entries whose time has passed. Only memory depends on when this runs:
+    /// every reader of `procs` skips an exited process whose stale time has passed, so
+    /// `--list` collects them as it meets them instead of every command walking the map.
     pub fn gc(&mut self, now: u64) {
         self.procs.retain(|_, p| !p.exited || p.stale_until > now);
     }
