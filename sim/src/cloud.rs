@@ -34,9 +34,107 @@ pub struct Proc {
     pub ignore_term: bool,
 }
 
-/// One simulated instance.
+/// An instance's crunch-run processes by container UUID, in UUID order.
+///
+/// An instance almost always has none or one, so they are kept in a sorted vector of
+/// cache-line-aligned entries: a process is one line, where a B-tree leaf keeps its key and
+/// its value lines apart (every remote command on the instance reads them, and by then they
+/// are rarely cached).
+#[derive(Clone, Debug, Default)]
+pub struct Procs(Vec<ProcEntry>);
+
+/// One container's process, in a cache line of its own.
 #[derive(Clone, Debug)]
+#[repr(align(64))]
+struct ProcEntry {
+    uuid: Key,
+    proc: Proc,
+}
+
+impl Procs {
+    fn position(&self, uuid: &Key) -> Result<usize, usize> {
+        self.0.binary_search_by(|e| e.uuid.cmp(uuid))
+    }
+
+    /// The process for container `uuid`.
+    pub fn get(&self, uuid: &Key) -> Option<&Proc> {
+        self.position(uuid).ok().map(|i| &self.0[i].proc)
+    }
+
+    /// The process for container `uuid`, to change.
+    pub fn get_mut(&mut self, uuid: &Key) -> Option<&mut Proc> {
+        self.position(uuid).ok().map(|i| &mut self.0[i].proc)
+    }
+
+    /// Sets the process for container `uuid`, replacing any earlier one.
+    pub fn insert(&mut self, uuid: Key, proc: Proc) {
+        match self.position(&uuid) {
+            Ok(i) => self.0[i].proc = proc,
+            Err(i) => self.0.insert(i, ProcEntry { uuid, proc }),
+        }
+    }
+
+    /// Forgets the process for container `uuid`.
+    pub fn remove(&mut self, uuid: &Key) -> Option<Proc> {
+        self.position(uuid).ok().map(|i| self.0.remove(i).proc)
+    }
+
+    /// Keeps the processes `keep` accepts.
+    pub fn retain(&mut self, mut keep: impl FnMut(&Key, &Proc) -> bool) {
+        self.0.retain(|e| keep(&e.uuid, &e.proc));
+    }
+
+    /// The containers whose processes have not exited, in UUID order.
+    pub fn into_running(self) -> Vec<Key> {
+        self.0
+            .into_iter()
+            .filter(|e| !e.proc.exited)
+            .map(|e| e.uuid)
+            .collect()
+    }
+
+    /// The processes, in UUID order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Key, &Proc)> {
+        self.0.iter().map(|e| (&e.uuid, &e.proc))
+    }
+}
+
+/// One simulated instance.
+///
+/// Laid out by hand: every remote command reads the readiness times, the flags and the
+/// processes, and each listing reads the creation time, the list match and the record, of an
+/// instance that is rarely still cached by then (there are up to thousands, and the core's
+/// passes run in between). `repr(C)` keeps the fields in this order and the 64-byte alignment
+/// (which the cloud's map nodes then have too) puts the first group in one cache line and the
+/// second at the start of the next, so a command misses once on the instance instead of on
+/// two or three lines; the assertion below the struct checks the first line's contents fit.
+#[derive(Clone, Debug)]
+#[repr(C, align(64))]
 pub struct Instance {
+    // First cache line: what `exec` reads.
+    /// SSH accepts connections from then.
+    pub ssh_at: u64,
+    /// The boot probe passes from then.
+    pub boot_at: u64,
+    /// Every command fails from then.
+    pub broken_at: u64,
+    /// `--list` says `broken` from then.
+    pub report_broken_at: u64,
+    /// crunch-run processes by container.
+    pub procs: Procs,
+    /// A first SSH connection was reported.
+    pub ssh_reported: bool,
+    /// crunch-run is not installed.
+    pub crunch_run_missing: bool,
+    /// The deployed runner binary is in place.
+    pub runner_installed: bool,
+    // Second cache line: what `Cloud::list` reads, then the rest.
+    /// Billing starts (the create call returned).
+    pub created_at: u64,
+    /// Whether `info.tags` matched the list filter of generation `.0` (see `Cloud::list`); 0
+    /// (no generation) until a list looks. Whoever changes `info.tags` resets it to
+    /// [`Instance::UNLISTED`].
+    pub list_match: (u64, bool),
     /// What List returns (shared with the listings, which copy only the pointer).
     pub info: Arc<InstanceInfo>,
     /// Configured type name.
@@ -47,29 +145,10 @@ pub struct Instance {
     pub vcpus: i64,
     /// Quota group.
     pub quota_group: String,
-    /// Billing starts (the create call returned).
-    pub created_at: u64,
-    /// SSH accepts connections from then.
-    pub ssh_at: u64,
-    /// The boot probe passes from then.
-    pub boot_at: u64,
-    /// Every command fails from then.
-    pub broken_at: u64,
-    /// `--list` says `broken` from then.
-    pub report_broken_at: u64,
-    /// A first SSH connection was reported.
-    pub ssh_reported: bool,
-    /// crunch-run is not installed.
-    pub crunch_run_missing: bool,
-    /// The deployed runner binary is in place.
-    pub runner_installed: bool,
-    /// crunch-run processes by container (UUIDs kept in the nodes, see [`Key`]).
-    pub procs: BTreeMap<Key, Proc>,
-    /// Whether `info.tags` matched the list filter of generation `.0` (see `Cloud::list`); 0
-    /// (no generation) until a list looks. Whoever changes `info.tags` resets it to
-    /// [`Instance::UNLISTED`].
-    pub list_match: (u64, bool),
 }
+
+// `exec`'s fields end within the first cache line, the listing's begin the second.
+const _: () = assert!(std::mem::offset_of!(Instance, created_at) == 64);
 
 /// Billing totals.
 #[derive(Clone, Debug, Default)]
@@ -290,7 +369,7 @@ impl Cloud {
             ssh_reported: false,
             crunch_run_missing,
             runner_installed: false,
-            procs: BTreeMap::new(),
+            procs: Procs::default(),
             list_match: Instance::UNLISTED,
         };
         self.instances.insert(id.into(), inst);
@@ -308,11 +387,7 @@ impl Cloud {
             return Vec::new();
         };
         self.bill(&inst, now.max(inst.created_at));
-        inst.procs
-            .into_iter()
-            .filter(|(_, p)| !p.exited)
-            .map(|(u, _)| u)
-            .collect()
+        inst.procs.into_running()
     }
 
     /// A destroy call. `Ok(procs killed)` on success.
@@ -486,14 +561,20 @@ impl Instance {
         match words.next() {
             Some("--list") => {
                 let mut out = String::new();
-                for (u, p) in &self.procs {
+                let mut expired = false;
+                for (u, p) in self.procs.iter() {
                     if !p.exited {
                         out.push_str(u);
                         out.push('\n');
                     } else if p.stale_until > now {
                         out.push_str(u);
                         out.push_str(" stale\n");
+                    } else {
+                        expired = true;
                     }
+                }
+                if expired {
+                    self.gc(now);
                 }
                 if now >= self.report_broken_at {
                     out.push_str("broken\n");
@@ -581,7 +662,9 @@ impl Instance {
         }
     }
 
-    /// Drops stale entries whose time has passed.
+    /// Drops stale entries whose time has passed. Only memory depends on when this runs:
+    /// every reader of `procs` skips an exited process whose stale time has passed, so
+    /// `--list` collects them as it meets them instead of every command walking the map.
     pub fn gc(&mut self, now: u64) {
         self.procs.retain(|_, p| !p.exited || p.stale_until > now);
     }

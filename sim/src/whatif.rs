@@ -32,7 +32,7 @@ use arvados_dispatch_cloud::core::types::{Container, ContainerState, InstanceInf
 use serde::Serialize;
 use serde_yaml::{Mapping, Value};
 
-use crate::cloud::{Instance, NEVER, Proc};
+use crate::cloud::{Instance, NEVER, Proc, Procs};
 use crate::dist::Dur;
 use crate::scenario::{Expect, Scenario, TuningSpec, WorkloadSpec};
 use crate::sweep::{Series, Tracker, TrackerWriter, apply_knob};
@@ -1016,7 +1016,7 @@ fn prepare(w: &mut World, p: &Plan, arrivals: &[Submission]) -> Result<(), World
                 ssh_reported: fi.boot_in.is_none(),
                 crunch_run_missing: false,
                 runner_installed: true,
-                procs: BTreeMap::new(),
+                procs: Procs::default(),
                 list_match: Instance::UNLISTED,
             },
         );

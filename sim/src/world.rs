@@ -579,7 +579,6 @@ impl World {
                     self.deliver(at, Input::ExecFinished { op, result });
                     return;
                 };
-                inst.gc(now);
                 let (result, fx) = inst.exec(now, &command, token, ignore_term);
                 if fx.ssh_connected {
                     self.deliver(
@@ -1036,7 +1035,8 @@ fn container_uuid(cluster: &str, n: u64) -> String {
     let mut uuid = String::with_capacity(cluster.len() + 7 + digits.len());
     uuid.push_str(cluster);
     uuid.push_str("-dz642-");
-    uuid.extend(digits.iter().map(|&d| char::from(d)));
+    // ASCII digits, so one copy rather than a `char` push (with its UTF-8 encoding) per digit.
+    uuid.push_str(std::str::from_utf8(digits).unwrap_or_default());
     uuid
 }
 
