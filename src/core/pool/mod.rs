@@ -94,8 +94,9 @@ struct Creating {
 /// One instance as a scheduling pass reads it: a reference to a worker, or a pending create.
 #[derive(Clone, Copy, Debug)]
 pub enum PoolInstance<'a> {
-    /// A worker.
-    Worker(&'a Worker),
+    /// A worker, with its key in the pool's map (the ID, kept in the map's node: a pass
+    /// reads every ID, and the worker's own copy is a separate heap block).
+    Worker(&'a Key, &'a Worker),
     /// A create in flight, of this type.
     Creating(&'a InstanceType),
 }
@@ -103,26 +104,26 @@ pub enum PoolInstance<'a> {
 impl PlanInstance for PoolInstance<'_> {
     fn id(&self) -> &str {
         match self {
-            PoolInstance::Worker(w) => &w.id,
+            PoolInstance::Worker(id, _) => id.as_str(),
             PoolInstance::Creating(_) => "",
         }
     }
     fn type_name(&self) -> &str {
         match self {
-            PoolInstance::Worker(w) => &w.itype.name,
+            PoolInstance::Worker(_, w) => &w.itype.name,
             PoolInstance::Creating(t) => &t.name,
         }
     }
     fn price(&self) -> f64 {
         match self {
-            PoolInstance::Worker(w) => w.itype.price,
+            PoolInstance::Worker(_, w) => w.itype.price,
             PoolInstance::Creating(t) => t.price,
         }
     }
     fn type_and_price(&self, types: &TypeTable) -> (Option<TypeId>, f64) {
         match self {
             // A configured type's record is the table's (`Pool::appeared`).
-            PoolInstance::Worker(w) => match w.type_id {
+            PoolInstance::Worker(_, w) => match w.type_id {
                 Some(t) => (Some(t), types.get(t).price),
                 None => (None, w.itype.price),
             },
@@ -131,7 +132,7 @@ impl PlanInstance for PoolInstance<'_> {
     }
     fn running_uuids(&self) -> impl Iterator<Item = &str> {
         let w = match self {
-            PoolInstance::Worker(w) => Some(*w),
+            PoolInstance::Worker(_, w) => Some(*w),
             PoolInstance::Creating(_) => None,
         };
         w.into_iter()
@@ -139,19 +140,19 @@ impl PlanInstance for PoolInstance<'_> {
     }
     fn running_count(&self) -> usize {
         match self {
-            PoolInstance::Worker(w) => w.runner_count(),
+            PoolInstance::Worker(_, w) => w.runner_count(),
             PoolInstance::Creating(_) => 0,
         }
     }
     fn state(&self) -> WorkerState {
         match self {
-            PoolInstance::Worker(w) => w.state,
+            PoolInstance::Worker(_, w) => w.state,
             PoolInstance::Creating(_) => WorkerState::Booting,
         }
     }
     fn idle_behavior(&self) -> IdleBehavior {
         match self {
-            PoolInstance::Worker(w) => w.idle_behavior,
+            PoolInstance::Worker(_, w) => w.idle_behavior,
             PoolInstance::Creating(_) => IdleBehavior::Run,
         }
     }
@@ -483,7 +484,11 @@ impl Pool {
                 .map(|c| PoolInstance::Creating(self.types.get(c.type_id))),
         );
         v.sort_by(|a, b| a.type_name().cmp(b.type_name()));
-        v.extend(self.workers.values().map(PoolInstance::Worker));
+        v.extend(
+            self.workers
+                .iter()
+                .map(|(id, w)| PoolInstance::Worker(id, w)),
+        );
         v
     }
 
@@ -1287,7 +1292,7 @@ impl Pool {
     }
 
     fn issue_probe_step(&self, now: Timestamp, ops: &mut Ops, id: &str, step: ProbeStep) -> OpId {
-        let w = &self.workers[id];
+        let w = &self.workers[&Key::new(id)];
         let user = &w.info.remote_user;
         let runner = &self.runner.command;
         let (purpose, command, stdin, timeout) = match step {
@@ -1462,15 +1467,14 @@ impl Pool {
         list: Option<Result<ExecOutput, ExecError>>,
     ) {
         let stale_timeout = self.timeout_stale_run_lock();
-        let cluster_id = self.cfg.cluster_id.clone();
+        let (ok, report) = match &list {
+            Some(Ok(out)) => (true, remote::parse_list(&out.stdout, &self.cfg.cluster_id)),
+            _ => (false, remote::ListReport::default()),
+        };
         let Some(w) = self.workers.get_mut(&Key::new(id)) else {
             return;
         };
         let p = w.probe.take().expect("probe in progress");
-        let (ok, report) = match &list {
-            Some(Ok(out)) => (true, remote::parse_list(&out.stdout, &cluster_id)),
-            _ => (false, remote::ListReport::default()),
-        };
         let mut broken = report.broken;
         if ok {
             if report.stale {
@@ -1538,7 +1542,9 @@ impl Pool {
         }
         let mut changed = false;
         // updateRunning: adopt new UUIDs, promote starting ones, close the ones that left.
-        let reported: BTreeSet<&str> = report.uuids.iter().map(String::as_str).collect();
+        // Sorted for lookups (an instance reports a handful at most, so no set is built).
+        let mut reported: Vec<&str> = report.uuids.iter().map(String::as_str).collect();
+        reported.sort_unstable();
         let mut adopted = Vec::new();
         for uuid in &report.uuids {
             if w.running.contains_key(uuid.as_str()) {
@@ -1564,7 +1570,7 @@ impl Pool {
         let left: Vec<String> = w
             .running
             .keys()
-            .filter(|u| !reported.contains(u.as_str()))
+            .filter(|u| reported.binary_search(&u.as_str()).is_err())
             .map(String::from)
             .collect();
         let first_ssh = w.first_ssh;
