@@ -2017,7 +2017,7 @@ mod tests {
             v,
             [
                 format!("runner {U1} on i-1 is not indexed to it"),
-                format!("runner index has 0 entries but workers hold 1 runners"),
+                "runner index has 0 entries but workers hold 1 runners".to_string(),
             ]
         );
 
@@ -2036,7 +2036,7 @@ mod tests {
             v,
             [
                 format!("runner {U1} on i-2 is not indexed to it"),
-                format!("runner index has 1 entries but workers hold 2 runners"),
+                "runner index has 1 entries but workers hold 2 runners".to_string(),
             ]
         );
         worker(&mut p, "i-2").starting.clear();
