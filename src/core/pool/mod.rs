@@ -260,6 +260,14 @@ pub struct Pool {
     pub metrics: PoolMetrics,
 }
 
+/// The operation `w`'s probe waits for, when it is not in flight (inconsistent).
+fn lost_probe(w: &Worker, ops: &Ops) -> Option<OpId> {
+    w.probe
+        .as_ref()
+        .map(|p| p.op)
+        .filter(|op| !ops.contains(*op))
+}
+
 fn nonzero(d: Duration, fallback: Duration) -> Duration {
     if d.is_zero() { fallback } else { d }
 }
@@ -1812,9 +1820,10 @@ impl Pool {
     fn workers_consistent(&self, ops: &Ops) -> bool {
         let mut runners = 0;
         for w in self.workers.values() {
-            if (w.state == WorkerState::Shutdown && !w.starting.is_empty())
-                || w.probe.as_ref().is_some_and(|p| !ops.contains(p.op))
-                || (w.state == WorkerState::Idle && w.runner_count() > 0)
+            if w.starting_while_shut_down()
+                || lost_probe(w, ops).is_some()
+                || w.idle_with_runners()
+                || w.starting_and_running().next().is_some()
             {
                 return false;
             }
@@ -1825,14 +1834,7 @@ impl Pool {
                     .get(uuid)
                     .is_some_and(|id| str_eq(id, &w.id))
             };
-            let mut starting = w.starting.keys().peekable();
-            for uuid in w.running.keys() {
-                while starting.next_if(|u| *u < uuid).is_some() {}
-                if starting.peek().is_some_and(|u| *u == uuid) || !indexed_here(uuid) {
-                    return false;
-                }
-            }
-            if !w.starting.keys().all(indexed_here) {
+            if !w.running.keys().chain(w.starting.keys()).all(indexed_here) {
                 return false;
             }
         }
@@ -1918,28 +1920,22 @@ impl Pool {
                 }
                 seq += 1;
             }
-            let mut starting = w.starting.keys().peekable();
-            for uuid in w.running.keys() {
-                while starting.next_if(|u| *u < uuid).is_some() {}
-                if starting.peek().is_some_and(|u| *u == uuid) {
-                    v.push(format!(
-                        "runner {uuid} on {} is both starting and running",
-                        w.id
-                    ));
-                }
-            }
-            if w.state == WorkerState::Shutdown && !w.starting.is_empty() {
-                v.push(format!("shut-down instance {} has a runner starting", w.id));
-            }
-            if let Some(p) = &w.probe
-                && !ops.contains(p.op)
-            {
+            for uuid in w.starting_and_running() {
                 v.push(format!(
-                    "probe of {} waits for {} which is not in flight",
-                    w.id, p.op
+                    "runner {uuid} on {} is both starting and running",
+                    w.id
                 ));
             }
-            if matches!(w.state, WorkerState::Idle) && w.runner_count() > 0 {
+            if w.starting_while_shut_down() {
+                v.push(format!("shut-down instance {} has a runner starting", w.id));
+            }
+            if let Some(op) = lost_probe(w, ops) {
+                v.push(format!(
+                    "probe of {} waits for {op} which is not in flight",
+                    w.id
+                ));
+            }
+            if w.idle_with_runners() {
                 v.push(format!("idle instance {} has runners", w.id));
             }
         }

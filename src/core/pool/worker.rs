@@ -142,6 +142,26 @@ impl Worker {
         self.running.len() + self.starting.len()
     }
 
+    /// UUIDs both starting and running (none, when consistent), in UUID order: one merge of
+    /// the two maps.
+    pub fn starting_and_running(&self) -> impl Iterator<Item = &Key> {
+        let mut starting = self.starting.keys().peekable();
+        self.running.keys().filter(move |uuid| {
+            while starting.next_if(|u| u < uuid).is_some() {}
+            starting.peek() == Some(uuid)
+        })
+    }
+
+    /// A shut-down worker with a runner starting (inconsistent).
+    pub fn starting_while_shut_down(&self) -> bool {
+        self.state == WorkerState::Shutdown && !self.starting.is_empty()
+    }
+
+    /// An idle worker with runners (inconsistent).
+    pub fn idle_with_runners(&self) -> bool {
+        self.state == WorkerState::Idle && self.runner_count() > 0
+    }
+
     /// The runner for `uuid`, wherever it is.
     pub fn runner_mut(&mut self, uuid: &str) -> Option<&mut Runner> {
         if self.running.contains_key(uuid) {
