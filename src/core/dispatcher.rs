@@ -603,7 +603,7 @@ impl Dispatcher {
             .entries()
             .values()
             .filter(|e| {
-                e.container().state == ContainerState::Locked
+                e.state() == ContainerState::Locked
                     && !running.contains_key(e.container().uuid.as_str())
             })
             .map(|e| e.container().uuid.to_string())
