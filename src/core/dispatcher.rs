@@ -264,22 +264,27 @@ impl Dispatcher {
     /// When to call `handle_timeout` next (if no input arrives first).
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        let mut t: Vec<Timestamp> = Vec::with_capacity(8);
-        if self.poll_op.is_none() {
-            t.push(self.next_poll_at);
-        }
-        t.extend(self.pool.next_timeout());
-        t.extend(self.ops.next_deadline());
-        if let StalePhase::Waiting { deadline } = self.stale {
-            t.push(deadline);
-        }
-        if self.dirty
-            && let Some(last) = self.last_pass
-        {
-            t.push(last + self.cfg.tuning.schedule_min_interval);
-        }
-        t.extend(self.retry_at);
-        t.into_iter().min().map(|x| x.max(self.now))
+        let poll = self.poll_op.is_none().then_some(self.next_poll_at);
+        let stale = match self.stale {
+            StalePhase::Waiting { deadline } => Some(deadline),
+            _ => None,
+        };
+        let pass = self
+            .last_pass
+            .filter(|_| self.dirty)
+            .map(|last| last + self.cfg.tuning.schedule_min_interval);
+        [
+            poll,
+            self.pool.next_timeout(),
+            self.ops.next_deadline(),
+            stale,
+            pass,
+            self.retry_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|x| x.max(self.now))
     }
 
     // ----- inputs -----------------------------------------------------------------------------
@@ -878,7 +883,7 @@ impl Dispatcher {
                     && matches!(e.state(), ContainerState::Queued | ContainerState::Locked)
                     && !has_runner
             })
-            .map(|(_, e)| e.container().created_at)
+            .map(|(_, e)| e.created_at())
             .min();
         self.metrics.longest_wait_seconds = oldest.map_or(0.0, |t| now.since(t).as_secs_f64());
     }

@@ -64,15 +64,13 @@ impl Dispatcher {
         }
         // Queued and Locked entries have eligible types.
         for e in self.queue().entries().values() {
-            if matches!(
-                e.container().state,
-                ContainerState::Queued | ContainerState::Locked
-            ) && e.types.is_empty()
+            if matches!(e.state(), ContainerState::Queued | ContainerState::Locked)
+                && e.types.is_empty()
             {
                 v.push(format!(
                     "container {} is {} with no eligible instance type",
                     e.container().uuid,
-                    e.container().state
+                    e.state()
                 ));
             }
         }

@@ -35,7 +35,7 @@ pub struct QueueEntry {
     hot: Hot,
 }
 
-/// What every scheduling pass reads of the record, copied into the entry: the pass, `sync`
+/// What every scheduling pass (and the gauges' walk) reads of the record, copied into the entry: the pass, `sync`
 /// and the gauges each walk the whole queue, and the records are separate heap blocks (a
 /// cache miss each), while the entries sit together in the map's nodes.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -43,6 +43,7 @@ struct Hot {
     state: ContainerState,
     priority: i64,
     supervisor: bool,
+    created_at: Timestamp,
 }
 
 impl Hot {
@@ -51,6 +52,7 @@ impl Hot {
             state: c.state,
             priority: c.priority,
             supervisor: c.scheduling_parameters.supervisor,
+            created_at: c.created_at,
         }
     }
 }
@@ -100,6 +102,12 @@ impl QueueEntry {
     #[inline]
     pub fn supervisor(&self) -> bool {
         self.hot.supervisor
+    }
+
+    /// The record's `created_at`.
+    #[inline]
+    pub fn created_at(&self) -> Timestamp {
+        self.hot.created_at
     }
 
     fn set_container(&mut self, container: Arc<Container>) {

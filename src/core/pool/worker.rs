@@ -84,20 +84,36 @@ pub struct Probe {
 }
 
 /// The pool's record of one VM.
+///
+/// Laid out in declaration order (`repr(C)`), with what every scheduling pass, gauge and
+/// invariant check reads of each worker first: its state, behaviour, type and runner maps
+/// share the record's first 64 bytes, so the walks over all workers touch about one cache
+/// line per worker instead of three.
 #[derive(Clone, Debug, PartialEq)]
+#[repr(C)]
 pub struct Worker {
-    /// Cloud ID.
-    pub id: String,
-    /// Latest listing.
-    pub info: Arc<InstanceInfo>,
-    /// Configured type, or `None` when the tag names an unconfigured one.
-    pub type_id: Option<TypeId>,
-    /// The type (for an unconfigured one: only the name is set).
-    pub itype: Arc<InstanceType>,
     /// State.
     pub state: WorkerState,
     /// Admin intent.
     pub idle_behavior: IdleBehavior,
+    /// A boot outcome has been counted.
+    pub boot_reported: bool,
+    /// A SetTags call is queued or in flight.
+    pub tags_busy: bool,
+    /// Configured type, or `None` when the tag names an unconfigured one.
+    pub type_id: Option<TypeId>,
+    /// Runners the probe has confirmed (or whose start returned).
+    pub running: BTreeMap<Key, Runner>,
+    /// Runners whose start is in progress.
+    pub starting: BTreeMap<Key, Runner>,
+    /// The probe in progress (read by the invariant checks: next to the hot fields).
+    pub probe: Option<Probe>,
+    /// Cloud ID.
+    pub id: String,
+    /// Latest listing.
+    pub info: Arc<InstanceInfo>,
+    /// The type (for an unconfigured one: only the name is set).
+    pub itype: Arc<InstanceType>,
     /// Instance secret from the tag.
     pub secret: String,
     /// First seen by this process.
@@ -116,18 +132,8 @@ pub struct Worker {
     pub first_ssh: Option<Timestamp>,
     /// Since when the run probe reports a stale lock.
     pub stale_since: Option<Timestamp>,
-    /// Runners the probe has confirmed (or whose start returned).
-    pub running: BTreeMap<Key, Runner>,
-    /// Runners whose start is in progress.
-    pub starting: BTreeMap<Key, Runner>,
     /// UUID last started (or first seen).
     pub last_uuid: String,
-    /// A boot outcome has been counted.
-    pub boot_reported: bool,
-    /// The probe in progress.
-    pub probe: Option<Probe>,
-    /// A SetTags call is queued or in flight.
-    pub tags_busy: bool,
     /// The tags of the SetTags call in flight.
     pub tags_sent: Option<BTreeMap<String, String>>,
     /// The listed record, and the idle behaviour, for which the tags were last found current:
@@ -135,6 +141,11 @@ pub struct Worker {
     /// when nothing changed, so each sync checks a worker's tags without reading them.
     pub tags_current_for: Option<(Arc<InstanceInfo>, IdleBehavior)>,
 }
+
+// The hot fields stay within the first 64 bytes.
+const _: () = assert!(
+    std::mem::offset_of!(Worker, starting) + std::mem::size_of::<BTreeMap<Key, Runner>>() <= 64
+);
 
 impl Worker {
     /// Runners in `running` and `starting`.
