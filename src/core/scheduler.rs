@@ -295,6 +295,58 @@ fn prefix_cmp(a: (f64, i64, i64, i64), b: (f64, i64, i64, i64)) -> Ordering {
         .then(b.3.cmp(&a.3))
 }
 
+/// Positions `0..prefixes.len()` sorted stably by [`prefix_cmp`]: what
+/// `sort_by(|a, b| prefix_cmp(prefixes[a], prefixes[b]))` gives.
+///
+/// A pass's instances have few distinct prefixes (about one per instance type), so this
+/// counts them per distinct prefix and places each position in one sweep, instead of
+/// sorting with a comparator that reads two prefixes per step. With many distinct prefixes
+/// it sorts.
+fn stable_order_by_prefix(prefixes: &[(f64, i64, i64, i64)]) -> Vec<usize> {
+    const MAX_DISTINCT: usize = 32;
+    let mut distinct: Vec<(f64, i64, i64, i64)> = Vec::new();
+    let mut class: Vec<u8> = Vec::with_capacity(prefixes.len());
+    let mut last = usize::MAX;
+    for &p in prefixes {
+        let same = |c: &(f64, i64, i64, i64)| prefix_cmp(*c, p) == Ordering::Equal;
+        if last == usize::MAX || !same(&distinct[last]) {
+            last = match distinct.iter().position(same) {
+                Some(c) => c,
+                None if distinct.len() < MAX_DISTINCT => {
+                    distinct.push(p);
+                    distinct.len() - 1
+                }
+                None => {
+                    let mut order: Vec<usize> = (0..prefixes.len()).collect();
+                    order.sort_by(|&a, &b| prefix_cmp(prefixes[a], prefixes[b]));
+                    return order;
+                }
+            };
+        }
+        class.push(last as u8);
+    }
+    // Each distinct prefix's rank, then where its first position goes.
+    let mut by_rank: Vec<usize> = (0..distinct.len()).collect();
+    by_rank.sort_by(|&a, &b| prefix_cmp(distinct[a], distinct[b]));
+    let mut counts = [0usize; MAX_DISTINCT];
+    for &c in &class {
+        counts[usize::from(c)] += 1;
+    }
+    let mut start = [0usize; MAX_DISTINCT];
+    let mut next = 0;
+    for c in by_rank {
+        start[c] = next;
+        next += counts[c];
+    }
+    let mut order = vec![0usize; prefixes.len()];
+    for (pos, &c) in class.iter().enumerate() {
+        let slot = &mut start[usize::from(c)];
+        order[*slot] = pos;
+        *slot += 1;
+    }
+    order
+}
+
 #[derive(Clone, Copy, Debug)]
 struct InstKey<'a> {
     price: f64,
@@ -1100,7 +1152,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     let nviews = snap.instances.len();
     let mut type_ids: Vec<Option<TypeId>> = Vec::with_capacity(nviews);
     let mut remaining: Vec<Resources> = Vec::with_capacity(nviews);
-    let mut placed: Vec<(&'a str, usize)> = Vec::new();
+    let mut placed: Vec<(&'a str, usize)> = Vec::with_capacity(snap.running.len());
     let mut prices: Vec<f64> = Vec::with_capacity(nviews);
     let mut pos_of: Table<&str, usize> = if snap.runners.is_some() {
         Table::with_capacity_and_hasher(nviews, BuildHasherDefault::default())
@@ -1199,7 +1251,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
         .windows(2)
         .all(|w| str_cmp(w[0].id(), w[1].id()).is_le())
     {
-        order.sort_by(|&a, &b| prefix_cmp(prefixes[a], prefixes[b]));
+        order = stable_order_by_prefix(&prefixes);
     } else {
         order.sort_by(|&a, &b| {
             prefix_cmp(prefixes[a], prefixes[b])
@@ -1207,7 +1259,16 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
                 .then(a.cmp(&b))
         });
     }
-    let mut insts: Vec<Inst<'a>> = Vec::with_capacity(nviews);
+    // Room for the instances this pass may create, so that the first create does not move
+    // every instance: at most the creates the concurrency limit leaves, else a few dozen
+    // before the vector grows.
+    let p = &snap.pool;
+    let headroom = if p.max_concurrent_creates > 0 {
+        p.max_concurrent_creates.saturating_sub(p.creating)
+    } else {
+        64
+    };
+    let mut insts: Vec<Inst<'a>> = Vec::with_capacity(nviews + headroom);
     for pos in order {
         let v = &snap.instances[pos];
         let (price, vcpus, ram, scratch) = prefixes[pos];
@@ -2214,6 +2275,11 @@ mod tests {
                 ),
             });
         }
+        // Half the worlds list their instances in ID order, as the pool does (the pass then
+        // orders them without comparing IDs); the others in any order.
+        if rng.below(2) == 0 {
+            instances.sort_by(|a, b| a.instance.cmp(&b.instance));
+        }
         let mut capacity_blocked = BTreeSet::new();
         for key in ["", "g1", "p1", "p2-preemptible"] {
             if rng.below(12) == 0 {
@@ -2292,6 +2358,31 @@ mod tests {
             got.not_allocated_over_quota, want.not_allocated_over_quota,
             "seed {seed}"
         );
+    }
+
+    /// The counting order is the comparator sort's, with few or many distinct prefixes,
+    /// equal ones in any order, and prices that differ only in the sign of zero.
+    #[test]
+    fn the_counting_order_by_prefix_is_the_stable_sort() {
+        let mut rng = Rng::new(7);
+        for case in 0..400u64 {
+            let n = rng.below(300) as usize;
+            let kinds = 1 + rng.below(if case % 4 == 0 { 60 } else { 8 }) as i64;
+            let prefixes: Vec<(f64, i64, i64, i64)> = (0..n)
+                .map(|_| {
+                    let k = rng.below(kinds as u64) as i64;
+                    let price = match k % 5 {
+                        0 => 0.0,
+                        1 => -0.0,
+                        _ => (k % 7) as f64 * 0.1,
+                    };
+                    (price, k % 3, k % 4, k)
+                })
+                .collect();
+            let mut want: Vec<usize> = (0..n).collect();
+            want.sort_by(|&a, &b| prefix_cmp(prefixes[a], prefixes[b]));
+            assert_eq!(stable_order_by_prefix(&prefixes), want, "case {case}");
+        }
     }
 
     #[test]
