@@ -213,7 +213,11 @@ mod tests {
             let r = a.alloc(Layout::from_size_align(32, 16).unwrap());
             assert_eq!(r, p, "a freed block is reused for its class");
             ptr::write_bytes(r, 0xab, 32);
-            let r2 = a.realloc(r, Layout::from_size_align(32, 16).unwrap(), MAX_SMALL + 1000);
+            let r2 = a.realloc(
+                r,
+                Layout::from_size_align(32, 16).unwrap(),
+                MAX_SMALL + 1000,
+            );
             assert!(
                 (0..32).all(|i| *r2.add(i) == 0xab),
                 "realloc keeps the contents"
