@@ -145,6 +145,52 @@ fn forget_irrelevant_containers() {
     assert_eq!(w.state(&uuid(1)), Queued);
 }
 
+/// `containers_longest_wait_time_seconds` follows the oldest wanted container that waits:
+/// after passes that change nothing (the gauge then comes from `sync`'s walk) and after one
+/// that forgets a container (the gauge's own walk).
+#[test]
+fn longest_wait_gauge_follows_the_oldest_waiting_container() {
+    let mut cfg = go_test_config();
+    // No instance can be created, so the Queued containers wait.
+    cfg.cloud_vms.max_instances = 1;
+    let mut w = World::new(cfg, 2);
+    leftover_vm(&mut w, "i-1", 16, Timestamp(u64::MAX / 2), &[]);
+    w.vms
+        .get_mut("i-1")
+        .expect("vm")
+        .info
+        .tags
+        .insert("test:IdleBehavior".into(), "hold".into());
+    let first = w.now;
+    w.add(container(1, Queued, 5, 1, GIB));
+    w.run(Duration::from_secs(3), |_| false);
+    let second = w.now;
+    w.add(container(2, Queued, 5, 1, GIB));
+    w.run(Duration::from_secs(3), |w| {
+        w.d.queue().entries().contains_key(uuid(2).as_str())
+    });
+    w.run(Duration::from_secs(2), |_| false);
+    // Passes run about every second here, and the containers were created 3 s apart.
+    let wait = w.d.sched_metrics().longest_wait_seconds;
+    assert!(
+        (wait - w.now.since(first).as_secs_f64()).abs() < 1.0,
+        "the gauge counts from the first container's creation: {wait} at {}",
+        w.now
+    );
+    w.db.get_mut(&uuid(1)).expect("c1").priority = 0;
+    let done = w.run(Duration::from_secs(2), |w| {
+        !w.d.queue().entries().contains_key(uuid(1).as_str())
+    });
+    assert!(done, "the priority-0 container was forgotten");
+    w.run(Duration::from_secs(2), |_| false);
+    let wait = w.d.sched_metrics().longest_wait_seconds;
+    assert!(
+        (wait - w.now.since(second).as_secs_f64()).abs() < 1.0,
+        "the gauge now counts from the second container's creation: {wait} at {}",
+        w.now
+    );
+}
+
 #[test]
 fn cancel_orphaned_containers() {
     let mut w = World::new(go_test_config(), 3);

@@ -691,8 +691,8 @@ impl Dispatcher {
         if hit_limit {
             self.pool.create_limit_reached(now);
         }
-        self.sync(now);
-        self.update_metrics(now);
+        let oldest = self.sync(now);
+        self.update_metrics(now, oldest);
     }
 
     fn apply(&mut self, now: Timestamp, action: Action) {
@@ -783,7 +783,10 @@ impl Dispatcher {
 
     /// `sync()` (§3.1): reconcile queue states with crunch-run processes. Decisions are made
     /// on one snapshot (queue entries and `Running()` as they are now), then applied in order.
-    fn sync(&mut self, now: Timestamp) {
+    ///
+    /// Returns, when it changed nothing, what [`Dispatcher::update_metrics`] would find as the
+    /// oldest waiting container's `created_at` (its walk is this one's, over the same state).
+    fn sync(&mut self, now: Timestamp) -> Option<Option<Timestamp>> {
         enum Act {
             Cancel(&'static str),
             Kill(String),
@@ -797,6 +800,7 @@ impl Dispatcher {
         // runner record, and the `Running()` UUIDs the queue lacks (the strays), without a
         // lookup per entry.
         let mut strays: Vec<String> = Vec::new();
+        let mut oldest: Option<Timestamp> = None;
         let mut running = self.pool.running().iter().peekable();
         for (key, e) in self.queue.entries() {
             while let Some((u, _)) = running.next_if(|(u, _)| *u < key) {
@@ -804,6 +808,10 @@ impl Dispatcher {
             }
             let (state, priority) = (e.state(), e.priority());
             let proc = running.next_if(|(u, _)| *u == key).map(|(_, t)| *t);
+            if waiting(e, proc.is_some()) {
+                let t = e.created_at();
+                oldest = Some(oldest.map_or(t, |o| o.min(t)));
+            }
             let exited_before_poll = matches!(proc, Some(Some(t)) if q_updated > t);
             let act = match state {
                 ContainerState::Running => {
@@ -852,6 +860,9 @@ impl Dispatcher {
             }
         }
         strays.extend(running.map(|(u, _)| u.to_string()));
+        if todo.is_empty() && strays.is_empty() {
+            return Some(oldest);
+        }
         for (uuid, act) in todo {
             match act {
                 Act::Cancel(reason) => self.cancel(now, &uuid, reason),
@@ -865,28 +876,36 @@ impl Dispatcher {
         for uuid in strays {
             self.kill(now, &uuid, "not in queue");
         }
+        None
     }
 
-    /// `updateMetrics()` (§3.2).
-    fn update_metrics(&mut self, now: Timestamp) {
-        // The queue and `Running()` are both in UUID order: merge them rather than look each
-        // entry up.
-        let mut running = self.pool.running().keys().peekable();
-        let oldest = self
-            .queue
-            .entries()
-            .iter()
-            .filter(|(key, e)| {
-                while running.next_if(|u| *u < *key).is_some() {}
-                let has_runner = running.next_if(|u| *u == *key).is_some();
-                e.priority() > 0
-                    && matches!(e.state(), ContainerState::Queued | ContainerState::Locked)
-                    && !has_runner
-            })
-            .map(|(_, e)| e.created_at())
-            .min();
+    /// `updateMetrics()` (§3.2). `oldest` is the oldest waiting container's `created_at` when
+    /// [`Dispatcher::sync`] found it, else the walk finds it.
+    fn update_metrics(&mut self, now: Timestamp, oldest: Option<Option<Timestamp>>) {
+        let oldest = oldest.unwrap_or_else(|| {
+            // The queue and `Running()` are both in UUID order: merge them rather than look
+            // each entry up.
+            let mut running = self.pool.running().keys().peekable();
+            self.queue
+                .entries()
+                .iter()
+                .filter(|(key, e)| {
+                    while running.next_if(|u| *u < *key).is_some() {}
+                    waiting(e, running.next_if(|u| *u == *key).is_some())
+                })
+                .map(|(_, e)| e.created_at())
+                .min()
+        });
         self.metrics.longest_wait_seconds = oldest.map_or(0.0, |t| now.since(t).as_secs_f64());
     }
+}
+
+/// Whether `e` counts as waiting for the longest-wait gauge: wanted (priority > 0), Queued
+/// or Locked, and with no runner or exit record in `Running()`.
+fn waiting(e: &QueueEntry, in_running: bool) -> bool {
+    e.priority() > 0
+        && matches!(e.state(), ContainerState::Queued | ContainerState::Locked)
+        && !in_running
 }
 
 /// The failure the core records for an operation whose deadline passed.
