@@ -14,6 +14,7 @@
 pub mod remote;
 pub mod worker;
 
+use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +24,7 @@ use super::command::{
     ExecStdin, OpId,
 };
 use super::config::Config;
-use super::fastcmp::str_eq;
+use super::fastcmp::{str_cmp, str_eq};
 use super::key::Key;
 use super::metrics::{BootOutcome, PoolMetrics};
 use super::ops::{Ops, Pending};
@@ -284,6 +285,50 @@ fn pair_hash(uuid: &str, id: &str) -> u64 {
         mix(h ^ tail ^ (s.len() as u64) << 56)
     }
     fold(fold(0x9e37_79b9_7f4a_7c15, uuid), id)
+}
+
+/// Where [`Pool::listed_merge`] goes on in the worker map.
+enum Resume {
+    /// From the first worker.
+    Start,
+    /// From this ID.
+    At(Key),
+    /// Past the last worker.
+    End,
+}
+
+/// A listed record for the known worker `w` (`update_worker` for a known instance, without
+/// cloning its ID): a shared record the worker already holds (the same listing as last time)
+/// is kept. Returns the cloud call the worker needs: its tags set, or its destroy retried.
+/// Skips a worker this listing (stamps above `first`) already refreshed.
+fn refresh_listed(
+    w: &mut Worker,
+    info: Arc<InstanceInfo>,
+    first: u64,
+    stamp: &mut u64,
+    tag_keys: &TagKeys,
+    now: Timestamp,
+    shutdown_timeout: Duration,
+) -> Option<CloudReq> {
+    if w.seen > first {
+        return None;
+    }
+    *stamp += 1;
+    w.seen = *stamp;
+    if !Arc::ptr_eq(&w.info, &info) {
+        w.info = info;
+    }
+    let shutdown = w.state == WorkerState::Shutdown;
+    if !shutdown && !w.tags_busy && !tag_keys.current(w) {
+        w.tags_busy = true;
+        return Some(CloudReq::SetTags(w.id.clone()));
+    }
+    if shutdown && w.destroyed.is_some_and(|d| now.since(d) > shutdown_timeout) {
+        w.destroyed = Some(now);
+        tracing::info!(instance = %w.id, "instance still listed after shutdown; retrying destroy");
+        return Some(CloudReq::Destroy(w.id.clone()));
+    }
+    None
 }
 
 /// The operation `w`'s probe waits for, when it is not in flight (inconsistent).
@@ -1084,7 +1129,15 @@ impl Pool {
         // Every worker this listing refreshes gets a stamp above `first`: a second record with
         // the same ID is skipped.
         let first = self.stamp;
-        for info in list {
+        // Listings usually come in ID order, as the map: one merge finds each record's worker
+        // (by the record's address when the worker holds that very record, without reading
+        // it). A record the merge cannot place (a new instance, or one out of order) goes
+        // through a lookup, and the merge resumes after it.
+        let mut list = list.into_iter();
+        let mut resume = Resume::Start;
+        while let Some(info) =
+            self.listed_merge(now, first, shutdown_timeout, &mut list, &mut resume)
+        {
             let w = self.workers.get_mut(&Key::new(&info.id));
             // Drivers may ignore the tag filter; apply it here. A record the worker already
             // holds (the same listing as last time) passed it then.
@@ -1097,29 +1150,17 @@ impl Pool {
                 self.update_worker(now, info, None);
                 continue;
             };
-            if w.seen > first {
-                continue;
-            }
-            // `update_worker` for a known instance, without cloning its ID: a shared record
-            // the pool already holds (the same listing as last time) is kept.
-            self.stamp += 1;
-            w.seen = self.stamp;
-            if !Arc::ptr_eq(&w.info, &info) {
-                w.info = info;
-            }
-            let shutdown = w.state == WorkerState::Shutdown;
-            let set_tags = !shutdown && !w.tags_busy && !self.tag_keys.current(w);
-            let retry_destroy =
-                shutdown && w.destroyed.is_some_and(|d| now.since(d) > shutdown_timeout);
-            if set_tags {
-                w.tags_busy = true;
-                let id = w.id.clone();
-                self.queue_cloud(CloudReq::SetTags(id));
-            } else if retry_destroy {
-                w.destroyed = Some(now);
-                let id = w.id.clone();
-                tracing::info!(instance = %id, "instance still listed after shutdown; retrying destroy");
-                self.queue_cloud(CloudReq::Destroy(id));
+            let req = refresh_listed(
+                w,
+                info,
+                first,
+                &mut self.stamp,
+                &self.tag_keys,
+                now,
+                shutdown_timeout,
+            );
+            if let Some(req) = req {
+                self.queue_cloud(req);
             }
         }
         let gone: Vec<String> = self
@@ -1139,6 +1180,73 @@ impl Pool {
             self.loaded = true;
             self.changed = true;
         }
+    }
+
+    /// [`Pool::listed`]'s merge: refreshes the workers of `list`'s records in one walk of the
+    /// map from `resume`, until a record whose worker is not next in the map (a new instance,
+    /// or a listing out of ID order), which it returns (`resume` then says where to go on).
+    fn listed_merge(
+        &mut self,
+        now: Timestamp,
+        first: u64,
+        shutdown_timeout: Duration,
+        list: &mut impl Iterator<Item = Arc<InstanceInfo>>,
+        resume: &mut Resume,
+    ) -> Option<Arc<InstanceInfo>> {
+        let mut reqs = Vec::new();
+        let mut unplaced = None;
+        {
+            let mut ws = match std::mem::replace(resume, Resume::End) {
+                Resume::Start => self.workers.range_mut::<Key, _>(..),
+                Resume::At(k) => self.workers.range_mut::<Key, _>(k..),
+                // Past the last worker, every record goes through a lookup.
+                Resume::End => return list.next(),
+            }
+            .peekable();
+            for info in list.by_ref() {
+                let found = loop {
+                    let Some((k, w)) = ws.peek() else {
+                        break None;
+                    };
+                    if Arc::ptr_eq(&w.info, &info) {
+                        break ws.next();
+                    }
+                    match str_cmp(k.as_str(), &info.id) {
+                        Ordering::Less => {
+                            ws.next();
+                        }
+                        Ordering::Equal => break ws.next(),
+                        Ordering::Greater => break None,
+                    }
+                };
+                let Some((_, w)) = found else {
+                    *resume = ws
+                        .peek()
+                        .map_or(Resume::End, |(k, _)| Resume::At((*k).clone()));
+                    unplaced = Some(info);
+                    break;
+                };
+                // The tag filter, as for a looked-up record.
+                if !Arc::ptr_eq(&w.info, &info)
+                    && info.tags.get(&self.tag_keys.instance_set_id) != Some(&self.instance_set_id)
+                {
+                    continue;
+                }
+                reqs.extend(refresh_listed(
+                    w,
+                    info,
+                    first,
+                    &mut self.stamp,
+                    &self.tag_keys,
+                    now,
+                    shutdown_timeout,
+                ));
+            }
+        }
+        for req in reqs {
+            self.queue_cloud(req);
+        }
+        unplaced
     }
 
     /// The SSH layer reached host-key verification on `id`.
@@ -2026,6 +2134,75 @@ mod tests {
 
     fn worker<'p>(p: &'p mut Pool, id: &str) -> &'p mut Worker {
         p.workers.get_mut(id).expect("listed")
+    }
+
+    /// A listing refreshes the same workers whatever its order: in ID order the merge places
+    /// every record; out of order, records go through lookups. With records the workers hold,
+    /// changed ones, new instances before, between and after the known ones, a duplicate, one
+    /// of another instance set, and a known instance missing (gone).
+    #[test]
+    fn a_listing_in_any_order_refreshes_the_same_workers() {
+        let ids = ["i-1", "i-2", "i-3", "i-4", "i-5", "i-6"];
+        let record = |p: &Pool, id: &str, set: &str, behavior: &str| {
+            let mut tags = BTreeMap::new();
+            tags.insert(p.tag("InstanceSetID"), set.to_string());
+            tags.insert(p.tag("InstanceType"), "t1".to_string());
+            tags.insert(p.tag("IdleBehavior"), behavior.to_string());
+            Arc::new(InstanceInfo {
+                id: id.to_string(),
+                tags,
+                ..InstanceInfo::default()
+            })
+        };
+        let outcome = |order: &[usize]| {
+            let mut p = pool(&ids);
+            let held = |p: &Pool, id: &str| Arc::clone(&p.workers[id].info);
+            let twice = held(&p, "i-5");
+            let records = vec![
+                record(&p, "i-0", SET, "run"),
+                held(&p, "i-1"),
+                record(&p, "i-2", SET, "hold"),
+                record(&p, "i-25", SET, "run"),
+                held(&p, "i-3"),
+                record(&p, "i-35", "other-set", "run"),
+                Arc::clone(&twice),
+                twice,
+                held(&p, "i-6"),
+                record(&p, "i-9", SET, "run"),
+            ];
+            let list = order.iter().map(|&i| Arc::clone(&records[i])).collect();
+            let threshold = p.stamp;
+            p.listed(Timestamp(2_000), threshold, Ok(list));
+            let workers: Vec<(String, InstanceInfo, bool)> = p
+                .workers
+                .values()
+                .map(|w| (w.id.clone(), (*w.info).clone(), w.tags_busy))
+                .collect();
+            let mut calls: Vec<String> = p.cloud_queue.iter().map(|r| format!("{r:?}")).collect();
+            calls.sort();
+            (workers, calls)
+        };
+        let sorted: Vec<usize> = (0..10).collect();
+        let (workers, calls) = outcome(&sorted);
+        let listed: Vec<&str> = workers.iter().map(|(id, _, _)| id.as_str()).collect();
+        assert_eq!(
+            listed,
+            ["i-0", "i-1", "i-2", "i-25", "i-3", "i-5", "i-6", "i-9"],
+            "i-4 is gone; i-35 belongs to another set"
+        );
+        assert!(calls.contains(&"SetTags(\"i-2\")".to_string()), "{calls:?}");
+        let mut rng = crate::core::rng::Rng::new(5);
+        for round in 0..50 {
+            let mut order = sorted.clone();
+            for i in (1..order.len()).rev() {
+                order.swap(i, rng.below(i as u64 + 1) as usize);
+            }
+            assert_eq!(
+                outcome(&order),
+                (workers.clone(), calls.clone()),
+                "round {round}: {order:?}"
+            );
+        }
     }
 
     #[test]
