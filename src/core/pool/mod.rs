@@ -1406,7 +1406,8 @@ impl Pool {
     /// Starts a probe of `id` now, unless one is in progress (probes are single-flight). The
     /// probe loop calls this at `MaxProbesPerSecond`; tests and admin tools may call it directly.
     pub fn probe_now(&mut self, now: Timestamp, ops: &mut Ops, id: &str) {
-        let Some(w) = self.workers.get(&Key::new(id)) else {
+        let key = Key::new(id);
+        let Some(w) = self.workers.get(&key) else {
             return;
         };
         if w.probe.is_some() || w.state == WorkerState::Shutdown {
@@ -1421,7 +1422,7 @@ impl Pool {
             ProbeStep::Boot
         };
         let op = self.issue_probe_step(now, ops, id, step);
-        let w = self.workers.get_mut(&Key::new(id)).expect("checked");
+        let w = self.workers.get_mut(&key).expect("checked");
         w.probe = Some(Probe {
             op,
             step,
