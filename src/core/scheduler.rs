@@ -27,10 +27,10 @@
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::time::Duration;
 
-use super::fastcmp::{sort_by_str_key, str_cmp};
+use super::fastcmp::{sort_by_str_key, str_cmp, str_eq};
 use super::key::Key;
 use super::queue::QueueEntry;
 use super::select::{TypeId, TypeTable};
@@ -805,6 +805,26 @@ impl Hasher for FxHasher {
     }
 }
 
+/// An instance ID as a key of the pass's position table: hashed as its `str`, compared with
+/// the inline [`str_eq`] (`str`'s `==` calls `memcmp`, whose call costs more than comparing
+/// these short IDs).
+#[derive(Clone, Copy, Debug)]
+struct IdKey<'a>(&'a str);
+
+impl PartialEq for IdKey<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        str_eq(self.0, other.0)
+    }
+}
+
+impl Eq for IdKey<'_> {}
+
+impl Hash for IdKey<'_> {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
 /// A lookup table of one pass. Never iterated, so its order cannot leak into a plan, and
 /// hashed with a fixed seed, so it reads no OS randomness.
 #[allow(clippy::disallowed_types)]
@@ -1154,7 +1174,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     let mut remaining: Vec<Resources> = Vec::with_capacity(nviews);
     let mut placed: Vec<(&'a str, usize)> = Vec::with_capacity(snap.running.len());
     let mut prices: Vec<f64> = Vec::with_capacity(nviews);
-    let mut pos_of: Table<&str, usize> = if snap.runners.is_some() {
+    let mut pos_of: Table<IdKey<'_>, usize> = if snap.runners.is_some() {
         Table::with_capacity_and_hasher(nviews, BuildHasherDefault::default())
     } else {
         Table::default()
@@ -1166,7 +1186,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
         remaining.push(type_id.map_or(Resources::FULL, |t| snap.types.get(t).capacity()));
         if snap.runners.is_some() {
             if !v.id().is_empty() {
-                pos_of.insert(v.id(), pos);
+                pos_of.insert(IdKey(v.id()), pos);
             }
         } else {
             for uuid in v.running_uuids() {
@@ -1179,7 +1199,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
         Some(index) => placed.extend(
             index
                 .iter()
-                .filter_map(|(uuid, id)| Some((uuid.as_str(), *pos_of.get(id.as_str())?))),
+                .filter_map(|(uuid, id)| Some((uuid.as_str(), *pos_of.get(&IdKey(id))?))),
         ),
         // Pushed in position order, so the stable sort breaks ties by position.
         None => sort_by_str_key(&mut placed, |p| p.0),
