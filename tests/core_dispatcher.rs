@@ -116,10 +116,10 @@ fn kill_nonexistent_container() {
     assert!(w.commands.iter().any(|c| matches!(&c.kind, CommandKind::Exec { command, .. } if *command == format!("crunch-run --kill 15 {}", uuid(2)))));
 }
 
-#[test]
-fn forget_irrelevant_containers() {
+/// A world where no container can start: MaxInstances 1, and the one instance (which never
+/// boots) is on hold. Queued containers are never locked.
+fn nowhere_to_run() -> World {
     let mut cfg = go_test_config();
-    // No instance can be created, so the Queued container is never locked.
     cfg.cloud_vms.max_instances = 1;
     let mut w = World::new(cfg, 2);
     leftover_vm(&mut w, "i-1", 16, Timestamp(u64::MAX / 2), &[]);
@@ -129,6 +129,12 @@ fn forget_irrelevant_containers() {
         .info
         .tags
         .insert("test:IdleBehavior".into(), "hold".into());
+    w
+}
+
+#[test]
+fn forget_irrelevant_containers() {
+    let mut w = nowhere_to_run();
     w.add(container(1, Queued, 5, 1, GIB));
     w.add(container(2, Complete, 5, 1, GIB));
     w.run(Duration::from_millis(50), |w| {
@@ -150,17 +156,7 @@ fn forget_irrelevant_containers() {
 /// that forgets a container (the gauge's own walk).
 #[test]
 fn longest_wait_gauge_follows_the_oldest_waiting_container() {
-    let mut cfg = go_test_config();
-    // No instance can be created, so the Queued containers wait.
-    cfg.cloud_vms.max_instances = 1;
-    let mut w = World::new(cfg, 2);
-    leftover_vm(&mut w, "i-1", 16, Timestamp(u64::MAX / 2), &[]);
-    w.vms
-        .get_mut("i-1")
-        .expect("vm")
-        .info
-        .tags
-        .insert("test:IdleBehavior".into(), "hold".into());
+    let mut w = nowhere_to_run();
     let first = w.now;
     w.add(container(1, Queued, 5, 1, GIB));
     w.run(Duration::from_secs(3), |_| false);

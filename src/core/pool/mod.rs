@@ -297,19 +297,43 @@ enum Resume {
     End,
 }
 
+/// What [`Pool::listed`] refreshes each worker with.
+struct Listing {
+    now: Timestamp,
+    /// The pool's stamp before the listing: a worker stamped above it was refreshed already.
+    first: u64,
+    shutdown_timeout: Duration,
+}
+
+/// Whether a listed record belongs to this dispatcher's instance set. Drivers may ignore the
+/// tag filter, so it is applied here; a record the worker already holds (the same listing as
+/// last time) passed it then.
+fn of_this_set(
+    held: Option<&Worker>,
+    info: &Arc<InstanceInfo>,
+    tag_keys: &TagKeys,
+    instance_set_id: &String,
+) -> bool {
+    held.is_some_and(|w| Arc::ptr_eq(&w.info, info))
+        || info.tags.get(&tag_keys.instance_set_id) == Some(instance_set_id)
+}
+
 /// A listed record for the known worker `w` (`update_worker` for a known instance, without
 /// cloning its ID): a shared record the worker already holds (the same listing as last time)
 /// is kept. Returns the cloud call the worker needs: its tags set, or its destroy retried.
-/// Skips a worker this listing (stamps above `first`) already refreshed.
+/// Skips a worker this listing already refreshed.
 fn refresh_listed(
     w: &mut Worker,
     info: Arc<InstanceInfo>,
-    first: u64,
+    listing: &Listing,
     stamp: &mut u64,
     tag_keys: &TagKeys,
-    now: Timestamp,
-    shutdown_timeout: Duration,
 ) -> Option<CloudReq> {
+    let Listing {
+        now,
+        first,
+        shutdown_timeout,
+    } = *listing;
     if w.seen > first {
         return None;
     }
@@ -1125,41 +1149,29 @@ impl Pool {
                 return;
             }
         };
-        let shutdown_timeout = self.timeout_shutdown();
         // Every worker this listing refreshes gets a stamp above `first`: a second record with
         // the same ID is skipped.
-        let first = self.stamp;
+        let listing = Listing {
+            now,
+            first: self.stamp,
+            shutdown_timeout: self.timeout_shutdown(),
+        };
         // Listings usually come in ID order, as the map: one merge finds each record's worker
         // (by the record's address when the worker holds that very record, without reading
         // it). A record the merge cannot place (a new instance, or one out of order) goes
         // through a lookup, and the merge resumes after it.
         let mut list = list.into_iter();
         let mut resume = Resume::Start;
-        while let Some(info) =
-            self.listed_merge(now, first, shutdown_timeout, &mut list, &mut resume)
-        {
+        while let Some(info) = self.listed_merge(&listing, &mut list, &mut resume) {
             let w = self.workers.get_mut(&Key::new(&info.id));
-            // Drivers may ignore the tag filter; apply it here. A record the worker already
-            // holds (the same listing as last time) passed it then.
-            if !w.as_ref().is_some_and(|w| Arc::ptr_eq(&w.info, &info))
-                && info.tags.get(&self.tag_keys.instance_set_id) != Some(&self.instance_set_id)
-            {
+            if !of_this_set(w.as_deref(), &info, &self.tag_keys, &self.instance_set_id) {
                 continue;
             }
             let Some(w) = w else {
                 self.update_worker(now, info, None);
                 continue;
             };
-            let req = refresh_listed(
-                w,
-                info,
-                first,
-                &mut self.stamp,
-                &self.tag_keys,
-                now,
-                shutdown_timeout,
-            );
-            if let Some(req) = req {
+            if let Some(req) = refresh_listed(w, info, &listing, &mut self.stamp, &self.tag_keys) {
                 self.queue_cloud(req);
             }
         }
@@ -1187,9 +1199,7 @@ impl Pool {
     /// or a listing out of ID order), which it returns (`resume` then says where to go on).
     fn listed_merge(
         &mut self,
-        now: Timestamp,
-        first: u64,
-        shutdown_timeout: Duration,
+        listing: &Listing,
         list: &mut impl Iterator<Item = Arc<InstanceInfo>>,
         resume: &mut Resume,
     ) -> Option<Arc<InstanceInfo>> {
@@ -1226,21 +1236,10 @@ impl Pool {
                     unplaced = Some(info);
                     break;
                 };
-                // The tag filter, as for a looked-up record.
-                if !Arc::ptr_eq(&w.info, &info)
-                    && info.tags.get(&self.tag_keys.instance_set_id) != Some(&self.instance_set_id)
-                {
-                    continue;
+                if of_this_set(Some(w), &info, &self.tag_keys, &self.instance_set_id) {
+                    let req = refresh_listed(w, info, listing, &mut self.stamp, &self.tag_keys);
+                    reqs.extend(req);
                 }
-                reqs.extend(refresh_listed(
-                    w,
-                    info,
-                    first,
-                    &mut self.stamp,
-                    &self.tag_keys,
-                    now,
-                    shutdown_timeout,
-                ));
             }
         }
         for req in reqs {
