@@ -236,6 +236,9 @@ pub struct Pool {
     tag_keys: TagKeys,
     types: TypeTable,
     runner: RunnerSpec,
+    /// The run probe's command (`crunch-run --list`), without and with `sudo`: the same for
+    /// every probe of a remote user, so formatted once.
+    list_commands: [String; 2],
     instance_set_id: String,
     workers: BTreeMap<Key, Worker>,
     creating: BTreeMap<String, Creating>,
@@ -385,6 +388,10 @@ impl Pool {
             tag_keys: Pool::tag_keys(&cfg),
             cfg,
             types,
+            list_commands: [
+                remote::list_command(&runner.command, "root"),
+                remote::list_command(&runner.command, ""),
+            ],
             runner,
             instance_set_id: instance_set_id.to_string(),
             workers: BTreeMap::new(),
@@ -1468,7 +1475,8 @@ impl Pool {
                 // the added scratch volume's cost, on stdin (§2.3).
                 let prices = price::probe_prices(&w.info, &w.itype);
                 let (command, stdin) = if prices.is_empty() {
-                    (remote::list_command(runner, user), ExecStdin::Empty)
+                    let command = &self.list_commands[usize::from(remote::needs_sudo(user))];
+                    (command.clone(), ExecStdin::Empty)
                 } else {
                     (
                         remote::list_command_with_prices(runner, user),
@@ -2201,6 +2209,19 @@ mod tests {
                 outcome(&order),
                 (workers.clone(), calls.clone()),
                 "round {round}: {order:?}"
+            );
+        }
+    }
+
+    /// The run probe's command, formatted once per pool, is the remote user's.
+    #[test]
+    fn the_run_probe_command_is_the_remote_users() {
+        let p = pool(&[]);
+        for user in ["root", "admin", "crunch", ""] {
+            assert_eq!(
+                p.list_commands[usize::from(remote::needs_sudo(user))],
+                remote::list_command(&p.runner.command, user),
+                "{user}"
             );
         }
     }

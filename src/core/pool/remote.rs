@@ -53,7 +53,12 @@ pub fn shell_quote(s: &str) -> String {
 }
 
 fn sudo(remote_user: &str) -> &'static str {
-    if remote_user == "root" { "" } else { "sudo " }
+    if needs_sudo(remote_user) { "sudo " } else { "" }
+}
+
+/// Whether commands for `remote_user` run under `sudo` (everyone but root).
+pub fn needs_sudo(remote_user: &str) -> bool {
+    remote_user != "root"
 }
 
 /// `<runner> --list`.
