@@ -35,8 +35,8 @@ pub struct QueueEntry {
     hot: Hot,
 }
 
-/// What every scheduling pass (and the gauges' walk) reads of the record, copied into the entry: the pass, `sync`
-/// and the gauges each walk the whole queue, and the records are separate heap blocks (a
+/// What the scheduling pass, `sync` and the gauges read of the record, copied into the
+/// entry: each of them walks the whole queue, and the records are separate heap blocks (a
 /// cache miss each), while the entries sit together in the map's nodes.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Hot {
