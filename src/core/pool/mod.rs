@@ -2102,6 +2102,19 @@ mod tests {
     const SET: &str = "set-1";
     const U1: &str = "zzzzz-dz642-000000000000001";
 
+    /// A listed record of `id`, of type t1, in instance set `set`, tagged `behavior`.
+    fn listed_record(p: &Pool, id: &str, set: &str, behavior: &str) -> Arc<InstanceInfo> {
+        let mut tags = BTreeMap::new();
+        tags.insert(p.tag("InstanceSetID"), set.to_string());
+        tags.insert(p.tag("InstanceType"), "t1".to_string());
+        tags.insert(p.tag("IdleBehavior"), behavior.to_string());
+        Arc::new(InstanceInfo {
+            id: id.to_string(),
+            tags,
+            ..InstanceInfo::default()
+        })
+    }
+
     /// A pool that has listed the instances `ids` (of one configured type).
     fn pool(ids: &[&str]) -> Pool {
         let mut cfg = Config::default();
@@ -2124,17 +2137,7 @@ mod tests {
         );
         let list = ids
             .iter()
-            .map(|id| {
-                let mut tags = BTreeMap::new();
-                tags.insert(p.tag("InstanceSetID"), SET.to_string());
-                tags.insert(p.tag("InstanceType"), "t1".to_string());
-                tags.insert(p.tag("IdleBehavior"), "run".to_string());
-                Arc::new(InstanceInfo {
-                    id: (*id).to_string(),
-                    tags,
-                    ..InstanceInfo::default()
-                })
-            })
+            .map(|id| listed_record(&p, id, SET, "run"))
             .collect();
         p.listed(Timestamp(1_000), 0, Ok(list));
         p
@@ -2151,32 +2154,21 @@ mod tests {
     #[test]
     fn a_listing_in_any_order_refreshes_the_same_workers() {
         let ids = ["i-1", "i-2", "i-3", "i-4", "i-5", "i-6"];
-        let record = |p: &Pool, id: &str, set: &str, behavior: &str| {
-            let mut tags = BTreeMap::new();
-            tags.insert(p.tag("InstanceSetID"), set.to_string());
-            tags.insert(p.tag("InstanceType"), "t1".to_string());
-            tags.insert(p.tag("IdleBehavior"), behavior.to_string());
-            Arc::new(InstanceInfo {
-                id: id.to_string(),
-                tags,
-                ..InstanceInfo::default()
-            })
-        };
         let outcome = |order: &[usize]| {
             let mut p = pool(&ids);
             let held = |p: &Pool, id: &str| Arc::clone(&p.workers[id].info);
             let twice = held(&p, "i-5");
             let records = vec![
-                record(&p, "i-0", SET, "run"),
+                listed_record(&p, "i-0", SET, "run"),
                 held(&p, "i-1"),
-                record(&p, "i-2", SET, "hold"),
-                record(&p, "i-25", SET, "run"),
+                listed_record(&p, "i-2", SET, "hold"),
+                listed_record(&p, "i-25", SET, "run"),
                 held(&p, "i-3"),
-                record(&p, "i-35", "other-set", "run"),
+                listed_record(&p, "i-35", "other-set", "run"),
                 Arc::clone(&twice),
                 twice,
                 held(&p, "i-6"),
-                record(&p, "i-9", SET, "run"),
+                listed_record(&p, "i-9", SET, "run"),
             ];
             let list = order.iter().map(|&i| Arc::clone(&records[i])).collect();
             let threshold = p.stamp;
@@ -2245,6 +2237,13 @@ mod tests {
                 "runner index has 0 entries but workers hold 1 runners".to_string(),
             ]
         );
+
+        // Indexed to the other instance: as many runners as index entries, so only the
+        // pairs' hash sums tell.
+        p.book.started(U1, "i-2");
+        let (v, unique) = p.check(&ops);
+        assert!(!unique);
+        assert_eq!(v, [format!("runner {U1} on i-1 is not indexed to it")]);
 
         // Indexed: consistent again.
         p.book.started(U1, "i-1");
