@@ -606,12 +606,9 @@ impl Dispatcher {
         let stale: Vec<String> = self
             .queue
             .entries()
-            .values()
-            .filter(|e| {
-                e.state() == ContainerState::Locked
-                    && !running.contains_key(e.container().uuid.as_str())
-            })
-            .map(|e| e.container().uuid.to_string())
+            .iter()
+            .filter(|(uuid, e)| e.state() == ContainerState::Locked && !running.contains_key(*uuid))
+            .map(|(uuid, _)| uuid.to_string())
             .collect();
         if stale.is_empty() {
             self.stale = StalePhase::Done;

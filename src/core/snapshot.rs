@@ -189,7 +189,7 @@ impl History {
 
     /// A poll at `now` changed a cached container from `old` to `new`.
     pub fn changed(&mut self, now: Timestamp, old: &QueueEntry, new: &Container) {
-        let from = old.container().state;
+        let from = old.state();
         let to = new.state;
         if from == to {
             return;

@@ -220,7 +220,7 @@ pub fn gather(d: &Dispatcher, now: Timestamp, memory: &mut LabelMemory) -> Vec<F
             .map(|id| d.types().get(*id).name.clone())
             .unwrap_or_default();
         *queue
-            .entry((e.container().state.as_str().to_string(), it))
+            .entry((e.state().as_str().to_string(), it))
             .or_default() += 1;
     }
     memory.queue_entries.extend(queue.keys().cloned());
