@@ -30,6 +30,8 @@ const GRAIN: usize = 16;
 /// about 4 KiB).
 pub const MAX_SMALL: usize = 8 * 1024;
 const CLASSES: usize = MAX_SMALL / GRAIN;
+/// A cache line: blocks of at least this size are carved at this alignment.
+const LINE: usize = 64;
 /// Bytes taken from the system at a time to carve small blocks from, and their alignment:
 /// one huge page.
 const CHUNK: usize = 2 * 1024 * 1024;
@@ -93,6 +95,14 @@ impl Local {
         }
         let size = class_size(c);
         let mut next = self.next.get();
+        if size >= LINE {
+            // A block of a cache line or more starts on a line, so that its first 64 bytes
+            // (where `Worker` and `Container` keep what every walk reads, and `Arc` its counts)
+            // are one line. At most 48 bytes are skipped.
+            // The chunk's end is line-aligned, so this never passes it.
+            let addr = next as usize;
+            next = next.wrapping_add(addr.next_multiple_of(LINE) - addr);
+        }
         if (self.end.get() as usize).wrapping_sub(next as usize) < size || next.is_null() {
             // SAFETY: CHUNK is non-zero and a power of two.
             let chunk = unsafe { System.alloc(Layout::from_size_align_unchecked(CHUNK, CHUNK)) };
@@ -238,6 +248,9 @@ mod tests {
             let l = Layout::from_size_align(size, 8).unwrap();
             let p = unsafe { a.alloc(l) };
             assert!(!p.is_null());
+            if size >= LINE && size <= MAX_SMALL {
+                assert_eq!(p as usize % LINE, 0, "a {size}-byte block starts on a line");
+            }
             unsafe { ptr::write_bytes(p, (size % 251) as u8, size) };
             blocks.push((p, l));
         }

@@ -257,8 +257,13 @@ pub struct Mount {
 }
 
 /// The partial container record the dispatcher works with (reference-scheduler.md §1.5).
+///
+/// `repr(C)` keeps the fields in this order, so that what a poll reads of every record (the
+/// UUID, the state, the priority) sits in the first 48 bytes, next to an `Arc`'s reference
+/// counts: a poll then loads one cache line per record where it loaded two or three.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
+#[repr(C)]
 pub struct Container {
     /// The container UUID.
     pub uuid: Key,
