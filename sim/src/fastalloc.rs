@@ -7,7 +7,9 @@
 //! its bins. Here a small block (at most [`MAX_SMALL`] bytes, alignment at most 16) comes
 //! from a per-thread free list of its 16-byte size class, refilled from 2 MiB chunks taken
 //! from the system allocator; a freed small block goes back on the free list of the thread
-//! that frees it. Larger or more aligned blocks go straight to the system allocator.
+//! that frees it. Blocks of 64 bytes or more start on a cache line (and so serve alignments up
+//! to 64), so that a record laid out with its hot fields first loads them as one line. Larger
+//! or more aligned blocks go straight to the system allocator.
 //!
 //! The chunks are 2 MiB-aligned and, on Linux, advised as transparent huge pages: the core's
 //! maps (B-tree nodes of workers and queue entries, a few KiB each, small enough to come from
@@ -16,7 +18,7 @@
 //! changes nothing.
 //!
 //! Invariants: every block handed out for class `c` is at least `(c + 1) * 16` bytes and
-//! 16-byte aligned, whichever thread carved it, so any thread may reuse it for that class;
+//! 16-byte aligned (64-byte aligned when it is at least 64 bytes), whichever thread carved it, so any thread may reuse it for that class;
 //! small blocks are never returned to the system (the simulator's peak footprint is small and
 //! reached early). The simulation's results do not depend on the allocator.
 
@@ -61,16 +63,21 @@ pub struct FastAlloc;
 /// The class of a small layout, or `None` for one the system allocator serves.
 #[inline]
 fn class(layout: Layout) -> Option<usize> {
-    if layout.size() <= MAX_SMALL && layout.align() <= GRAIN {
-        Some(layout.size().max(1).div_ceil(GRAIN) - 1)
-    } else {
-        None
-    }
+    // A class's blocks are only ever reused for that class, so they serve any alignment up
+    // to the class's.
+    let c = layout.size().max(1).div_ceil(GRAIN) - 1;
+    (layout.size() <= MAX_SMALL && layout.align() <= class_align(c)).then_some(c)
 }
 
 #[inline]
 fn class_size(c: usize) -> usize {
     (c + 1) * GRAIN
+}
+
+/// The alignment every block of class `c` has: a line for blocks of a line or more.
+#[inline]
+fn class_align(c: usize) -> usize {
+    if class_size(c) >= LINE { LINE } else { GRAIN }
 }
 
 impl Local {
@@ -95,7 +102,7 @@ impl Local {
         }
         let size = class_size(c);
         let mut next = self.next.get();
-        if size >= LINE {
+        if class_align(c) == LINE {
             // A block of a cache line or more starts on a line, so that its first 64 bytes
             // (where `Worker` and `Container` keep what every walk reads, and `Arc` its counts)
             // are one line. At most 48 bytes are skipped.
@@ -151,7 +158,10 @@ unsafe impl GlobalAlloc for FastAlloc {
                 // Thread-local storage gone (thread teardown): a system block of the full
                 // class size, which may later join a free list safely.
                 .unwrap_or_else(|_| unsafe {
-                    System.alloc(Layout::from_size_align_unchecked(class_size(c), GRAIN))
+                    System.alloc(Layout::from_size_align_unchecked(
+                        class_size(c),
+                        class_align(c),
+                    ))
                 }),
             None => unsafe { System.alloc(layout) },
         }
@@ -237,6 +247,16 @@ mod tests {
             assert!((0..100).all(|i| *z.add(i) == 0));
             a.dealloc(z, Layout::from_size_align(100, 4).unwrap());
             a.dealloc(q, l);
+            let wide = Layout::from_size_align(192, 64).unwrap();
+            assert!(
+                class(wide).is_some(),
+                "a line-aligned layout is a small one"
+            );
+            let w = a.alloc(wide);
+            assert_eq!(w as usize % LINE, 0);
+            a.dealloc(w, wide);
+            assert_eq!(a.alloc(wide), w, "and reused for its class");
+            a.dealloc(w, wide);
         }
     }
 

@@ -87,10 +87,11 @@ pub struct Probe {
 ///
 /// Laid out in declaration order (`repr(C)`), with what every scheduling pass, gauge and
 /// invariant check reads of each worker first: its state, behaviour, type and runner maps
-/// share the record's first 64 bytes, so the walks over all workers touch about one cache
-/// line per worker instead of three.
+/// share the record's first 64 bytes, and the 64-byte alignment (which the pool's map nodes
+/// then have too) makes those one cache line, so the walks over all workers touch one line
+/// per worker instead of three.
 #[derive(Clone, Debug, PartialEq)]
-#[repr(C)]
+#[repr(C, align(64))]
 pub struct Worker {
     /// State.
     pub state: WorkerState,
