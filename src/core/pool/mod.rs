@@ -37,7 +37,7 @@ use super::types::{
     Container, IdleBehavior, InstanceInfo, InstanceType, InstanceView, WorkerState,
 };
 use remote::RunnerSpec;
-use worker::{Probe, ProbeStep, Runner, Worker};
+use worker::{ListProbe, Probe, ProbeStep, Runner, Worker};
 
 /// How long a quota error with no instances, and a capacity error, are remembered.
 pub const QUOTA_ERROR_TTL: Duration = Duration::from_secs(60);
@@ -343,7 +343,7 @@ fn refresh_listed(
     *stamp += 1;
     w.seen = *stamp;
     if !Arc::ptr_eq(&w.info, &info) {
-        w.info = info;
+        w.set_info(info);
     }
     let shutdown = w.state == WorkerState::Shutdown;
     if !shutdown && !w.tags_busy && !tag_keys.current(w) {
@@ -950,7 +950,7 @@ impl Pool {
         self.stamp += 1;
         let stamp = self.stamp;
         if let Some(w) = self.workers.get_mut(&Key::new(&info.id)) {
-            w.info = info;
+            w.set_info(info);
             w.seen = stamp;
             let id = w.id.clone();
             self.save_tags(&id);
@@ -995,6 +995,7 @@ impl Pool {
             Key::new(&id),
             Worker {
                 id: id.clone(),
+                list_probe: ListProbe::of(&info),
                 info,
                 type_id,
                 itype,
@@ -1472,16 +1473,20 @@ impl Pool {
             ),
             ProbeStep::List => {
                 // With a price history (EC2 spot instances), crunch-run gets the prices, plus
-                // the added scratch volume's cost, on stdin (§2.3).
-                let prices = price::probe_prices(&w.info, &w.itype);
-                let (command, stdin) = if prices.is_empty() {
-                    let command = &self.list_commands[usize::from(remote::needs_sudo(user))];
-                    (command.clone(), ExecStdin::Empty)
-                } else {
-                    (
+                // the added scratch volume's cost, on stdin (§2.3). The worker knows which
+                // without loading the record.
+                debug_assert_eq!(w.list_probe, ListProbe::of(&w.info), "set with the record");
+                let (command, stdin) = match w.list_probe {
+                    ListProbe::Plain { sudo } => (
+                        self.list_commands[usize::from(sudo)].clone(),
+                        ExecStdin::Empty,
+                    ),
+                    ListProbe::WithPrices => (
                         remote::list_command_with_prices(runner, user),
-                        ExecStdin::Text(price::prices_json(&prices)),
-                    )
+                        ExecStdin::Text(price::prices_json(&price::probe_prices(
+                            &w.info, &w.itype,
+                        ))),
+                    ),
                 };
                 (
                     ExecPurpose::ListProbe,

@@ -14,6 +14,34 @@ use super::super::select::TypeId;
 use super::super::time::Timestamp;
 use super::super::types::{IdleBehavior, InstanceInfo, InstanceType, InstanceView, WorkerState};
 
+/// Which run probe (`crunch-run --list`) a worker gets, as its listed record decides:
+/// with the spot price history on stdin when the record has one (§2.3), else the plain
+/// command, under `sudo` unless the remote user is root. Kept in the worker's first cache line
+/// so that a probe, which visits a cold worker, does not also load the record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListProbe {
+    /// The plain command; `sudo` for a remote user other than root.
+    Plain {
+        /// Run under `sudo`.
+        sudo: bool,
+    },
+    /// The command that reads prices on stdin.
+    WithPrices,
+}
+
+impl ListProbe {
+    /// The run probe for an instance listed as `info`.
+    pub fn of(info: &InstanceInfo) -> ListProbe {
+        if info.price_history.is_empty() {
+            ListProbe::Plain {
+                sudo: super::remote::needs_sudo(&info.remote_user),
+            }
+        } else {
+            ListProbe::WithPrices
+        }
+    }
+}
+
 /// One crunch-run process the pool believes exists.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Runner {
@@ -101,6 +129,8 @@ pub struct Worker {
     pub boot_reported: bool,
     /// A SetTags call is queued or in flight.
     pub tags_busy: bool,
+    /// `ListProbe::of(&self.info)`: set with `info` (see [`Worker::set_info`]).
+    pub list_probe: ListProbe,
     /// Configured type, or `None` when the tag names an unconfigured one.
     pub type_id: Option<TypeId>,
     /// Runners the probe has confirmed (or whose start returned).
@@ -149,6 +179,12 @@ const _: () = assert!(
 );
 
 impl Worker {
+    /// Replaces the listed record, and what the worker keeps of it.
+    pub fn set_info(&mut self, info: Arc<InstanceInfo>) {
+        self.list_probe = ListProbe::of(&info);
+        self.info = info;
+    }
+
     /// Runners in `running` and `starting`.
     pub fn runner_count(&self) -> usize {
         self.running.len() + self.starting.len()
