@@ -581,22 +581,24 @@ struct CandTree {
 }
 
 impl CandTree {
-    fn new(leaves: &[Option<Leaf>], min_width: usize) -> CandTree {
-        let width = leaves.len().max(min_width).next_power_of_two();
-        let mut nodes = vec![Node::NONE; 2 * width];
-        for (pos, leaf) in leaves.iter().enumerate() {
-            nodes[width + pos] = Node::of(leaf);
-        }
+    fn new(mut leaves: Vec<Option<Leaf>>, min_width: usize) -> CandTree {
+        let len = leaves.len();
+        let width = len.max(min_width).next_power_of_two();
+        // The inner nodes, then the leaves' summaries, each written once; the inner nodes
+        // are filled from the bottom up once the summaries are in place.
+        let mut nodes = Vec::with_capacity(2 * width);
+        nodes.resize(width, Node::NONE);
+        nodes.extend(leaves.iter().map(Node::of));
+        nodes.resize(2 * width, Node::NONE);
         for n in (1..width).rev() {
             nodes[n] = Node::join(nodes[2 * n], nodes[2 * n + 1]);
         }
-        let mut all = leaves.to_vec();
-        all.resize(width, None);
+        leaves.resize(width, None);
         CandTree {
             width,
-            len: leaves.len(),
+            len,
             nodes,
-            leaves: all,
+            leaves,
         }
     }
 
@@ -613,8 +615,9 @@ impl CandTree {
     /// Appends a slot; returns its position.
     fn push(&mut self, leaf: Option<Leaf>) -> usize {
         if self.len == self.width {
-            let leaves = self.leaves[..self.len].to_vec();
-            *self = CandTree::new(&leaves, 2 * self.width);
+            let mut leaves = std::mem::take(&mut self.leaves);
+            leaves.truncate(self.len);
+            *self = CandTree::new(leaves, 2 * self.width);
         }
         let pos = self.len;
         self.len += 1;
@@ -1370,7 +1373,9 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
         create_throttled: false,
     };
     for (ti, list) in existing.into_iter().enumerate() {
-        let leaves: Vec<Option<Leaf>> = list.iter().map(|&i| pass.leaf(i)).collect();
+        // Room for the tree's padding, so that `CandTree::new` does not move the leaves.
+        let mut leaves: Vec<Option<Leaf>> = Vec::with_capacity(list.len().next_power_of_two());
+        leaves.extend(list.iter().map(|&i| pass.leaf(i)));
         // Where this type's created instances go: they sort before any existing instance
         // with the same key prefix (their ID is "" and their `tie` negative).
         let it = snap.types.get(TypeId(ti as u32));
@@ -1384,11 +1389,11 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
         };
         let split = list.partition_point(|&i| pass.insts[i].key.cmp(&created) == Ordering::Less);
         pass.cands.push(Cands {
-            existing_tree: CandTree::new(&leaves, 1),
+            existing_tree: CandTree::new(leaves, 1),
             existing: list,
             split,
             created: Vec::new(),
-            created_tree: CandTree::new(&[], 1),
+            created_tree: CandTree::new(Vec::new(), 1),
         });
     }
 
