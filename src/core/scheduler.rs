@@ -833,16 +833,16 @@ impl Hash for IdKey<'_> {
 #[allow(clippy::disallowed_types)]
 type Table<K, V> = std::collections::HashMap<K, V, BuildHasherDefault<FxHasher>>;
 
-/// One queue entry with its `Running()` entry, if any, and a copy of what the pass reads
-/// (read once, in UUID order: the pass then visits the rows in queue order without touching
-/// the entries again, except the few that act).
+/// One queue entry with its `Running()` entry, if any, and a copy of what every row's visit
+/// reads (read once, in UUID order: the pass then visits the rows in queue order without
+/// touching the entries again, except those that look for an instance, which read their
+/// needs and eligible types). 32 bytes.
 #[derive(Clone, Copy, Debug)]
 struct Row<'a> {
     e: &'a QueueEntry,
     /// The UUID (the queue's key).
     key: &'a Key,
     run: Option<&'a Option<Timestamp>>,
-    need: Resources,
     state: ContainerState,
     /// Priority ≥ 1.
     positive: bool,
@@ -968,7 +968,7 @@ impl<'a, I: PlanInstance> Pass<'_, 'a, I> {
             // One walk in instance order, skipping what cannot fit or cannot change the choice.
             let mut best = None;
             for t in types {
-                for (tree, slots, q) in self.cands[t.0 as usize].ranges(&row.need) {
+                for (tree, slots, q) in self.cands[t.0 as usize].ranges(&row.e.resources) {
                     tree.choose(&q, slots, &mut best);
                 }
             }
@@ -978,7 +978,7 @@ impl<'a, I: PlanInstance> Pass<'_, 'a, I> {
         let mut found = std::mem::take(&mut self.found);
         found.clear();
         for t in types {
-            for (tree, slots, q) in self.cands[t.0 as usize].ranges(&row.need) {
+            for (tree, slots, q) in self.cands[t.0 as usize].ranges(&row.e.resources) {
                 tree.collect(&q, slots, &mut found);
             }
         }
@@ -1239,7 +1239,6 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
             e,
             run,
             key: uuid,
-            need: e.resources,
             state: e.state(),
             positive: e.priority() >= 1,
             supervisor: e.supervisor(),
@@ -1397,9 +1396,9 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
         });
     }
 
-    // §2.5, second half: the order.
-    let order: Vec<Row<'a>> = sorted_indices(keys).map(|i| rows[i]).collect();
-    drop(rows);
+    // §2.5, second half: the order, as indices of `rows` (the rows stay where they are).
+    let order: Vec<u32> = sorted_indices(keys).map(|i| i as u32).collect();
+    let rows_in_order = || order.iter().map(|&i| &rows[i as usize]);
 
     let mut statuses = vec![Status::None; order.len()];
     let mut actions = Vec::with_capacity(order.len());
@@ -1412,7 +1411,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     let mut qpos = 0usize;
     let mut supervisors = 0usize;
 
-    'rows: for (i, row) in order.iter().enumerate() {
+    'rows: for (i, row) in rows_in_order().enumerate() {
         let in_running = row.run.is_some();
         let uuid = || row.key.as_str();
         let supervisor = row.supervisor;
@@ -1458,7 +1457,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
                 }
                 actions.push(Action::Lock(uuid().to_string()));
                 if let Some(b) = best {
-                    pass.reserve(b, &row.need);
+                    pass.reserve(b, &row.e.resources);
                 }
             }
             ContainerState::Locked => {
@@ -1467,7 +1466,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
                 }
                 trying += 1;
                 if let Some(b) = pass.find_best(row) {
-                    pass.reserve(b, &row.need);
+                    pass.reserve(b, &row.e.resources);
                     let inst = &pass.insts[b];
                     let type_id = inst.type_id.expect("candidates have a configured type");
                     if inst.id.is_empty() || !inst.ready() {
@@ -1510,7 +1509,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
                         });
                         statuses[i] = Status::WaitingNewInstance(t);
                         allocated_not_started += 1;
-                        pass.insert_instance(t, &row.need);
+                        pass.insert_instance(t, &row.e.resources);
                     }
                     Err(limit) => {
                         create_attempts.push((t, false));
@@ -1525,7 +1524,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     let overquota_len = overquota.map_or(0, |i| order.len() - i);
     // §2.13: generic statuses, numbered after the at-capacity ones.
     let at_quota_now = pass.at_quota();
-    for (i, row) in order.iter().enumerate() {
+    for (i, row) in rows_in_order().enumerate() {
         if statuses[i] == Status::None
             && matches!(row.state, ContainerState::Queued | ContainerState::Locked)
         {
@@ -1545,7 +1544,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
         unlock.extend((first..order.len()).skip(skip));
     }
     for i in unlock {
-        let row = &order[i];
+        let row = &rows[order[i] as usize];
         if row.state == ContainerState::Locked && row.run.is_none() {
             actions.push(Action::Unlock(row.key.to_string()));
         }
@@ -1563,7 +1562,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     }
 
     Plan {
-        order: order.into_iter().map(|row| row.key).collect(),
+        order: rows_in_order().map(|row| row.key).collect(),
         statuses,
         actions,
         create_attempts,
