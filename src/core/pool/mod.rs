@@ -256,7 +256,7 @@ pub struct Pool {
     next_sync_at: Timestamp,
     next_probe_tick: Timestamp,
     probe_round_at: Option<Timestamp>,
-    probe_queue: VecDeque<String>,
+    probe_queue: VecDeque<Key>,
     probe_next_launch: Timestamp,
     kill_timers: BTreeSet<(Timestamp, String)>,
     changed: bool,
@@ -1043,7 +1043,7 @@ impl Pool {
             self.book.dropped(uuid);
             self.kill_timers.retain(|(_, u)| u != uuid);
         }
-        self.probe_queue.retain(|p| !str_eq(p, id));
+        self.probe_queue.retain(|p| !str_eq(p.as_str(), id));
         self.changed = true;
     }
 
@@ -1801,17 +1801,26 @@ impl Pool {
         {
             self.probe_round_at = None;
             if self.probe_queue.is_empty() {
-                let ids: Vec<String> = self
-                    .workers
-                    .values()
-                    .filter(|w| w.state != WorkerState::Shutdown)
-                    .map(|w| w.id.clone())
-                    .collect();
-                for id in ids {
-                    if !self.shutdown_if_idle(now, &id) {
-                        self.probe_queue.push_back(id);
+                // One walk decides, in ID order, which workers shut down as idle and which
+                // get probed (eligibility depends on nothing but the worker), reading the IDs
+                // from the map's keys; the shutdowns then run in the same order.
+                let mut idle: Vec<Key> = Vec::new();
+                let mut probe: VecDeque<Key> = VecDeque::with_capacity(self.workers.len());
+                for (id, w) in &self.workers {
+                    if w.state == WorkerState::Shutdown {
+                        continue;
+                    }
+                    if self.eligible_for_shutdown(now, w) {
+                        idle.push(id.clone());
+                    } else {
+                        probe.push_back(id.clone());
                     }
                 }
+                for id in idle {
+                    let shut = self.shutdown_if_idle(now, &id);
+                    debug_assert!(shut, "eligibility depends on the worker alone");
+                }
+                self.probe_queue = probe;
             }
         }
         let pace = per_second(self.cfg.cloud_vms.max_probes_per_second, 10.0);
