@@ -27,7 +27,7 @@
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Duration;
 
 use super::fastcmp::{sort_by_str_key, str_cmp, str_eq};
@@ -808,23 +808,64 @@ impl Hasher for FxHasher {
     }
 }
 
-/// An instance ID as a key of the pass's position table: hashed as its `str`, compared with
-/// the inline [`str_eq`] (`str`'s `==` calls `memcmp`, whose call costs more than comparing
-/// these short IDs).
-#[derive(Clone, Copy, Debug)]
-struct IdKey<'a>(&'a str);
-
-impl PartialEq for IdKey<'_> {
-    fn eq(&self, other: &Self) -> bool {
-        str_eq(self.0, other.0)
-    }
+/// The positions of the snapshot's instances by ID, for the runner index's lookups: open
+/// addressing over `u32` slots (a position plus one; zero is empty), at most half full. The
+/// hash reads at most three words of an ID and compares nothing; a probe compares the IDs
+/// with the inline [`str_eq`]. When two instances have one ID, the later position wins (as
+/// a map insert would).
+struct PosIndex {
+    slots: Vec<u32>,
+    shift: u32,
 }
 
-impl Eq for IdKey<'_> {}
+/// A hash of an instance ID from its first, last and (past 16 bytes) middle 8 bytes and its
+/// length; shorter IDs are read whole.
+fn id_hash(id: &str) -> u64 {
+    let b = id.as_bytes();
+    let n = b.len();
+    let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
+    let h = if n >= 8 {
+        let h = word(0) ^ word(n - 8).rotate_left(23);
+        if n > 16 {
+            h ^ word(n / 2 - 4).rotate_left(47)
+        } else {
+            h
+        }
+    } else {
+        b.iter().fold(0u64, |h, &c| (h << 8) | u64::from(c))
+    };
+    (h ^ n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
 
-impl Hash for IdKey<'_> {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        self.0.hash(state);
+impl PosIndex {
+    fn new(n: usize) -> PosIndex {
+        let bits = (2 * n).max(16).next_power_of_two().trailing_zeros();
+        PosIndex {
+            slots: vec![0; 1 << bits],
+            shift: 64 - bits,
+        }
+    }
+
+    /// The slot that holds `id`, or the empty slot where it goes.
+    fn find<I: PlanInstance>(&self, insts: &[I], id: &str) -> usize {
+        let mask = self.slots.len() - 1;
+        let mut at = (id_hash(id) >> self.shift) as usize;
+        loop {
+            let s = self.slots[at] as usize;
+            if s == 0 || str_eq(insts[s - 1].id(), id) {
+                return at;
+            }
+            at = (at + 1) & mask;
+        }
+    }
+
+    fn insert<I: PlanInstance>(&mut self, insts: &[I], pos: usize) {
+        let at = self.find(insts, insts[pos].id());
+        self.slots[at] = u32::try_from(pos + 1).expect("fewer than 2^32 instances");
+    }
+
+    fn get<I: PlanInstance>(&self, insts: &[I], id: &str) -> Option<usize> {
+        (self.slots[self.find(insts, id)] as usize).checked_sub(1)
     }
 }
 
@@ -1177,11 +1218,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     let mut remaining: Vec<Resources> = Vec::with_capacity(nviews);
     let mut placed: Vec<(&'a str, usize)> = Vec::with_capacity(snap.running.len());
     let mut prices: Vec<f64> = Vec::with_capacity(nviews);
-    let mut pos_of: Table<IdKey<'_>, usize> = if snap.runners.is_some() {
-        Table::with_capacity_and_hasher(nviews, BuildHasherDefault::default())
-    } else {
-        Table::default()
-    };
+    let mut pos_of = PosIndex::new(if snap.runners.is_some() { nviews } else { 0 });
     for (pos, v) in snap.instances.iter().enumerate() {
         let (type_id, price) = v.type_and_price(snap.types);
         type_ids.push(type_id);
@@ -1189,7 +1226,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
         remaining.push(type_id.map_or(Resources::FULL, |t| snap.types.get(t).capacity()));
         if snap.runners.is_some() {
             if !v.id().is_empty() {
-                pos_of.insert(IdKey(v.id()), pos);
+                pos_of.insert(snap.instances, pos);
             }
         } else {
             for uuid in v.running_uuids() {
@@ -1202,7 +1239,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
         Some(index) => placed.extend(
             index
                 .iter()
-                .filter_map(|(uuid, id)| Some((uuid.as_str(), *pos_of.get(&IdKey(id))?))),
+                .filter_map(|(uuid, id)| Some((uuid.as_str(), pos_of.get(snap.instances, id)?))),
         ),
         // Pushed in position order, so the stable sort breaks ties by position.
         None => sort_by_str_key(&mut placed, |p| p.0),
@@ -2491,6 +2528,60 @@ mod tests {
             let now = Timestamp(1000);
             assert_same(seed, &plan(&snap, now), &reference::plan(&snap, now));
         }
+    }
+
+    #[test]
+    fn the_position_index_finds_each_id_at_its_last_position() {
+        let ids = [
+            "i-1",
+            "i-0000001",
+            "i-00000001",
+            "i-0000000000000001",
+            "i-0123456789abcdef0",
+            "i-0123456789abcdef1",
+            "i-01234567x9abcdef0",
+            "i-1",
+            "zzzzz-dz642-000000000000001-long-instance-name",
+        ];
+        let view = |id: &str| InstanceView {
+            instance: id.to_string(),
+            address: String::new(),
+            price: 0.1,
+            arvados_instance_type: String::new(),
+            provider_instance_type: String::new(),
+            last_container_uuid: String::new(),
+            last_busy: Timestamp::ZERO,
+            running_container_uuids: None,
+            worker_state: WorkerState::Idle,
+            idle_behavior: IdleBehavior::Run,
+        };
+        let views: Vec<InstanceView> = ids.iter().map(|id| view(id)).collect();
+        let mut index = PosIndex::new(views.len());
+        for pos in 0..views.len() {
+            index.insert(&views, pos);
+        }
+        for id in ids {
+            let last = ids.iter().rposition(|i| *i == id);
+            assert_eq!(index.get(&views, id), last, "{id}");
+        }
+        // Absent IDs, some sharing the first and last eight bytes with present ones.
+        for id in [
+            "",
+            "i-2",
+            "i-01234567y9abcdef0",
+            "i-0123456789abcdef2",
+            "i-000000001",
+        ] {
+            assert_eq!(index.get(&views, id), None, "{id}");
+        }
+        // Full tables are avoided (at most half full), so absent lookups end.
+        let many: Vec<InstanceView> = (0..1000).map(|n| view(&format!("i-{n:08}"))).collect();
+        let mut index = PosIndex::new(many.len());
+        for pos in 0..many.len() {
+            index.insert(&many, pos);
+        }
+        assert!((0..1000).all(|n| index.get(&many, &format!("i-{n:08}")) == Some(n)));
+        assert_eq!(index.get(&many, "i-00001000"), None);
     }
 
     #[test]
