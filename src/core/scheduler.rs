@@ -1000,9 +1000,9 @@ impl<'a, I: PlanInstance> Pass<'_, 'a, I> {
         }
     }
 
-    /// §2.9: the best existing instance for the row's container, or `None`.
-    fn find_best(&mut self, row: &Row<'a>) -> Option<usize> {
-        let list = self.list(&row.e.types);
+    /// §2.9: the best existing instance for the row's container, whose eligible types are
+    /// `lists[list]`, or `None`.
+    fn find_best(&mut self, row: &Row<'a>, list: u32) -> Option<usize> {
         let l = self.lists[list as usize];
         let types = &self.list_types[l.visit.0..l.visit.1];
         if l.sorted || types.len() == 1 {
@@ -1044,9 +1044,8 @@ impl<'a, I: PlanInstance> Pass<'_, 'a, I> {
         best
     }
 
-    /// §2.10: the cheapest eligible type not at capacity.
-    fn available_type(&mut self, row: &Row<'a>) -> Option<TypeId> {
-        let list = self.list(&row.e.types);
+    /// §2.10: the cheapest eligible type of `lists[list]` not at capacity.
+    fn available_type(&mut self, list: u32) -> Option<TypeId> {
         let (a, b) = self.lists[list as usize].types;
         for n in a..b {
             let t = &self.list_types[n];
@@ -1477,12 +1476,13 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
                     continue;
                 }
                 trying += 1;
-                let best = pass.find_best(row);
+                let list = pass.list(&row.e.types);
+                let best = pass.find_best(row, list);
                 if best.is_none() && pass.at_quota() {
                     overquota = Some(i);
                     break 'rows;
                 }
-                if best.is_none() && pass.available_type(row).is_none() {
+                if best.is_none() && pass.available_type(list).is_none() {
                     continue;
                 }
                 if live_runner {
@@ -1502,7 +1502,8 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
                     continue;
                 }
                 trying += 1;
-                if let Some(b) = pass.find_best(row) {
+                let list = pass.list(&row.e.types);
+                if let Some(b) = pass.find_best(row, list) {
                     pass.reserve(b, &row.e.resources);
                     let inst = &pass.insts[b];
                     let type_id = inst.type_id.expect("candidates have a configured type");
@@ -1532,7 +1533,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
                     overquota = Some(i);
                     break 'rows;
                 }
-                let Some(t) = pass.available_type(row) else {
+                let Some(t) = pass.available_type(list) else {
                     qpos += 1;
                     statuses[i] = Status::WaitingInstanceType(qpos);
                     continue;
