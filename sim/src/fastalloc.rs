@@ -268,7 +268,7 @@ mod tests {
             let l = Layout::from_size_align(size, 8).unwrap();
             let p = unsafe { a.alloc(l) };
             assert!(!p.is_null());
-            if size >= LINE && size <= MAX_SMALL {
+            if (LINE..=MAX_SMALL).contains(&size) {
                 assert_eq!(p as usize % LINE, 0, "a {size}-byte block starts on a line");
             }
             unsafe { ptr::write_bytes(p, (size % 251) as u8, size) };
