@@ -18,9 +18,10 @@
 //! changes nothing.
 //!
 //! Invariants: every block handed out for class `c` is at least `(c + 1) * 16` bytes and
-//! 16-byte aligned (64-byte aligned when it is at least 64 bytes), whichever thread carved it, so any thread may reuse it for that class;
-//! small blocks are never returned to the system (the simulator's peak footprint is small and
-//! reached early). The simulation's results do not depend on the allocator.
+//! 16-byte aligned (64-byte aligned when it is at least 64 bytes), whichever thread carved it,
+//! so any thread may reuse it for that class; small blocks are never returned to the system
+//! (the simulator's peak footprint is small and reached early). The simulation's results do
+//! not depend on the allocator.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -105,8 +106,8 @@ impl Local {
         if class_align(c) == LINE {
             // A block of a cache line or more starts on a line, so that its first 64 bytes
             // (where `Worker` and `Container` keep what every walk reads, and `Arc` its counts)
-            // are one line. At most 48 bytes are skipped.
-            // The chunk's end is line-aligned, so this never passes it.
+            // are one line. At most 48 bytes are skipped, and since the chunk's end is on a
+            // line, never past it.
             let addr = next as usize;
             next = next.wrapping_add(addr.next_multiple_of(LINE) - addr);
         }

@@ -810,9 +810,9 @@ impl Hasher for FxHasher {
 
 /// The positions of the snapshot's instances by ID, for the runner index's lookups: open
 /// addressing over `u32` slots (a position plus one; zero is empty), at most half full. The
-/// hash reads at most three words of an ID and compares nothing; a probe compares the IDs
-/// with the inline [`str_eq`]. When two instances have one ID, the later position wins (as
-/// a map insert would).
+/// hash reads at most three words of an ID; a probe compares the IDs with the inline
+/// [`str_eq`]. When two instances have one ID, the later position wins (as a map insert
+/// would).
 struct PosIndex {
     slots: Vec<u32>,
     shift: u32,
@@ -889,6 +889,8 @@ struct Row<'a> {
     positive: bool,
     supervisor: bool,
 }
+
+const _: () = assert!(std::mem::size_of::<Row<'static>>() == 32);
 
 struct Pass<'s, 'a, I: PlanInstance> {
     snap: &'s Snapshot<'a, I>,
