@@ -1428,7 +1428,7 @@ impl Pool {
         } else {
             ProbeStep::Boot
         };
-        let op = self.issue_probe_step(now, ops, id, step);
+        let op = self.issue_probe_step_for(now, ops, id, w, step);
         let w = self.workers.get_mut(&key).expect("checked");
         w.probe = Some(Probe {
             op,
@@ -1442,7 +1442,18 @@ impl Pool {
     }
 
     fn issue_probe_step(&self, now: Timestamp, ops: &mut Ops, id: &str, step: ProbeStep) -> OpId {
-        let w = &self.workers[&Key::new(id)];
+        self.issue_probe_step_for(now, ops, id, &self.workers[&Key::new(id)], step)
+    }
+
+    /// [`Pool::issue_probe_step`] for the worker `w` (whose ID is `id`), already looked up.
+    fn issue_probe_step_for(
+        &self,
+        now: Timestamp,
+        ops: &mut Ops,
+        id: &str,
+        w: &Worker,
+        step: ProbeStep,
+    ) -> OpId {
         let user = &w.info.remote_user;
         let runner = &self.runner.command;
         let (purpose, command, stdin, timeout) = match step {
@@ -1622,6 +1633,7 @@ impl Pool {
         list: Option<Result<ExecOutput, ExecError>>,
     ) {
         let stale_timeout = self.timeout_stale_run_lock();
+        let (timeout_booting, timeout_probe) = (self.timeout_booting(), self.timeout_probe());
         let (ok, report) = match &list {
             Some(Ok(out)) => (true, remote::parse_list(&out.stdout, &self.cfg.cluster_id)),
             _ => (false, remote::ListReport::default()),
@@ -1644,16 +1656,18 @@ impl Pool {
                 w.stale_since = None;
             }
         }
-        if broken && w.idle_behavior == IdleBehavior::Run {
+        // The worker looked up above, unless reporting it broken needed the whole pool.
+        let w = if broken && w.idle_behavior == IdleBehavior::Run {
             tracing::warn!(instance = %id, "probe reported broken instance");
             self.report_boot(id, BootOutcome::Failure);
             let w = self.workers.get_mut(&Key::new(id)).expect("exists");
             w.idle_behavior = IdleBehavior::Drain;
             self.changed = true;
             self.save_tags(id);
-        }
-        let (timeout_booting, timeout_probe) = (self.timeout_booting(), self.timeout_probe());
-        let w = self.workers.get_mut(&Key::new(id)).expect("exists");
+            self.workers.get_mut(&Key::new(id)).expect("exists")
+        } else {
+            w
+        };
         if !ok || (!p.booted && report.uuids.is_empty() && w.running.is_empty()) {
             if w.state == WorkerState::Shutdown && w.version != p.v0 {
                 return;
