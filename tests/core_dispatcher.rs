@@ -166,23 +166,23 @@ fn longest_wait_gauge_follows_the_oldest_waiting_container() {
         w.d.queue().entries().contains_key(uuid(2).as_str())
     });
     w.run(Duration::from_secs(2), |_| false);
-    // Passes run about every second here, and the containers were created 3 s apart.
-    let wait = w.d.sched_metrics().longest_wait_seconds;
-    assert!(
-        (wait - w.now.since(first).as_secs_f64()).abs() < 1.0,
-        "the gauge counts from the first container's creation: {wait} at {}",
-        w.now
-    );
+    assert_wait_counts_from(&w, first, "the first");
     w.db.get_mut(&uuid(1)).expect("c1").priority = 0;
     let done = w.run(Duration::from_secs(2), |w| {
         !w.d.queue().entries().contains_key(uuid(1).as_str())
     });
     assert!(done, "the priority-0 container was forgotten");
     w.run(Duration::from_secs(2), |_| false);
+    assert_wait_counts_from(&w, second, "now the second");
+}
+
+/// The longest-wait gauge counts from `created` (`which` container's creation), to within a
+/// second: passes run about every second here, and the containers were created 3 s apart.
+fn assert_wait_counts_from(w: &World, created: Timestamp, which: &str) {
     let wait = w.d.sched_metrics().longest_wait_seconds;
     assert!(
-        (wait - w.now.since(second).as_secs_f64()).abs() < 1.0,
-        "the gauge now counts from the second container's creation: {wait} at {}",
+        (wait - w.now.since(created).as_secs_f64()).abs() < 1.0,
+        "the gauge counts from {which} container's creation: {wait} at {}",
         w.now
     );
 }

@@ -1435,8 +1435,8 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     }
 
     // §2.5, second half: the order, as indices of `rows` (the rows stay where they are).
-    let order: Vec<u32> = sorted_indices(keys).map(|i| i as u32).collect();
-    let rows_in_order = || order.iter().map(|&i| &rows[i as usize]);
+    let order: Vec<usize> = sorted_indices(keys).collect();
+    let rows_in_order = || order.iter().map(|&i| &rows[i]);
 
     let mut statuses = vec![Status::None; order.len()];
     let mut actions = Vec::with_capacity(order.len());
@@ -1584,7 +1584,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
         unlock.extend((first..order.len()).skip(skip));
     }
     for i in unlock {
-        let row = &rows[order[i] as usize];
+        let row = &rows[order[i]];
         if row.state == ContainerState::Locked && row.run.is_none() {
             actions.push(Action::Unlock(row.key.to_string()));
         }
