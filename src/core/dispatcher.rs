@@ -781,9 +781,10 @@ impl Dispatcher {
     /// `sync()` (§3.1): reconcile queue states with crunch-run processes. Decisions are made
     /// on one snapshot (queue entries and `Running()` as they are now), then applied in order.
     ///
-    /// Returns, when it changed nothing, what [`Dispatcher::update_metrics`] would find as the
-    /// oldest waiting container's `created_at` (its walk is this one's, over the same state).
-    fn sync(&mut self, now: Timestamp) -> Option<Option<Timestamp>> {
+    /// Returns the oldest waiting container's `created_at` after its actions, for
+    /// [`Dispatcher::update_metrics`]: its walk is this one's, with the entries it acted on
+    /// looked at again afterwards.
+    fn sync(&mut self, now: Timestamp) -> Option<Timestamp> {
         enum Act {
             Cancel(&'static str),
             Kill(String),
@@ -805,10 +806,6 @@ impl Dispatcher {
             }
             let (state, priority) = (e.state(), e.priority());
             let proc = running.next_if(|(u, _)| *u == key).map(|(_, t)| *t);
-            if waiting(e, proc.is_some()) {
-                let t = e.created_at();
-                oldest = Some(oldest.map_or(t, |o| o.min(t)));
-            }
             let exited_before_poll = matches!(proc, Some(Some(t)) if q_updated > t);
             let act = match state {
                 ContainerState::Running => {
@@ -854,46 +851,68 @@ impl Dispatcher {
             };
             if let Some(a) = act {
                 todo.push((key.to_string(), a));
+            } else if waiting(e, proc.is_some()) {
+                let t = e.created_at();
+                oldest = Some(oldest.map_or(t, |o| o.min(t)));
             }
         }
         strays.extend(running.map(|(u, _)| u.to_string()));
         if todo.is_empty() && strays.is_empty() {
-            return Some(oldest);
+            return oldest;
         }
-        for (uuid, act) in todo {
+        for (uuid, act) in &todo {
+            let uuid = uuid.as_str();
             match act {
-                Act::Cancel(reason) => self.cancel(now, &uuid, reason),
-                Act::Kill(reason) => self.kill(now, &uuid, &reason),
-                Act::Requeue(reason) => self.requeue(now, &uuid, reason),
+                Act::Cancel(reason) => self.cancel(now, uuid, reason),
+                Act::Kill(reason) => self.kill(now, uuid, reason),
+                Act::Requeue(reason) => self.requeue(now, uuid, reason),
                 Act::Forget => {
-                    self.queue.forget(&uuid);
+                    self.queue.forget(uuid);
                 }
             }
         }
         for uuid in strays {
             self.kill(now, &uuid, "not in queue");
         }
-        None
+        // Each action changes its own container's entry and `Running()` record only, and the
+        // strays are not in the queue: only the entries acted on may have changed whether
+        // they wait.
+        let running = self.pool.running();
+        for (uuid, _) in &todo {
+            if let Some(e) = self.queue.get(uuid)
+                && waiting(e, running.contains_key(uuid.as_str()))
+            {
+                let t = e.created_at();
+                oldest = Some(oldest.map_or(t, |o| o.min(t)));
+            }
+        }
+        oldest
     }
 
-    /// `updateMetrics()` (§3.2). `oldest` is the oldest waiting container's `created_at` when
-    /// [`Dispatcher::sync`] found it, else the walk finds it.
-    fn update_metrics(&mut self, now: Timestamp, oldest: Option<Option<Timestamp>>) {
-        let oldest = oldest.unwrap_or_else(|| {
-            // The queue and `Running()` are both in UUID order: merge them rather than look
-            // each entry up.
-            let mut running = self.pool.running().keys().peekable();
-            self.queue
-                .entries()
-                .iter()
-                .filter(|(key, e)| {
-                    while running.next_if(|u| *u < *key).is_some() {}
-                    waiting(e, running.next_if(|u| *u == *key).is_some())
-                })
-                .map(|(_, e)| e.created_at())
-                .min()
-        });
+    /// `updateMetrics()` (§3.2). `oldest` is the oldest waiting container's `created_at`, as
+    /// [`Dispatcher::sync`] found it; debug builds check it against a walk of the queue.
+    fn update_metrics(&mut self, now: Timestamp, oldest: Option<Timestamp>) {
+        debug_assert_eq!(
+            oldest,
+            self.oldest_waiting(),
+            "sync's oldest waiting container"
+        );
         self.metrics.longest_wait_seconds = oldest.map_or(0.0, |t| now.since(t).as_secs_f64());
+    }
+
+    /// The oldest waiting container's `created_at`, by a walk of the queue. The queue and
+    /// `Running()` are both in UUID order: merged rather than each entry looked up.
+    fn oldest_waiting(&self) -> Option<Timestamp> {
+        let mut running = self.pool.running().keys().peekable();
+        self.queue
+            .entries()
+            .iter()
+            .filter(|(key, e)| {
+                while running.next_if(|u| *u < *key).is_some() {}
+                waiting(e, running.next_if(|u| *u == *key).is_some())
+            })
+            .map(|(_, e)| e.created_at())
+            .min()
     }
 }
 
