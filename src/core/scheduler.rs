@@ -30,7 +30,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::time::Duration;
 
-use super::fastcmp::{sort_by_str_key, str_cmp, str_eq};
+use super::fastcmp::{sort_by_str_key, str_cmp};
 use super::key::Key;
 use super::queue::QueueEntry;
 use super::select::{TypeId, TypeTable};
@@ -94,11 +94,12 @@ pub struct Snapshot<'a, I: PlanInstance = InstanceView> {
     pub queue: &'a BTreeMap<Key, QueueEntry>,
     /// `Running()`: UUID → exit time (`None` while crunch-run lives).
     pub running: &'a BTreeMap<Key, Option<Timestamp>>,
-    /// The instances' containers as a map from container UUID to instance ID, when the
-    /// caller keeps one (the pool does): exactly the pairs `instances[..].running_uuids()`
-    /// give, each UUID on one instance. The pass then reads it instead of every instance's
-    /// containers, and needs no sort. `None`: read them from `instances`.
-    pub runners: Option<&'a BTreeMap<Key, Key>>,
+    /// The instances' containers as a map from container UUID to where its runner is, when
+    /// the caller keeps one (the pool does): exactly the pairs `instances[..].running_uuids()`
+    /// give, each UUID on one instance, named by its ID and its [`PlanInstance::slot`]. The
+    /// pass then reads it instead of every instance's containers, and needs no sort. `None`:
+    /// read them from `instances`.
+    pub runners: Option<&'a BTreeMap<Key, RunnerAt>>,
     /// `Instances()`, in Go's order: by ID (pending creates, with the empty ID, first), ties by
     /// type name. The pool passes references to its workers; tests pass `InstanceView`s.
     pub instances: &'a [I],
@@ -114,6 +115,15 @@ pub struct Snapshot<'a, I: PlanInstance = InstanceView> {
     pub max_running_per_instance: usize,
     /// `SupervisorFraction`.
     pub supervisor_fraction: f64,
+}
+
+/// Where a container's runner is: its instance's ID and slot (the pool's runner index).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunnerAt {
+    /// The instance's cloud ID.
+    pub id: Key,
+    /// The instance's [`PlanInstance::slot`].
+    pub slot: u32,
 }
 
 /// What a pass reads of one instance (`InstanceView`'s scheduling fields). The pool
@@ -138,6 +148,12 @@ pub trait PlanInstance {
     fn state(&self) -> WorkerState;
     /// Idle behaviour.
     fn idle_behavior(&self) -> IdleBehavior;
+    /// A small number unique among the snapshot's instances, which the runner index repeats
+    /// ([`RunnerAt::slot`]): the pass finds a runner's instance by it. `None` (the default)
+    /// for an instance that no runner index names.
+    fn slot(&self) -> Option<u32> {
+        None
+    }
 }
 
 impl PlanInstance for InstanceView {
@@ -808,67 +824,6 @@ impl Hasher for FxHasher {
     }
 }
 
-/// The positions of the snapshot's instances by ID, for the runner index's lookups: open
-/// addressing over `u32` slots (a position plus one; zero is empty), at most half full. The
-/// hash reads at most three words of an ID; a probe compares the IDs with the inline
-/// [`str_eq`]. When two instances have one ID, the later position wins (as a map insert
-/// would).
-struct PosIndex {
-    slots: Vec<u32>,
-    shift: u32,
-}
-
-/// A hash of an instance ID from its first, last and (past 16 bytes) middle 8 bytes and its
-/// length; shorter IDs are read whole.
-fn id_hash(id: &str) -> u64 {
-    let b = id.as_bytes();
-    let n = b.len();
-    let word = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
-    let h = if n >= 8 {
-        let h = word(0) ^ word(n - 8).rotate_left(23);
-        if n > 16 {
-            h ^ word(n / 2 - 4).rotate_left(47)
-        } else {
-            h
-        }
-    } else {
-        b.iter().fold(0u64, |h, &c| (h << 8) | u64::from(c))
-    };
-    (h ^ n as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
-}
-
-impl PosIndex {
-    fn new(n: usize) -> PosIndex {
-        let bits = (2 * n).max(16).next_power_of_two().trailing_zeros();
-        PosIndex {
-            slots: vec![0; 1 << bits],
-            shift: 64 - bits,
-        }
-    }
-
-    /// The slot that holds `id`, or the empty slot where it goes.
-    fn find<I: PlanInstance>(&self, insts: &[I], id: &str) -> usize {
-        let mask = self.slots.len() - 1;
-        let mut at = (id_hash(id) >> self.shift) as usize;
-        loop {
-            let s = self.slots[at] as usize;
-            if s == 0 || str_eq(insts[s - 1].id(), id) {
-                return at;
-            }
-            at = (at + 1) & mask;
-        }
-    }
-
-    fn insert<I: PlanInstance>(&mut self, insts: &[I], pos: usize) {
-        let at = self.find(insts, insts[pos].id());
-        self.slots[at] = u32::try_from(pos + 1).expect("fewer than 2^32 instances");
-    }
-
-    fn get<I: PlanInstance>(&self, insts: &[I], id: &str) -> Option<usize> {
-        (self.slots[self.find(insts, id)] as usize).checked_sub(1)
-    }
-}
-
 /// A lookup table of one pass. Never iterated, so its order cannot leak into a plan, and
 /// hashed with a fixed seed, so it reads no OS randomness.
 #[allow(clippy::disallowed_types)]
@@ -1219,15 +1174,20 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     let mut remaining: Vec<Resources> = Vec::with_capacity(nviews);
     let mut placed: Vec<(&'a str, usize)> = Vec::with_capacity(snap.running.len());
     let mut prices: Vec<f64> = Vec::with_capacity(nviews);
-    let mut pos_of = PosIndex::new(if snap.runners.is_some() { nviews } else { 0 });
+    // With a runner index: each slot's position plus one (zero: no instance has the slot).
+    let mut pos_of_slot: Vec<u32> = Vec::new();
     for (pos, v) in snap.instances.iter().enumerate() {
         let (type_id, price) = v.type_and_price(snap.types);
         type_ids.push(type_id);
         prices.push(price);
         remaining.push(type_id.map_or(Resources::FULL, |t| snap.types.get(t).capacity()));
         if snap.runners.is_some() {
-            if !v.id().is_empty() {
-                pos_of.insert(snap.instances, pos);
+            if let Some(slot) = v.slot() {
+                let slot = slot as usize;
+                if slot >= pos_of_slot.len() {
+                    pos_of_slot.resize((slot + 1).max(nviews), 0);
+                }
+                pos_of_slot[slot] = u32::try_from(pos + 1).expect("fewer than 2^32 instances");
             }
         } else {
             for uuid in v.running_uuids() {
@@ -1237,11 +1197,11 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     }
     match snap.runners {
         // Already in UUID order, one instance each.
-        Some(index) => placed.extend(
-            index
-                .iter()
-                .filter_map(|(uuid, id)| Some((uuid.as_str(), pos_of.get(snap.instances, id)?))),
-        ),
+        Some(index) => placed.extend(index.iter().filter_map(|(uuid, at)| {
+            let pos = (*pos_of_slot.get(at.slot as usize)? as usize).checked_sub(1)?;
+            debug_assert_eq!(snap.instances[pos].id(), &*at.id, "slot {}", at.slot);
+            Some((uuid.as_str(), pos))
+        })),
         // Pushed in position order, so the stable sort breaks ties by position.
         None => sort_by_str_key(&mut placed, |p| p.0),
     }
@@ -2461,18 +2421,59 @@ mod tests {
         }
     }
 
+    /// An instance view with a slot, as the pool numbers its workers.
+    #[derive(Clone, Debug)]
+    struct Numbered(InstanceView, Option<u32>);
+
+    impl PlanInstance for Numbered {
+        fn id(&self) -> &str {
+            self.0.id()
+        }
+        fn type_name(&self) -> &str {
+            self.0.type_name()
+        }
+        fn price(&self) -> f64 {
+            self.0.price()
+        }
+        fn running_uuids(&self) -> impl Iterator<Item = &str> {
+            self.0.running_uuids()
+        }
+        fn running_count(&self) -> usize {
+            self.0.running_count()
+        }
+        fn state(&self) -> WorkerState {
+            self.0.state()
+        }
+        fn idle_behavior(&self) -> IdleBehavior {
+            self.0.idle_behavior()
+        }
+        fn slot(&self) -> Option<u32> {
+            self.1
+        }
+    }
+
     /// The caller's runner index (`Snapshot::runners`) gives the same plan as reading the
-    /// instances' containers.
+    /// instances' containers. The slots are sparse and out of position order; pending creates
+    /// have none.
     #[test]
     fn plan_with_a_runner_index_matches_plan_without() {
         let mut compared = 0;
         for seed in 0..3000 {
             let w = world(seed, 40, 20);
-            let mut index: BTreeMap<Key, Key> = BTreeMap::new();
+            let n = w.instances.len() as u32;
+            let numbered: Vec<Numbered> = (0u32..)
+                .zip(&w.instances)
+                .map(|(pos, v)| Numbered(v.clone(), (!v.id().is_empty()).then(|| 3 * (n - pos))))
+                .collect();
+            let mut index: BTreeMap<Key, RunnerAt> = BTreeMap::new();
             let mut unique = true;
-            for v in &w.instances {
+            for v in &numbered {
                 for uuid in v.running_uuids() {
-                    unique &= index.insert(uuid.into(), v.id().into()).is_none();
+                    let at = RunnerAt {
+                        id: v.id().into(),
+                        slot: v.slot().expect("instances with runners have IDs"),
+                    };
+                    unique &= index.insert(uuid.into(), at).is_none();
                 }
             }
             // The index holds one instance per container (the pool's invariant); a world
@@ -2483,8 +2484,17 @@ mod tests {
             compared += 1;
             let without = snapshot(&w);
             let with = Snapshot {
+                types: without.types,
+                queue: without.queue,
+                running: without.running,
                 runners: Some(&index),
-                ..without.clone()
+                instances: &numbered,
+                total_instances: without.total_instances,
+                pool: without.pool.clone(),
+                state: without.state,
+                last_503: without.last_503,
+                max_running_per_instance: without.max_running_per_instance,
+                supervisor_fraction: without.supervisor_fraction,
             };
             let now = Timestamp(1000);
             assert_same(seed, &plan(&with, now), &plan(&without, now));
@@ -2531,60 +2541,6 @@ mod tests {
             let now = Timestamp(1000);
             assert_same(seed, &plan(&snap, now), &reference::plan(&snap, now));
         }
-    }
-
-    #[test]
-    fn the_position_index_finds_each_id_at_its_last_position() {
-        let ids = [
-            "i-1",
-            "i-0000001",
-            "i-00000001",
-            "i-0000000000000001",
-            "i-0123456789abcdef0",
-            "i-0123456789abcdef1",
-            "i-01234567x9abcdef0",
-            "i-1",
-            "zzzzz-dz642-000000000000001-long-instance-name",
-        ];
-        let view = |id: &str| InstanceView {
-            instance: id.to_string(),
-            address: String::new(),
-            price: 0.1,
-            arvados_instance_type: String::new(),
-            provider_instance_type: String::new(),
-            last_container_uuid: String::new(),
-            last_busy: Timestamp::ZERO,
-            running_container_uuids: None,
-            worker_state: WorkerState::Idle,
-            idle_behavior: IdleBehavior::Run,
-        };
-        let views: Vec<InstanceView> = ids.iter().map(|id| view(id)).collect();
-        let mut index = PosIndex::new(views.len());
-        for pos in 0..views.len() {
-            index.insert(&views, pos);
-        }
-        for id in ids {
-            let last = ids.iter().rposition(|i| *i == id);
-            assert_eq!(index.get(&views, id), last, "{id}");
-        }
-        // Absent IDs, some sharing the first and last eight bytes with present ones.
-        for id in [
-            "",
-            "i-2",
-            "i-01234567y9abcdef0",
-            "i-0123456789abcdef2",
-            "i-000000001",
-        ] {
-            assert_eq!(index.get(&views, id), None, "{id}");
-        }
-        // Full tables are avoided (at most half full), so absent lookups end.
-        let many: Vec<InstanceView> = (0..1000).map(|n| view(&format!("i-{n:08}"))).collect();
-        let mut index = PosIndex::new(many.len());
-        for pos in 0..many.len() {
-            index.insert(&many, pos);
-        }
-        assert!((0..1000).all(|n| index.get(&many, &format!("i-{n:08}")) == Some(n)));
-        assert_eq!(index.get(&many, "i-00001000"), None);
     }
 
     #[test]

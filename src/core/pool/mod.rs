@@ -30,7 +30,7 @@ use super::metrics::{BootOutcome, PoolMetrics};
 use super::ops::{Ops, Pending};
 use super::price;
 use super::rng::Rng;
-use super::scheduler::PlanInstance;
+use super::scheduler::{PlanInstance, RunnerAt};
 use super::select::{TypeId, TypeTable};
 use super::time::Timestamp;
 use super::types::{
@@ -47,6 +47,8 @@ pub const CAPACITY_ERROR_TTL: Duration = Duration::from_secs(60);
 pub const CREATE_CONCURRENCY_HOLDOFF: Duration = Duration::from_secs(5);
 /// Most queued cloud calls; beyond it, re-requests (tags, destroy retries) wait for a later sync.
 pub const CLOUD_QUEUE_MAX: usize = 100_000;
+/// Up to this many UUIDs in one `--list` report are searched in place; more are sorted first.
+const FEW_REPORTED: usize = 8;
 
 /// Why an admin operation failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -157,13 +159,19 @@ impl PlanInstance for PoolInstance<'_> {
             PoolInstance::Creating(_) => IdleBehavior::Run,
         }
     }
+    fn slot(&self) -> Option<u32> {
+        match self {
+            PoolInstance::Worker(_, w) => Some(w.slot),
+            PoolInstance::Creating(_) => None,
+        }
+    }
 }
 
 /// Which container runs where, and `Running()` kept in step with it.
 #[derive(Debug, Default)]
 struct RunnerBook {
-    /// Container → the worker holding its runner (starting or running).
-    index: BTreeMap<Key, Key>,
+    /// Container → the worker holding its runner (starting or running): its ID and slot.
+    index: BTreeMap<Key, RunnerAt>,
     /// Exit placeholders: container → when its crunch-run was seen to exit.
     exited: BTreeMap<Key, Timestamp>,
     /// `Running()`: the union of the two (they are disjoint).
@@ -171,9 +179,15 @@ struct RunnerBook {
 }
 
 impl RunnerBook {
-    fn started(&mut self, uuid: &str, id: &str) {
+    fn started(&mut self, uuid: &str, id: &str, slot: u32) {
         let uuid = Key::new(uuid);
-        self.index.insert(uuid.clone(), Key::new(id));
+        self.index.insert(
+            uuid.clone(),
+            RunnerAt {
+                id: Key::new(id),
+                slot,
+            },
+        );
         self.exited.remove(&uuid);
         self.map.insert(uuid, None);
     }
@@ -241,6 +255,7 @@ pub struct Pool {
     list_commands: [String; 2],
     instance_set_id: String,
     workers: BTreeMap<Key, Worker>,
+    slots: Slots,
     creating: BTreeMap<String, Creating>,
     book: RunnerBook,
     stamp: u64,
@@ -264,10 +279,11 @@ pub struct Pool {
     pub metrics: PoolMetrics,
 }
 
-/// A hash of the pair (`uuid`, `id`) for [`Pool::workers_consistent`]'s multiset sums: each
-/// 8-byte word, then the lengths, folded in through a multiply-xorshift mixer (MurmurHash3's
-/// finaliser), so that distinct pairs' hashes look independent.
-fn pair_hash(uuid: &str, id: &str) -> u64 {
+/// A hash of the runner (`uuid`, `id`, `slot`) for [`Pool::workers_consistent`]'s multiset
+/// sums: each 8-byte word, then the lengths, then the slot, folded in through a
+/// multiply-xorshift mixer (MurmurHash3's finaliser), so that distinct runners' hashes look
+/// independent.
+fn pair_hash(uuid: &str, id: &str, slot: u32) -> u64 {
     fn mix(mut x: u64) -> u64 {
         x ^= x >> 33;
         x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
@@ -287,7 +303,28 @@ fn pair_hash(uuid: &str, id: &str) -> u64 {
             .fold(0u64, |t, (i, b)| t | u64::from(*b) << (8 * i));
         mix(h ^ tail ^ (s.len() as u64) << 56)
     }
-    fold(fold(0x9e37_79b9_7f4a_7c15, uuid), id)
+    mix(fold(fold(0x9e37_79b9_7f4a_7c15, uuid), id) ^ u64::from(slot))
+}
+
+/// The workers' slots ([`Worker::slot`]): a freed slot is handed out again before a new one,
+/// so they stay below the most workers the pool has held at once.
+#[derive(Debug, Default)]
+struct Slots {
+    next: u32,
+    free: Vec<u32>,
+}
+
+impl Slots {
+    fn take(&mut self) -> u32 {
+        self.free.pop().unwrap_or_else(|| {
+            self.next += 1;
+            self.next - 1
+        })
+    }
+
+    fn give(&mut self, slot: u32) {
+        self.free.push(slot);
+    }
 }
 
 /// Where [`Pool::listed_merge`] goes on in the worker map.
@@ -395,6 +432,7 @@ impl Pool {
             runner,
             instance_set_id: instance_set_id.to_string(),
             workers: BTreeMap::new(),
+            slots: Slots::default(),
             creating: BTreeMap::new(),
             book: RunnerBook::default(),
             stamp: 0,
@@ -568,7 +606,7 @@ impl Pool {
     }
 
     /// Every runner (starting or running): container UUID → the instance holding it.
-    pub fn runner_index(&self) -> &BTreeMap<Key, Key> {
+    pub fn runner_index(&self) -> &BTreeMap<Key, RunnerAt> {
         &self.book.index
     }
 
@@ -739,7 +777,7 @@ impl Pool {
         let mut r = Runner::new(&ctr.uuid, ctr.created_at);
         r.start_op = Some(op);
         w.starting.insert(Key::new(&ctr.uuid), r);
-        self.book.started(&ctr.uuid, id);
+        self.book.started(&ctr.uuid, id, w.slot);
         if w.state != WorkerState::Running {
             w.state = WorkerState::Running;
             self.changed = true;
@@ -757,7 +795,7 @@ impl Pool {
         uuid: &str,
         reason: &str,
     ) -> bool {
-        let Some(id) = self.book.index.get(&Key::new(uuid)).cloned() else {
+        let Some(id) = self.book.index.get(&Key::new(uuid)).map(|at| at.id.clone()) else {
             return false;
         };
         let term = self.timeout_term();
@@ -995,6 +1033,7 @@ impl Pool {
             Key::new(&id),
             Worker {
                 id: id.clone(),
+                slot: self.slots.take(),
                 list_probe: ListProbe::of(&info),
                 info,
                 type_id,
@@ -1028,6 +1067,7 @@ impl Pool {
         let Some(w) = self.workers.remove(&Key::new(id)) else {
             return;
         };
+        self.slots.give(w.slot);
         tracing::info!(instance = %id, state = %w.state, "instance disappeared from cloud");
         self.metrics.instances_disappeared[w.state as usize] += 1;
         if !w.boot_reported {
@@ -1282,6 +1322,8 @@ impl Pool {
         match purpose {
             ExecPurpose::StartRunner { uuid } => self.start_finished(now, id, &uuid, op, result),
             ExecPurpose::KillRunner { uuid } => self.kill_finished(now, ops, id, &uuid, op, result),
+            // The run probe, the last step: straight to its end, which looks the worker up.
+            ExecPurpose::ListProbe => self.finish_probe(now, id, Some((op, issued, result))),
             _ => self.probe_step_finished(now, ops, op, issued, id, result),
         }
     }
@@ -1610,37 +1652,43 @@ impl Pool {
                 }
                 self.after_boot_and_deploy(now, ops, id);
             }
-            ProbeStep::List => {
-                let secs = now.since(issued).as_secs_f64();
-                match &result {
-                    Ok(_) => self.metrics.run_probe_success.observe(now, secs),
-                    Err(err) => {
-                        self.metrics.run_probe_fail.observe(now, secs);
-                        tracing::warn!(instance = %id, error = %err.message, stdout = %err.stdout,
-                            stderr = %err.stderr, "probe failed");
-                    }
-                }
-                self.finish_probe(now, id, Some(result));
-            }
+            // `exec_finished` sends run probes to `finish_probe` without this lookup.
+            ProbeStep::List => self.finish_probe(now, id, Some((op, issued, result))),
         }
     }
 
-    /// The end of `probeAndUpdate` (§2.4 steps 4–6). `list` is `None` when no run probe ran.
+    /// The end of `probeAndUpdate` (§2.4 steps 4–6). `list` is the run probe's command, when
+    /// it ran, and its outcome: a late one (not the probe's current command) is ignored.
     fn finish_probe(
         &mut self,
         now: Timestamp,
         id: &str,
-        list: Option<Result<ExecOutput, ExecError>>,
+        list: Option<(OpId, Timestamp, Result<ExecOutput, ExecError>)>,
     ) {
         let stale_timeout = self.timeout_stale_run_lock();
         let (timeout_booting, timeout_probe) = (self.timeout_booting(), self.timeout_probe());
         let (ok, report) = match &list {
-            Some(Ok(out)) => (true, remote::parse_list(&out.stdout, &self.cfg.cluster_id)),
+            Some((_, _, Ok(out))) => (true, remote::parse_list(&out.stdout, &self.cfg.cluster_id)),
             _ => (false, remote::ListReport::default()),
         };
         let Some(w) = self.workers.get_mut(&Key::new(id)) else {
             return;
         };
+        if let Some((op, issued, result)) = &list {
+            let Some(p) = w.probe.as_ref().filter(|p| p.op == *op) else {
+                return;
+            };
+            debug_assert_eq!(p.step, ProbeStep::List);
+            let secs = now.since(*issued).as_secs_f64();
+            match result {
+                Ok(_) => self.metrics.run_probe_success.observe(now, secs),
+                Err(err) => {
+                    self.metrics.run_probe_fail.observe(now, secs);
+                    tracing::warn!(instance = %id, error = %err.message, stdout = %err.stdout,
+                        stderr = %err.stderr, "probe failed");
+                }
+            }
+        }
         let p = w.probe.take().expect("probe in progress");
         let mut broken = report.broken;
         if ok {
@@ -1704,24 +1752,35 @@ impl Pool {
         if !report.uuids.is_empty() {
             w.busy = now;
             if w.last_uuid.is_empty() {
-                w.last_uuid = report.uuids[0].clone();
+                w.last_uuid = report.uuids[0].to_string();
             }
         } else if !w.running.is_empty() {
             w.busy = now;
         }
         let mut changed = false;
         // updateRunning: adopt new UUIDs, promote starting ones, close the ones that left.
-        // Sorted for lookups (an instance reports a handful at most, so no set is built).
-        let mut reported: Vec<&str> = report.uuids.iter().map(String::as_str).collect();
-        reported.sort_unstable();
+        // An instance reports a handful at most: searched in place when there are a few,
+        // sorted for lookups otherwise (no set is built).
+        let mut sorted: Vec<&str> = Vec::new();
+        if report.uuids.len() > FEW_REPORTED {
+            sorted.extend(&report.uuids);
+            sorted.sort_unstable();
+        }
+        let is_reported = |u: &str| {
+            if report.uuids.len() > FEW_REPORTED {
+                sorted.binary_search(&u).is_ok()
+            } else {
+                report.uuids.contains(&u)
+            }
+        };
         let mut adopted = Vec::new();
-        for uuid in &report.uuids {
-            if w.running.contains_key(uuid.as_str()) {
+        for &uuid in &report.uuids {
+            if w.running.contains_key(uuid) {
                 continue;
             }
-            if let Some(r) = w.starting.remove(uuid.as_str()) {
+            if let Some(r) = w.starting.remove(uuid) {
                 w.running.insert(Key::new(uuid), r);
-            } else if let Some(other) = self.book.index.get(&Key::new(uuid)) {
+            } else if let Some(RunnerAt { id: other, .. }) = self.book.index.get(&Key::new(uuid)) {
                 // The same container reported on a second instance (a leftover process, or a
                 // probe that raced an exit). The pool keeps one runner per container: the one
                 // it already tracks. This one is adopted once the other is gone.
@@ -1732,27 +1791,31 @@ impl Pool {
                 tracing::info!(instance = %id, container = %uuid, "crunch-run process detected");
                 w.running
                     .insert(Key::new(uuid), Runner::new(uuid, Timestamp::ZERO));
-                adopted.push(uuid.clone());
+                adopted.push(uuid);
             }
             changed = true;
         }
         let left: Vec<String> = w
             .running
             .keys()
-            .filter(|u| reported.binary_search(&u.as_str()).is_err())
+            .filter(|u| !is_reported(u))
             .map(String::from)
             .collect();
-        let first_ssh = w.first_ssh;
-        let state = w.state;
+        let (first_ssh, state, slot) = (w.first_ssh, w.state, w.slot);
         let booted_now = p.booted && matches!(state, WorkerState::Unknown | WorkerState::Booting);
-        for uuid in adopted {
-            self.book.started(&uuid, id);
-        }
-        for uuid in &left {
-            self.close_runner(now, id, uuid);
-            changed = true;
-        }
-        let w = self.workers.get_mut(&Key::new(id)).expect("exists");
+        // The worker looked up above, unless adopting or closing runners needed the pool.
+        let w = if adopted.is_empty() && left.is_empty() {
+            w
+        } else {
+            for uuid in adopted {
+                self.book.started(uuid, id, slot);
+            }
+            for uuid in &left {
+                self.close_runner(now, id, uuid);
+                changed = true;
+            }
+            self.workers.get_mut(&Key::new(id)).expect("exists")
+        };
         if booted_now {
             if state == WorkerState::Booting
                 && let Some(t) = first_ssh
@@ -1848,7 +1911,12 @@ impl Pool {
                 break;
             }
             self.kill_timers.pop_first();
-            if let Some(id) = self.book.index.get(&Key::new(&uuid)).cloned() {
+            if let Some(id) = self
+                .book
+                .index
+                .get(&Key::new(&uuid))
+                .map(|at| at.id.clone())
+            {
                 self.kill_step(now, ops, &id, &uuid);
             }
         }
@@ -2006,13 +2074,13 @@ impl Pool {
             }
             runners += w.runner_count();
             for uuid in w.running.keys().chain(w.starting.keys()) {
-                pairs = pairs.wrapping_add(pair_hash(uuid, id));
+                pairs = pairs.wrapping_add(pair_hash(uuid, id, w.slot));
             }
         }
         runners == self.book.index.len()
             && pairs
-                == self.book.index.iter().fold(0u64, |sum, (uuid, id)| {
-                    sum.wrapping_add(pair_hash(uuid, id))
+                == self.book.index.iter().fold(0u64, |sum, (uuid, at)| {
+                    sum.wrapping_add(pair_hash(uuid, &at.id, at.slot))
                 })
     }
 
@@ -2069,10 +2137,10 @@ impl Pool {
         // Every runner, in the order the checks below visit them, and which of them the index
         // does not map to their worker: found by one merge of the runners, sorted by UUID, with
         // the index (no lookup per runner).
-        let mut runners: Vec<(&Key, &str, usize)> = Vec::new();
+        let mut runners: Vec<(&Key, &Worker, usize)> = Vec::new();
         for w in self.workers.values() {
             for uuid in w.running.keys().chain(w.starting.keys()) {
-                runners.push((uuid, &w.id, runners.len()));
+                runners.push((uuid, w, runners.len()));
             }
         }
         let indexed = runners.len();
@@ -2080,11 +2148,11 @@ impl Pool {
         // Pushed in visiting order, so the stable sort breaks ties by it.
         runners.sort_by(|a, b| a.0.cmp(b.0));
         let mut index = self.book.index.iter().peekable();
-        for &(uuid, id, seq) in &runners {
+        for &(uuid, w, seq) in &runners {
             while index.next_if(|(u, _)| *u < uuid).is_some() {}
             let ok = index
                 .peek()
-                .is_some_and(|(u, w)| *u == uuid && str_eq(w, id));
+                .is_some_and(|(u, at)| *u == uuid && str_eq(&at.id, &w.id) && at.slot == w.slot);
             unindexed[seq] = !ok;
         }
         let mut seq = 0;
@@ -2173,6 +2241,37 @@ mod tests {
 
     fn worker<'p>(p: &'p mut Pool, id: &str) -> &'p mut Worker {
         p.workers.get_mut(id).expect("listed")
+    }
+
+    /// Workers hold distinct slots, and a gone worker's slot goes to the next new one.
+    #[test]
+    fn workers_hold_distinct_slots_and_reuse_freed_ones() {
+        let mut p = pool(&["i-1", "i-2", "i-3"]);
+        let slots = |p: &Pool| -> BTreeMap<String, u32> {
+            p.workers
+                .iter()
+                .map(|(id, w)| (id.to_string(), w.slot))
+                .collect()
+        };
+        let before = slots(&p);
+        let distinct: BTreeSet<u32> = before.values().copied().collect();
+        assert_eq!(distinct, BTreeSet::from([0, 1, 2]));
+        let list_now = |p: &mut Pool, ids: &[&str], at: u64| {
+            let list = ids
+                .iter()
+                .map(|id| listed_record(p, id, SET, "run"))
+                .collect();
+            let threshold = p.stamp;
+            p.listed(Timestamp(at), threshold, Ok(list));
+        };
+        list_now(&mut p, &["i-1", "i-3"], 2_000);
+        assert_eq!(slots(&p).len(), 2, "i-2 is gone");
+        list_now(&mut p, &["i-1", "i-3", "i-4"], 3_000);
+        let after = slots(&p);
+        assert_eq!(after.len(), 3, "{after:?}");
+        assert_eq!(after["i-1"], before["i-1"]);
+        assert_eq!(after["i-3"], before["i-3"]);
+        assert_eq!(after["i-4"], before["i-2"], "the freed slot is reused");
     }
 
     /// A listing refreshes the same workers whatever its order: in ID order the merge places
@@ -2268,13 +2367,21 @@ mod tests {
 
         // Indexed to the other instance: as many runners as index entries, so only the
         // pairs' hash sums tell.
-        p.book.started(U1, "i-2");
+        let (slot1, slot2) = (p.workers["i-1"].slot, p.workers["i-2"].slot);
+        assert_ne!(slot1, slot2, "each worker has its own slot");
+        p.book.started(U1, "i-2", slot2);
+        let (v, unique) = p.check(&ops);
+        assert!(!unique);
+        assert_eq!(v, [format!("runner {U1} on i-1 is not indexed to it")]);
+
+        // Indexed to the right instance under another slot: the pass would not find it.
+        p.book.started(U1, "i-1", slot2);
         let (v, unique) = p.check(&ops);
         assert!(!unique);
         assert_eq!(v, [format!("runner {U1} on i-1 is not indexed to it")]);
 
         // Indexed: consistent again.
-        p.book.started(U1, "i-1");
+        p.book.started(U1, "i-1", slot1);
         assert_eq!(p.check(&ops), (vec![], true));
 
         // The same container starting on a second instance: not indexed there, and the

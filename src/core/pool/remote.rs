@@ -117,11 +117,11 @@ pub fn init_command(secret: &str, instance_init_command: &str) -> String {
     format!("umask 0177 && echo -n \"{secret}\" >{SECRET_PATH}\n{instance_init_command}")
 }
 
-/// What one `--list` run reported.
+/// What one `--list` run reported, borrowing the output.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ListReport {
+pub struct ListReport<'a> {
     /// Running containers, in output order.
-    pub uuids: Vec<String>,
+    pub uuids: Vec<&'a str>,
     /// The worker reported `broken`.
     pub broken: bool,
     /// Some line said `<uuid> stale`.
@@ -129,7 +129,7 @@ pub struct ListReport {
 }
 
 /// Parses `--list` output (§2.3). Lines of other clusters are ignored.
-pub fn parse_list(stdout: &str, cluster_id: &str) -> ListReport {
+pub fn parse_list<'a>(stdout: &'a str, cluster_id: &str) -> ListReport<'a> {
     let mut r = ListReport::default();
     for line in stdout.split('\n') {
         if line.is_empty() {
@@ -142,11 +142,13 @@ pub fn parse_list(stdout: &str, cluster_id: &str) -> ListReport {
         if !line.starts_with(cluster_id) {
             continue;
         }
-        let toks: Vec<&str> = line.split(' ').collect();
-        match toks.as_slice() {
-            [uuid] => r.uuids.push((*uuid).to_string()),
-            [_, "stale", ..] => r.stale = true,
-            _ => {}
+        // One word is a UUID; a second word "stale" marks a stale lock.
+        let mut words = line.split(' ');
+        let uuid = words.next().unwrap_or_default();
+        match words.next() {
+            None => r.uuids.push(uuid),
+            Some("stale") => r.stale = true,
+            Some(_) => {}
         }
     }
     r

@@ -125,12 +125,12 @@ pub struct Worker {
     pub state: WorkerState,
     /// Admin intent.
     pub idle_behavior: IdleBehavior,
-    /// A boot outcome has been counted.
-    pub boot_reported: bool,
-    /// A SetTags call is queued or in flight.
-    pub tags_busy: bool,
     /// `ListProbe::of(&self.info)`: set with `info` (see [`Worker::set_info`]).
     pub list_probe: ListProbe,
+    /// A number no other worker of the pool has while this one is in it (the runner index
+    /// repeats it, and a scheduling pass finds a runner's instance by it); reused once the
+    /// worker is gone.
+    pub slot: u32,
     /// Configured type, or `None` when the tag names an unconfigured one.
     pub type_id: Option<TypeId>,
     /// Runners the probe has confirmed (or whose start returned).
@@ -139,6 +139,8 @@ pub struct Worker {
     pub starting: BTreeMap<Key, Runner>,
     /// The probe in progress (read by the invariant checks: next to the hot fields).
     pub probe: Option<Probe>,
+    /// A boot outcome has been counted.
+    pub boot_reported: bool,
     /// Cloud ID.
     pub id: String,
     /// Latest listing.
@@ -165,6 +167,8 @@ pub struct Worker {
     pub stale_since: Option<Timestamp>,
     /// UUID last started (or first seen).
     pub last_uuid: String,
+    /// A SetTags call is queued or in flight.
+    pub tags_busy: bool,
     /// The tags of the SetTags call in flight.
     pub tags_sent: Option<BTreeMap<String, String>>,
     /// The listed record, and the idle behaviour, for which the tags were last found current:
@@ -176,6 +180,8 @@ pub struct Worker {
 // The hot fields stay within the first 64 bytes.
 const _: () = assert!(
     std::mem::offset_of!(Worker, starting) + std::mem::size_of::<BTreeMap<Key, Runner>>() <= 64
+        && std::mem::offset_of!(Worker, slot) < std::mem::offset_of!(Worker, starting)
+        && std::mem::offset_of!(Worker, list_probe) < std::mem::offset_of!(Worker, starting)
 );
 
 impl Worker {
