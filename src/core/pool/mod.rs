@@ -1455,8 +1455,7 @@ impl Pool {
     /// Starts a probe of `id` now, unless one is in progress (probes are single-flight). The
     /// probe loop calls this at `MaxProbesPerSecond`; tests and admin tools may call it directly.
     pub fn probe_now(&mut self, now: Timestamp, ops: &mut Ops, id: &str) {
-        let key = Key::new(id);
-        let Some(w) = self.workers.get(&key) else {
+        let Some(w) = self.workers.get_mut(&Key::new(id)) else {
             return;
         };
         if w.probe.is_some() || w.state == WorkerState::Shutdown {
@@ -1470,8 +1469,8 @@ impl Pool {
         } else {
             ProbeStep::Boot
         };
-        let op = self.issue_probe_step_for(now, ops, id, w, step);
-        let w = self.workers.get_mut(&key).expect("checked");
+        let op = ProbeCommands::of(&self.cfg, &self.runner, &self.list_commands)
+            .issue(now, ops, id, w, step);
         w.probe = Some(Probe {
             op,
             step,
@@ -1483,92 +1482,15 @@ impl Pool {
         });
     }
 
-    fn issue_probe_step(&self, now: Timestamp, ops: &mut Ops, id: &str, step: ProbeStep) -> OpId {
-        self.issue_probe_step_for(now, ops, id, &self.workers[&Key::new(id)], step)
-    }
-
-    /// [`Pool::issue_probe_step`] for the worker `w` (whose ID is `id`), already looked up.
-    fn issue_probe_step_for(
-        &self,
-        now: Timestamp,
-        ops: &mut Ops,
-        id: &str,
-        w: &Worker,
-        step: ProbeStep,
-    ) -> OpId {
-        let user = &w.info.remote_user;
-        let runner = &self.runner.command;
-        let (purpose, command, stdin, timeout) = match step {
-            ProbeStep::Boot => {
-                let cmd = if self.cfg.cloud_vms.boot_probe_command.is_empty() {
-                    "true".to_string()
-                } else {
-                    self.cfg.cloud_vms.boot_probe_command.clone()
-                };
-                (
-                    ExecPurpose::BootProbe,
-                    cmd,
-                    ExecStdin::Empty,
-                    self.cfg.tuning.exec_timeout,
-                )
-            }
-            ProbeStep::Md5 => (
-                ExecPurpose::RunnerMd5,
-                remote::md5_command(runner),
-                ExecStdin::Empty,
-                self.cfg.tuning.exec_timeout,
-            ),
-            ProbeStep::Install => (
-                ExecPurpose::RunnerInstall,
-                remote::install_command(&self.cfg.cloud_vms.deploy_runner_directory, runner, user),
-                ExecStdin::RunnerBinary,
-                self.cfg.tuning.deploy_timeout,
-            ),
-            ProbeStep::List => {
-                // With a price history (EC2 spot instances), crunch-run gets the prices, plus
-                // the added scratch volume's cost, on stdin (§2.3). The worker knows which
-                // without loading the record.
-                debug_assert_eq!(w.list_probe, ListProbe::of(&w.info), "set with the record");
-                let (command, stdin) = match w.list_probe {
-                    ListProbe::Plain { sudo } => (
-                        self.list_commands[usize::from(sudo)].clone(),
-                        ExecStdin::Empty,
-                    ),
-                    ListProbe::WithPrices => (
-                        remote::list_command_with_prices(runner, user),
-                        ExecStdin::Text(price::prices_json(&price::probe_prices(
-                            &w.info, &w.itype,
-                        ))),
-                    ),
-                };
-                (
-                    ExecPurpose::ListProbe,
-                    command,
-                    stdin,
-                    self.cfg.tuning.exec_timeout,
-                )
-            }
-        };
-        ops.issue(
-            now,
-            timeout,
-            Pending::Exec(id.to_string(), purpose.clone()),
-            CommandKind::Exec {
-                instance: id.to_string(),
-                purpose,
-                command,
-                stdin,
-            },
-        )
-    }
-
+    /// Issues the probe's next step, `step`, for the worker `id`.
     fn advance_probe(&mut self, now: Timestamp, ops: &mut Ops, id: &str, step: ProbeStep) {
-        let op = self.issue_probe_step(now, ops, id, step);
-        let p = self
+        let w = self
             .workers
-            .get_mut(id)
-            .and_then(|w| w.probe.as_mut())
+            .get_mut(&Key::new(id))
             .expect("probe in progress");
+        let op = ProbeCommands::of(&self.cfg, &self.runner, &self.list_commands)
+            .issue(now, ops, id, w, step);
+        let p = w.probe.as_mut().expect("probe in progress");
         p.op = op;
         p.step = step;
     }
@@ -2188,6 +2110,92 @@ impl Pool {
                 self.book.index.len()
             ));
         }
+    }
+}
+
+/// What issuing a probe step reads of the pool, borrowed field by field, so that the worker
+/// it probes can be borrowed from the pool's map at the same time (one lookup per step).
+struct ProbeCommands<'p> {
+    cfg: &'p Config,
+    runner: &'p RunnerSpec,
+    list_commands: &'p [String; 2],
+}
+
+impl<'p> ProbeCommands<'p> {
+    fn of(cfg: &'p Config, runner: &'p RunnerSpec, list_commands: &'p [String; 2]) -> Self {
+        ProbeCommands {
+            cfg,
+            runner,
+            list_commands,
+        }
+    }
+
+    /// Issues the command of probe step `step` for the worker `w`, whose ID is `id`.
+    fn issue(&self, now: Timestamp, ops: &mut Ops, id: &str, w: &Worker, step: ProbeStep) -> OpId {
+        let user = &w.info.remote_user;
+        let runner = &self.runner.command;
+        let (purpose, command, stdin, timeout) = match step {
+            ProbeStep::Boot => {
+                let cmd = if self.cfg.cloud_vms.boot_probe_command.is_empty() {
+                    "true".to_string()
+                } else {
+                    self.cfg.cloud_vms.boot_probe_command.clone()
+                };
+                (
+                    ExecPurpose::BootProbe,
+                    cmd,
+                    ExecStdin::Empty,
+                    self.cfg.tuning.exec_timeout,
+                )
+            }
+            ProbeStep::Md5 => (
+                ExecPurpose::RunnerMd5,
+                remote::md5_command(runner),
+                ExecStdin::Empty,
+                self.cfg.tuning.exec_timeout,
+            ),
+            ProbeStep::Install => (
+                ExecPurpose::RunnerInstall,
+                remote::install_command(&self.cfg.cloud_vms.deploy_runner_directory, runner, user),
+                ExecStdin::RunnerBinary,
+                self.cfg.tuning.deploy_timeout,
+            ),
+            ProbeStep::List => {
+                // With a price history (EC2 spot instances), crunch-run gets the prices, plus
+                // the added scratch volume's cost, on stdin (§2.3). The worker knows which
+                // without loading the record.
+                debug_assert_eq!(w.list_probe, ListProbe::of(&w.info), "set with the record");
+                let (command, stdin) = match w.list_probe {
+                    ListProbe::Plain { sudo } => (
+                        self.list_commands[usize::from(sudo)].clone(),
+                        ExecStdin::Empty,
+                    ),
+                    ListProbe::WithPrices => (
+                        remote::list_command_with_prices(runner, user),
+                        ExecStdin::Text(price::prices_json(&price::probe_prices(
+                            &w.info, &w.itype,
+                        ))),
+                    ),
+                };
+                (
+                    ExecPurpose::ListProbe,
+                    command,
+                    stdin,
+                    self.cfg.tuning.exec_timeout,
+                )
+            }
+        };
+        ops.issue(
+            now,
+            timeout,
+            Pending::Exec(id.to_string(), purpose.clone()),
+            CommandKind::Exec {
+                instance: id.to_string(),
+                purpose,
+                command,
+                stdin,
+            },
+        )
     }
 }
 
