@@ -300,7 +300,7 @@ impl World {
             types: &self.table,
             queue: &self.queue,
             running: &self.running,
-            runners: None,
+            indexed: None,
             instances: &self.instances,
             total_instances: self.total_instances,
             pool: self.pool.clone(),

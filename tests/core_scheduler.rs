@@ -140,7 +140,7 @@ impl Stub {
             types: &self.table,
             queue: &self.queue,
             running: &self.running,
-            runners: None,
+            indexed: None,
             instances: &self.instances,
             total_instances: self.instances.len(),
             pool: PoolLimits {
@@ -614,7 +614,7 @@ fn containers_metrics() {
             types: &s.table,
             queue: &s.queue,
             running: &s.running,
-            runners: None,
+            indexed: None,
             instances: &s.instances,
             total_instances: s.instances.len(),
             pool: snap_quota(s),

@@ -644,7 +644,7 @@ impl Dispatcher {
                 types: &self.types,
                 queue: self.queue.entries(),
                 running: self.pool.running(),
-                runners: Some(self.pool.runner_index()),
+                indexed: Some(self.pool.indexed()),
                 instances: &instances,
                 total_instances: total,
                 pool: PoolLimits {

@@ -94,12 +94,9 @@ pub struct Snapshot<'a, I: PlanInstance = InstanceView> {
     pub queue: &'a BTreeMap<Key, QueueEntry>,
     /// `Running()`: UUID → exit time (`None` while crunch-run lives).
     pub running: &'a BTreeMap<Key, Option<Timestamp>>,
-    /// The instances' containers as a map from container UUID to where its runner is, when
-    /// the caller keeps one (the pool does): exactly the pairs `instances[..].running_uuids()`
-    /// give, each UUID on one instance, named by its ID and its [`PlanInstance::slot`]. The
-    /// pass then reads it instead of every instance's containers, and needs no sort. `None`:
-    /// read them from `instances`.
-    pub runners: Option<&'a BTreeMap<Key, RunnerAt>>,
+    /// What a caller that keeps a runner index (the pool) adds: the pass then reads it
+    /// instead of every instance's containers and of `running`. `None`: read those.
+    pub indexed: Option<Indexed<'a>>,
     /// `Instances()`, in Go's order: by ID (pending creates, with the empty ID, first), ties by
     /// type name. The pool passes references to its workers; tests pass `InstanceView`s.
     pub instances: &'a [I],
@@ -115,6 +112,23 @@ pub struct Snapshot<'a, I: PlanInstance = InstanceView> {
     pub max_running_per_instance: usize,
     /// `SupervisorFraction`.
     pub supervisor_fraction: f64,
+}
+
+/// What a caller that keeps a runner index (the pool) hands a pass with its snapshot.
+#[derive(Clone, Copy, Debug)]
+pub struct Indexed<'a> {
+    /// The instances' containers, by container UUID: exactly the pairs
+    /// `instances[..].running_uuids()` give, each UUID on one instance, named by its ID and
+    /// its [`PlanInstance::slot`]. The pass reads it instead of every instance's containers,
+    /// and needs no sort.
+    pub runners: &'a BTreeMap<Key, RunnerAt>,
+    /// `Running()`'s exit placeholders: `Snapshot::running` is exactly these (each
+    /// `Some(time)`) and the runners (each `None`), which are disjoint. The pass reads these
+    /// two instead of `running`.
+    pub exited: &'a BTreeMap<Key, Timestamp>,
+    /// `instances` is in the order [`Snapshot::instances`] describes (the pool lists them
+    /// from its ID-ordered map), so the pass does not check it. Debug builds check anyway.
+    pub instances_sorted: bool,
 }
 
 /// Where a container's runner is: its instance's ID and slot (the pool's runner index).
@@ -838,14 +852,25 @@ struct Row<'a> {
     e: &'a QueueEntry,
     /// The UUID (the queue's key).
     key: &'a Key,
-    run: Option<&'a Option<Timestamp>>,
+    run: Run,
     state: ContainerState,
     /// Priority ≥ 1.
     positive: bool,
     supervisor: bool,
 }
 
-const _: () = assert!(std::mem::size_of::<Row<'static>>() == 32);
+const _: () = assert!(std::mem::size_of::<Row<'static>>() == 24);
+
+/// A queue entry's `Running()` entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Run {
+    /// None.
+    Not,
+    /// A live runner (`None`, no exit time).
+    Live,
+    /// An exit placeholder.
+    Exited,
+}
 
 struct Pass<'s, 'a, I: PlanInstance> {
     snap: &'s Snapshot<'a, I>,
@@ -1172,6 +1197,8 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     let nviews = snap.instances.len();
     let mut type_ids: Vec<Option<TypeId>> = Vec::with_capacity(nviews);
     let mut remaining: Vec<Resources> = Vec::with_capacity(nviews);
+    // With a runner index, every runner, at `NOWHERE` when its slot names no instance.
+    const NOWHERE: usize = usize::MAX;
     let mut placed: Vec<(&'a str, usize)> = Vec::with_capacity(snap.running.len());
     let mut prices: Vec<f64> = Vec::with_capacity(nviews);
     // With a runner index: each slot's position plus one (zero: no instance has the slot).
@@ -1181,7 +1208,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
         type_ids.push(type_id);
         prices.push(price);
         remaining.push(type_id.map_or(Resources::FULL, |t| snap.types.get(t).capacity()));
-        if snap.runners.is_some() {
+        if snap.indexed.is_some() {
             if let Some(slot) = v.slot() {
                 let slot = slot as usize;
                 if slot >= pos_of_slot.len() {
@@ -1195,13 +1222,26 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
             }
         }
     }
-    match snap.runners {
+    match snap.indexed {
         // Already in UUID order, one instance each.
-        Some(index) => placed.extend(index.iter().filter_map(|(uuid, at)| {
-            let pos = (*pos_of_slot.get(at.slot as usize)? as usize).checked_sub(1)?;
-            debug_assert_eq!(snap.instances[pos].id(), &*at.id, "slot {}", at.slot);
-            Some((uuid.as_str(), pos))
-        })),
+        Some(x) => {
+            debug_assert!(
+                snap.running.len() == x.runners.len() + x.exited.len()
+                    && snap.running.iter().all(|(u, t)| match t {
+                        None => x.runners.contains_key(u),
+                        Some(t) => x.exited.get(u) == Some(t),
+                    }),
+                "Running() is the runners and the exit placeholders"
+            );
+            placed.extend(x.runners.iter().map(|(uuid, at)| {
+                let pos = pos_of_slot
+                    .get(at.slot as usize)
+                    .and_then(|&p| (p as usize).checked_sub(1))
+                    .unwrap_or(NOWHERE);
+                debug_assert!(pos == NOWHERE || snap.instances[pos].id() == &*at.id);
+                (uuid.as_str(), pos)
+            }));
+        }
         // Pushed in position order, so the stable sort breaks ties by position.
         None => sort_by_str_key(&mut placed, |p| p.0),
     }
@@ -1215,21 +1255,47 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     // Running first, then Locked, then higher priority, then first seen; the UUID (the row
     // index) makes the order total.
     let mut keys: Vec<(u8, u64, u64, usize)> = Vec::with_capacity(n);
-    let mut runs = snap.running.iter().peekable();
+    // `Running()`: read whole, or (with a runner index) as the runners, which `placed`
+    // holds, and the exit placeholders.
+    let (no_running, no_exits) = (BTreeMap::new(), BTreeMap::new());
+    let (running, exited) = match snap.indexed {
+        Some(x) => (&no_running, x.exited),
+        None => (snap.running, &no_exits),
+    };
+    let mut runs = running.iter().peekable();
+    let mut exits = exited.iter().peekable();
+    let indexed = snap.indexed.is_some();
     let mut on_instances = placed.iter().peekable();
     for (uuid, e) in snap.queue {
         debug_assert_eq!(*uuid, e.container().uuid, "the queue is keyed by UUID");
         while runs.next_if(|(u, _)| *u < uuid).is_some() {}
-        let run = runs.next_if(|(u, _)| *u == uuid).map(|(_, t)| t);
+        let mut run = match runs.next_if(|(u, _)| *u == uuid) {
+            Some((_, None)) => Run::Live,
+            Some((_, Some(_))) => Run::Exited,
+            None => Run::Not,
+        };
+        while exits.next_if(|(u, _)| *u < uuid).is_some() {}
+        if exits.next_if(|(u, _)| *u == uuid).is_some() {
+            run = Run::Exited;
+        }
         while let Some(&&(u, pos)) = on_instances.peek() {
             match str_cmp(u, uuid) {
-                Ordering::Less => missing[pos] = true,
-                Ordering::Equal => remaining[pos].sub(&e.resources),
+                Ordering::Less if pos != NOWHERE => missing[pos] = true,
+                Ordering::Less => {}
+                Ordering::Equal => {
+                    if indexed {
+                        run = Run::Live;
+                    }
+                    if pos != NOWHERE {
+                        remaining[pos].sub(&e.resources);
+                    }
+                }
                 Ordering::Greater => break,
             }
             on_instances.next();
         }
-        let class = (u8::from(run.is_none()) << 1) | u8::from(e.state() != ContainerState::Locked);
+        let class =
+            (u8::from(run == Run::Not) << 1) | u8::from(e.state() != ContainerState::Locked);
         // Descending priority: flip the sign bit for an unsigned order, then invert.
         let priority = !((e.priority() as u64) ^ (1 << 63));
         keys.push((class, priority, e.first_seen_at.0, rows.len()));
@@ -1244,7 +1310,9 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     }
     // Containers not in the queue: the instance counts as full.
     for &(_, pos) in on_instances {
-        missing[pos] = true;
+        if pos != NOWHERE {
+            missing[pos] = true;
+        }
     }
 
     // The instances' sort key's type-decided prefix, by position.
@@ -1264,13 +1332,20 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     // Positions in key order. The instances come in ID order (the snapshot's contract), and
     // `tie` is their position, so the key's ID-then-position tie-break is the position alone:
     // a stable order by the prefix (counted, see `stable_order_by_prefix`) gives the same
-    // order without comparing IDs. Checked, not assumed. Ordering positions rather than the
-    // rows moves a word per step instead of a row.
-    let order: Vec<usize> = if snap
-        .instances
-        .windows(2)
-        .all(|w| str_cmp(w[0].id(), w[1].id()).is_le())
-    {
+    // order without comparing IDs. Checked, unless the pool vouches for the order (it lists
+    // its ID-ordered map). Ordering positions rather than the rows moves a word per step
+    // instead of a row.
+    let sorted = || {
+        snap.instances
+            .windows(2)
+            .all(|w| str_cmp(w[0].id(), w[1].id()).is_le())
+    };
+    let vouched = snap.indexed.is_some_and(|x| x.instances_sorted);
+    debug_assert!(
+        !vouched || sorted(),
+        "instances vouched for as sorted are sorted"
+    );
+    let order: Vec<usize> = if vouched || sorted() {
         stable_order_by_prefix(&prefixes)
     } else {
         let mut order: Vec<usize> = (0..nviews).collect();
@@ -1410,7 +1485,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     let mut supervisors = 0usize;
 
     'rows: for (i, row) in rows_in_order().enumerate() {
-        let in_running = row.run.is_some();
+        let in_running = row.run != Run::Not;
         let uuid = || row.key.as_str();
         let supervisor = row.supervisor;
         if supervisor {
@@ -1431,7 +1506,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
             statuses[i] = Status::SupervisorLimit(overmaxsuper.len());
             continue;
         }
-        let live_runner = row.run.is_some_and(|t| t.is_none());
+        let live_runner = row.run == Run::Live;
         match row.state {
             ContainerState::Queued => {
                 if max_containers > 0 && trying >= max_containers {
@@ -1545,7 +1620,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     }
     for i in unlock {
         let row = &rows[order[i]];
-        if row.state == ContainerState::Locked && row.run.is_none() {
+        if row.state == ContainerState::Locked && row.run == Run::Not {
             actions.push(Action::Unlock(row.key.to_string()));
         }
     }
@@ -2346,7 +2421,7 @@ mod tests {
             types: &w.table,
             queue: &w.queue,
             running: &w.running,
-            runners: None,
+            indexed: None,
             instances: &w.instances,
             total_instances: w
                 .instances
@@ -2452,9 +2527,9 @@ mod tests {
         }
     }
 
-    /// The caller's runner index (`Snapshot::runners`) gives the same plan as reading the
-    /// instances' containers. The slots are sparse and out of position order; pending creates
-    /// have none.
+    /// The pool's runner index and exit placeholders (`Snapshot::indexed`) give the same plan
+    /// as reading the instances' containers and `Running()`. The slots are sparse and out of
+    /// position order; pending creates have none.
     #[test]
     fn plan_with_a_runner_index_matches_plan_without() {
         let mut compared = 0;
@@ -2482,12 +2557,33 @@ mod tests {
                 continue;
             }
             compared += 1;
-            let without = snapshot(&w);
+            // `Running()` as the pool keeps it: the runners, and exit placeholders for other
+            // containers.
+            let exited: BTreeMap<Key, Timestamp> = w
+                .running
+                .iter()
+                .filter(|(u, _)| !index.contains_key(*u))
+                .map(|(u, t)| (u.clone(), t.unwrap_or(Timestamp(500))))
+                .collect();
+            let running: BTreeMap<Key, Option<Timestamp>> = index
+                .keys()
+                .map(|u| (u.clone(), None))
+                .chain(exited.iter().map(|(u, t)| (u.clone(), Some(*t))))
+                .collect();
+            let without = Snapshot {
+                running: &running,
+                ..snapshot(&w)
+            };
+            let sorted = w.instances.windows(2).all(|p| p[0].id() <= p[1].id());
             let with = Snapshot {
                 types: without.types,
                 queue: without.queue,
-                running: without.running,
-                runners: Some(&index),
+                running: &running,
+                indexed: Some(Indexed {
+                    runners: &index,
+                    exited: &exited,
+                    instances_sorted: sorted,
+                }),
                 instances: &numbered,
                 total_instances: without.total_instances,
                 pool: without.pool.clone(),

@@ -30,7 +30,7 @@ use super::metrics::{BootOutcome, PoolMetrics};
 use super::ops::{Ops, Pending};
 use super::price;
 use super::rng::Rng;
-use super::scheduler::{PlanInstance, RunnerAt};
+use super::scheduler::{Indexed, PlanInstance, RunnerAt};
 use super::select::{TypeId, TypeTable};
 use super::time::Timestamp;
 use super::types::{
@@ -605,9 +605,16 @@ impl Pool {
         self.book.map.keys()
     }
 
-    /// Every runner (starting or running): container UUID → the instance holding it.
-    pub fn runner_index(&self) -> &BTreeMap<Key, RunnerAt> {
-        &self.book.index
+    /// What a scheduling pass reads instead of every worker's runners and of `Running()`:
+    /// every runner (starting or running) by container UUID, with the instance holding it;
+    /// the exit placeholders; and the pool's word that [`Pool::plan_instances`] lists the
+    /// instances in order.
+    pub fn indexed(&self) -> Indexed<'_> {
+        Indexed {
+            runners: &self.book.index,
+            exited: &self.book.exited,
+            instances_sorted: true,
+        }
     }
 
     /// Whether a runner (starting or running) exists for `uuid`.
