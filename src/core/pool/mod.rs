@@ -1990,7 +1990,9 @@ impl Pool {
     /// linear walks instead of a tree lookup per runner. Unequal multisets pass with
     /// probability about 2^-64 per check (the sums of distinct pairs' hashes then agree by
     /// chance); the full check, which the tests compare this one with, compares exactly.
-    fn workers_consistent(&self, ops: &Ops) -> bool {
+    /// `index_sum` is the index's sum, which [`Pool::check`] finds on its own walk of the
+    /// index.
+    fn workers_consistent(&self, ops: &Ops, index_sum: u64) -> bool {
         let mut runners = 0;
         let mut pairs = 0u64;
         for (id, w) in &self.workers {
@@ -2006,28 +2008,28 @@ impl Pool {
                 pairs = pairs.wrapping_add(pair_hash(uuid, id, w.slot));
             }
         }
-        runners == self.book.index.len()
-            && pairs
-                == self.book.index.iter().fold(0u64, |sum, (uuid, at)| {
-                    sum.wrapping_add(pair_hash(uuid, &at.id, at.slot))
-                })
+        runners == self.book.index.len() && pairs == index_sum
     }
 
     /// [`Pool::check_invariants`], and whether no container has runners on two instances
     /// (known without a look when the workers' checks all hold; `false` means "not known").
     pub(crate) fn check(&self, ops: &Ops) -> (Vec<String>, bool) {
-        let mut v = Vec::new();
-        let consistent = self.workers_consistent(ops);
-        if !consistent {
-            self.check_workers(ops, &mut v);
-        }
-        // `Running()` against the runners and the exit placeholders: one merge of the three.
-        let mut index = self.book.index.keys().peekable();
+        // `Running()` against the runners and the exit placeholders: one merge of the three,
+        // which also sums the index's pair hashes for `workers_consistent`. Its findings are
+        // reported after the workers'.
+        let mut later = Vec::new();
+        let mut index_sum = 0u64;
+        let mut add = |(uuid, at): (&Key, &RunnerAt)| {
+            index_sum = index_sum.wrapping_add(pair_hash(uuid, &at.id, at.slot));
+        };
+        let mut index = self.book.index.iter().peekable();
         let mut exited = self.book.exited.iter().peekable();
         for (uuid, got) in &self.book.map {
-            while index.next_if(|u| *u < uuid).is_some() {}
+            while let Some(runner) = index.next_if(|(u, _)| *u < uuid) {
+                add(runner);
+            }
             while exited.next_if(|(u, _)| *u < uuid).is_some() {}
-            let want = if index.peek().is_some_and(|u| *u == uuid) {
+            let want = if index.peek().is_some_and(|(u, _)| *u == uuid) {
                 Some(None)
             } else {
                 exited
@@ -2036,19 +2038,26 @@ impl Pool {
                     .map(|(_, t)| Some(**t))
             };
             if want != Some(*got) {
-                v.push(format!(
+                later.push(format!(
                     "Running() entry for {uuid} is {got:?}, want {want:?}"
                 ));
             }
         }
+        index.for_each(&mut add);
         if self.book.map.len() != self.book.index.len() + self.book.exited.len() {
-            v.push(format!(
+            later.push(format!(
                 "Running() has {} entries; runners {} and exit placeholders {} should be disjoint",
                 self.book.map.len(),
                 self.book.index.len(),
                 self.book.exited.len()
             ));
         }
+        let mut v = Vec::new();
+        let consistent = self.workers_consistent(ops, index_sum);
+        if !consistent {
+            self.check_workers(ops, &mut v);
+        }
+        v.append(&mut later);
         // Instances listed from an earlier process can push the total past MaxInstances, but
         // the pool itself never creates beyond it: creates start only below the limit.
         let max = self.cfg.cloud_vms.max_instances;
