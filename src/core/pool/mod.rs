@@ -6,8 +6,9 @@
 //! `MaxCloudOpsPerSecond` limiter, creates are bounded by `MaxConcurrentInstanceCreateOps`, and
 //! the quota, capacity and rate-limit memories expire at fixed times that `next_timeout` reports.
 //!
-//! Invariants (checked by `check_invariants`): `runner_index` maps exactly the UUIDs in the
-//! workers' `running` and `starting` maps, each to the worker that holds it; a worker in
+//! Invariants (checked by `check_invariants`): the runner index maps exactly the UUIDs in the
+//! workers' `running` and `starting` maps, each to the worker that holds it (its ID and slot);
+//! `Running()` is the runner index and the exit placeholders, which are disjoint; a worker in
 //! `shutdown` has no runner in `starting`; a worker with a probe in progress has that probe's
 //! operation in flight.
 
