@@ -36,7 +36,7 @@ use super::rng::Rng;
 use super::scheduler::{self, Action, PoolLimits, SchedState, Snapshot, Status};
 use super::select::TypeTable;
 use super::time::Timestamp;
-use super::types::{ContainerState, IdleBehavior, InstanceView};
+use super::types::{ContainerState, IdleBehavior, InstanceView, WorkerState};
 
 /// Re-run a pass this soon when a per-container operation was still in flight.
 pub const UUID_CONTENTION_RETRY: Duration = Duration::from_millis(250);
@@ -638,7 +638,11 @@ impl Dispatcher {
         self.last_pass = Some(now);
         self.metrics.passes += 1;
         let instances = self.pool.plan_instances();
-        let total = self.pool.count_workers().iter().sum();
+        let counts = self.pool.count_workers();
+        let total = counts.iter().sum();
+        // The pass's actions start runners on idle or running workers and shut down idle or
+        // booting ones: whether any worker is unknown stays as counted here, for `sync`.
+        let any_unknown = counts[WorkerState::Unknown as usize] > 0;
         let (actions, state, hit_limit, alloc, overq) = {
             let snap = Snapshot {
                 types: &self.types,
@@ -688,7 +692,8 @@ impl Dispatcher {
         if hit_limit {
             self.pool.create_limit_reached(now);
         }
-        let oldest = self.sync(now);
+        debug_assert_eq!(any_unknown, self.pool.any_unknown());
+        let oldest = self.sync(now, any_unknown);
         self.update_metrics(now, oldest);
     }
 
@@ -783,15 +788,14 @@ impl Dispatcher {
     ///
     /// Returns the oldest waiting container's `created_at` after its actions, for
     /// [`Dispatcher::update_metrics`]: its walk is this one's, with the entries it acted on
-    /// looked at again afterwards.
-    fn sync(&mut self, now: Timestamp) -> Option<Timestamp> {
+    /// looked at again afterwards. `any_unknown`: whether any worker is unknown.
+    fn sync(&mut self, now: Timestamp, any_unknown: bool) -> Option<Timestamp> {
         enum Act {
             Cancel(&'static str),
             Kill(String),
             Requeue(&'static str),
             Forget,
         }
-        let any_unknown = self.pool.any_unknown();
         let q_updated = self.queue.updated().unwrap_or(Timestamp::ZERO);
         let mut todo: Vec<(String, Act)> = Vec::new();
         // The queue and `Running()` are both in UUID order: one merge finds each entry's

@@ -1203,7 +1203,11 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     let mut prices: Vec<f64> = Vec::with_capacity(nviews);
     // With a runner index: each slot's position plus one (zero: no instance has the slot).
     let mut pos_of_slot: Vec<u32> = Vec::new();
+    // What the instance records below read of each instance, read here in position order
+    // (the records are built in key order, which would visit the instances at random).
+    let mut reads: Vec<(&'a str, WorkerState, IdleBehavior, usize)> = Vec::with_capacity(nviews);
     for (pos, v) in snap.instances.iter().enumerate() {
+        reads.push((v.id(), v.state(), v.idle_behavior(), v.running_count()));
         let (type_id, price) = v.type_and_price(snap.types);
         type_ids.push(type_id);
         prices.push(price);
@@ -1335,11 +1339,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     // order without comparing IDs. Checked, unless the pool vouches for the order (it lists
     // its ID-ordered map). Ordering positions rather than the rows moves a word per step
     // instead of a row.
-    let sorted = || {
-        snap.instances
-            .windows(2)
-            .all(|w| str_cmp(w[0].id(), w[1].id()).is_le())
-    };
+    let sorted = || reads.windows(2).all(|w| str_cmp(w[0].0, w[1].0).is_le());
     let vouched = snap.indexed.is_some_and(|x| x.instances_sorted);
     debug_assert!(
         !vouched || sorted(),
@@ -1367,14 +1367,14 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     };
     let mut insts: Vec<Inst<'a>> = Vec::with_capacity(nviews + headroom);
     for pos in order {
-        let v = &snap.instances[pos];
+        let (id, state, behavior, count) = reads[pos];
         let (price, vcpus, ram, scratch) = prefixes[pos];
         insts.push(Inst {
-            id: v.id(),
+            id,
             type_id: type_ids[pos],
-            state: v.state(),
-            behavior: v.idle_behavior(),
-            count: v.running_count(),
+            state,
+            behavior,
+            count,
             remaining: if missing[pos] {
                 Resources::FULL
             } else {
@@ -1385,7 +1385,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
                 vcpus,
                 ram,
                 scratch,
-                id: v.id(),
+                id,
                 tie: pos as i64,
             },
             slot: None,
