@@ -33,7 +33,7 @@ use super::pool::remote::RunnerSpec;
 use super::pool::{AdminError, ExecDone, Pool};
 use super::queue::{Queue, QueueEntry};
 use super::rng::Rng;
-use super::scheduler::{self, Action, PoolLimits, SchedState, Snapshot, Status};
+use super::scheduler::{self, Action, PlanInstance, PoolLimits, SchedState, Snapshot, Status};
 use super::select::TypeTable;
 use super::time::Timestamp;
 use super::types::{ContainerState, IdleBehavior, InstanceView, WorkerState};
@@ -638,11 +638,12 @@ impl Dispatcher {
         self.last_pass = Some(now);
         self.metrics.passes += 1;
         let instances = self.pool.plan_instances();
-        let counts = self.pool.count_workers();
-        let total = counts.iter().sum();
+        // `CountWorkers()` summed over the states: every worker once.
+        let total = self.pool.workers().len();
         // The pass's actions start runners on idle or running workers and shut down idle or
-        // booting ones: whether any worker is unknown stays as counted here, for `sync`.
-        let any_unknown = counts[WorkerState::Unknown as usize] > 0;
+        // booting ones: whether any worker is unknown stays as found here, for `sync`. (The
+        // pass reads every instance's state next, so this loads nothing twice.)
+        let any_unknown = instances.iter().any(|v| v.state() == WorkerState::Unknown);
         let (actions, state, hit_limit, alloc, overq) = {
             let snap = Snapshot {
                 types: &self.types,

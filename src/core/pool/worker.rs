@@ -200,7 +200,13 @@ impl Worker {
     /// the two maps.
     pub fn starting_and_running(&self) -> impl Iterator<Item = &Key> {
         let mut starting = self.starting.keys().peekable();
-        self.running.keys().filter(move |uuid| {
+        // With nothing starting (the usual case), nothing to walk.
+        let running = if self.starting.is_empty() {
+            None
+        } else {
+            Some(self.running.keys())
+        };
+        running.into_iter().flatten().filter(move |uuid| {
             while starting.next_if(|u| u < uuid).is_some() {}
             starting.peek() == Some(uuid)
         })
