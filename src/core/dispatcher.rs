@@ -638,7 +638,7 @@ impl Dispatcher {
         self.last_pass = Some(now);
         self.metrics.passes += 1;
         let instances = self.pool.plan_instances();
-        // `CountWorkers()` summed over the states: every worker once.
+        // Go's `totalInstances`, the sum of `CountWorkers()`: every worker, in any state.
         let total = self.pool.workers().len();
         // The pass's actions start runners on idle or running workers and shut down idle or
         // booting ones: whether any worker is unknown stays as found here, for `sync`. (The

@@ -180,6 +180,11 @@ struct RunnerBook {
 }
 
 impl RunnerBook {
+    /// The ID of the worker holding `uuid`'s runner, if any.
+    fn holder(&self, uuid: &str) -> Option<&Key> {
+        self.index.get(&Key::new(uuid)).map(|at| &at.id)
+    }
+
     fn started(&mut self, uuid: &str, id: &str, slot: u32) {
         let uuid = Key::new(uuid);
         self.index.insert(
@@ -573,15 +578,6 @@ impl Pool {
         self.runner.load_error.is_some() || self.create_throttle.is_some_and(|t| now < t)
     }
 
-    /// `CountWorkers()`: workers per state, indexed like `WorkerState::ALL`.
-    pub fn count_workers(&self) -> [usize; 5] {
-        let mut c = [0usize; 5];
-        for w in self.workers.values() {
-            c[w.state as usize] += 1;
-        }
-        c
-    }
-
     /// Whether any worker is `unknown`.
     pub fn any_unknown(&self) -> bool {
         self.workers
@@ -803,7 +799,7 @@ impl Pool {
         uuid: &str,
         reason: &str,
     ) -> bool {
-        let Some(id) = self.book.index.get(&Key::new(uuid)).map(|at| at.id.clone()) else {
+        let Some(id) = self.book.holder(uuid).cloned() else {
             return false;
         };
         let term = self.timeout_term();
@@ -1691,16 +1687,17 @@ impl Pool {
         // updateRunning: adopt new UUIDs, promote starting ones, close the ones that left.
         // An instance reports a handful at most: searched in place when there are a few,
         // sorted for lookups otherwise (no set is built).
+        let few = report.uuids.len() <= FEW_REPORTED;
         let mut sorted: Vec<&str> = Vec::new();
-        if report.uuids.len() > FEW_REPORTED {
+        if !few {
             sorted.extend(&report.uuids);
             sorted.sort_unstable();
         }
         let is_reported = |u: &str| {
-            if report.uuids.len() > FEW_REPORTED {
-                sorted.binary_search(&u).is_ok()
-            } else {
+            if few {
                 report.uuids.contains(&u)
+            } else {
+                sorted.binary_search(&u).is_ok()
             }
         };
         let mut adopted = Vec::new();
@@ -1710,7 +1707,7 @@ impl Pool {
             }
             if let Some(r) = w.starting.remove(uuid) {
                 w.running.insert(Key::new(uuid), r);
-            } else if let Some(RunnerAt { id: other, .. }) = self.book.index.get(&Key::new(uuid)) {
+            } else if let Some(other) = self.book.holder(uuid) {
                 // The same container reported on a second instance (a leftover process, or a
                 // probe that raced an exit). The pool keeps one runner per container: the one
                 // it already tracks. This one is adopted once the other is gone.
@@ -1841,12 +1838,7 @@ impl Pool {
                 break;
             }
             self.kill_timers.pop_first();
-            if let Some(id) = self
-                .book
-                .index
-                .get(&Key::new(&uuid))
-                .map(|at| at.id.clone())
-            {
+            if let Some(id) = self.book.holder(&uuid).cloned() {
                 self.kill_step(now, ops, &id, &uuid);
             }
         }
