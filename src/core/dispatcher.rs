@@ -644,7 +644,7 @@ impl Dispatcher {
         // booting ones: whether any worker is unknown stays as found here, for `sync`. (The
         // pass reads every instance's state next, so this loads nothing twice.)
         let any_unknown = instances.iter().any(|v| v.state() == WorkerState::Unknown);
-        let (actions, state, hit_limit, alloc, overq) = {
+        let (actions, state, hit_limit, alloc, overq, facts) = {
             let snap = Snapshot {
                 types: &self.types,
                 queue: self.queue.entries(),
@@ -680,6 +680,7 @@ impl Dispatcher {
                 plan.hit_create_limit,
                 plan.allocated_not_started,
                 plan.not_allocated_over_quota,
+                OwnedSyncFacts::from(plan.sync),
             )
         };
         self.sched = state;
@@ -694,7 +695,7 @@ impl Dispatcher {
             self.pool.create_limit_reached(now);
         }
         debug_assert_eq!(any_unknown, self.pool.any_unknown());
-        let oldest = self.sync(now, any_unknown);
+        let oldest = self.sync(now, any_unknown, facts);
         self.update_metrics(now, oldest);
     }
 
@@ -787,91 +788,52 @@ impl Dispatcher {
     /// `sync()` (§3.1): reconcile queue states with crunch-run processes. Decisions are made
     /// on one snapshot (queue entries and `Running()` as they are now), then applied in order.
     ///
+    /// `facts` is what the pass's merge of the queue with `Running()` found (owned): the
+    /// entries `sync` may act on, the strays, and the oldest other waiting entry. The pass's
+    /// actions, made since, change neither the suspects' entries nor their `Running()`
+    /// records; debug builds check the decisions against a walk of both.
+    ///
     /// Returns the oldest waiting container's `created_at` after its actions, for
-    /// [`Dispatcher::update_metrics`]: its walk is this one's, with the entries it acted on
-    /// looked at again afterwards. `any_unknown`: whether any worker is unknown.
-    fn sync(&mut self, now: Timestamp, any_unknown: bool) -> Option<Timestamp> {
-        enum Act {
-            Cancel(&'static str),
-            Kill(String),
-            Requeue(&'static str),
-            Forget,
-        }
+    /// [`Dispatcher::update_metrics`]. `any_unknown`: whether any worker is unknown.
+    fn sync(
+        &mut self,
+        now: Timestamp,
+        any_unknown: bool,
+        facts: OwnedSyncFacts,
+    ) -> Option<Timestamp> {
         let q_updated = self.queue.updated().unwrap_or(Timestamp::ZERO);
-        let mut todo: Vec<(String, Act)> = Vec::new();
-        // The queue and `Running()` are both in UUID order: one merge finds each entry's
-        // runner record, and the `Running()` UUIDs the queue lacks (the strays), without a
-        // lookup per entry.
-        let mut strays: Vec<String> = Vec::new();
-        let mut oldest: Option<Timestamp> = None;
-        let mut running = self.pool.running().iter().peekable();
-        for (key, e) in self.queue.entries() {
-            while let Some((u, _)) = running.next_if(|(u, _)| *u < key) {
-                strays.push(u.to_string());
-            }
-            let (state, priority) = (e.state(), e.priority());
-            let proc = running.next_if(|(u, _)| *u == key).map(|(_, t)| *t);
-            let exited_before_poll = matches!(proc, Some(Some(t)) if q_updated > t);
-            let act = match state {
-                ContainerState::Running => {
-                    if proc.is_none() {
-                        (!any_unknown).then_some(Act::Cancel("not running on any worker"))
-                    } else if exited_before_poll {
-                        Some(Act::Cancel("state=Running after crunch-run exited"))
-                    } else if priority == 0 {
-                        Some(Act::Kill("priority=0".into()))
-                    } else {
-                        None
-                    }
+        let mut todo: Vec<(String, SyncAct)> = Vec::new();
+        let mut oldest = facts.oldest_waiting;
+        for (key, proc) in facts.suspects {
+            let e = self.queue.get(&key).expect("a suspect is a queue entry");
+            match sync_act(e, proc, q_updated, any_unknown) {
+                Some(a) => todo.push((key, a)),
+                None if waiting(e, proc.is_some()) => {
+                    let t = e.created_at();
+                    oldest = Some(oldest.map_or(t, |o| o.min(t)));
                 }
-                ContainerState::Complete | ContainerState::Cancelled => {
-                    if proc.is_some() {
-                        Some(Act::Kill(format!("state={state}")))
-                    } else {
-                        Some(Act::Forget)
-                    }
-                }
-                ContainerState::Queued => {
-                    if proc.is_some() {
-                        Some(Act::Kill(
-                            "pool says running, but queue says state=Queued".into(),
-                        ))
-                    } else if priority == 0 {
-                        Some(Act::Forget)
-                    } else {
-                        None
-                    }
-                }
-                ContainerState::Locked => {
-                    if exited_before_poll {
-                        Some(Act::Requeue("crunch-run exited"))
-                    } else if matches!(proc, Some(None)) && priority == 0 {
-                        Some(Act::Kill("priority=0".into()))
-                    } else if proc.is_none() && priority == 0 {
-                        Some(Act::Requeue("priority=0"))
-                    } else {
-                        None
-                    }
-                }
-            };
-            if let Some(a) = act {
-                todo.push((key.to_string(), a));
-            } else if waiting(e, proc.is_some()) {
-                let t = e.created_at();
-                oldest = Some(oldest.map_or(t, |o| o.min(t)));
+                None => {}
             }
         }
-        strays.extend(running.map(|(u, _)| u.to_string()));
+        let strays = facts.strays;
+        if cfg!(debug_assertions) {
+            let (walk_todo, walk_strays, walk_oldest) = self.sync_walk(q_updated, any_unknown);
+            assert_eq!(
+                (&todo, &strays, oldest),
+                (&walk_todo, &walk_strays, walk_oldest),
+                "the pass's merge finds what a walk of the queue and Running() finds"
+            );
+        }
         if todo.is_empty() && strays.is_empty() {
             return oldest;
         }
         for (uuid, act) in &todo {
             let uuid = uuid.as_str();
             match act {
-                Act::Cancel(reason) => self.cancel(now, uuid, reason),
-                Act::Kill(reason) => self.kill(now, uuid, reason),
-                Act::Requeue(reason) => self.requeue(now, uuid, reason),
-                Act::Forget => {
+                SyncAct::Cancel(reason) => self.cancel(now, uuid, reason),
+                SyncAct::Kill(reason) => self.kill(now, uuid, reason),
+                SyncAct::Requeue(reason) => self.requeue(now, uuid, reason),
+                SyncAct::Forget => {
                     self.queue.forget(uuid);
                 }
             }
@@ -892,6 +854,34 @@ impl Dispatcher {
             }
         }
         oldest
+    }
+
+    /// What `sync` decides, by one merge of the queue with `Running()` (both in UUID order):
+    /// the actions, the strays and the oldest waiting entry not acted on. Debug builds check
+    /// the facts of the pass's merge against it.
+    fn sync_walk(
+        &self,
+        q_updated: Timestamp,
+        any_unknown: bool,
+    ) -> (Vec<(String, SyncAct)>, Vec<String>, Option<Timestamp>) {
+        let mut todo = Vec::new();
+        let mut strays: Vec<String> = Vec::new();
+        let mut oldest: Option<Timestamp> = None;
+        let mut running = self.pool.running().iter().peekable();
+        for (key, e) in self.queue.entries() {
+            while let Some((u, _)) = running.next_if(|(u, _)| *u < key) {
+                strays.push(u.to_string());
+            }
+            let proc = running.next_if(|(u, _)| *u == key).map(|(_, t)| *t);
+            if let Some(a) = sync_act(e, proc, q_updated, any_unknown) {
+                todo.push((key.to_string(), a));
+            } else if waiting(e, proc.is_some()) {
+                let t = e.created_at();
+                oldest = Some(oldest.map_or(t, |o| o.min(t)));
+            }
+        }
+        strays.extend(running.map(|(u, _)| u.to_string()));
+        (todo, strays, oldest)
     }
 
     /// `updateMetrics()` (§3.2). `oldest` is the oldest waiting container's `created_at`, as
@@ -918,6 +908,92 @@ impl Dispatcher {
             })
             .map(|(_, e)| e.created_at())
             .min()
+    }
+}
+
+/// What `sync` does about one queue entry.
+#[derive(Clone, Debug, PartialEq)]
+enum SyncAct {
+    Cancel(&'static str),
+    Kill(String),
+    Requeue(&'static str),
+    Forget,
+}
+
+/// The pass's [`scheduler::SyncFacts`], owned, so that the pass's actions can be applied
+/// before `sync` reads them.
+struct OwnedSyncFacts {
+    suspects: Vec<(String, Option<Option<Timestamp>>)>,
+    strays: Vec<String>,
+    oldest_waiting: Option<Timestamp>,
+}
+
+impl From<scheduler::SyncFacts<'_>> for OwnedSyncFacts {
+    fn from(f: scheduler::SyncFacts<'_>) -> Self {
+        OwnedSyncFacts {
+            suspects: f
+                .suspects
+                .into_iter()
+                .map(|(k, p)| (k.to_string(), p))
+                .collect(),
+            strays: f.strays.into_iter().map(str::to_string).collect(),
+            oldest_waiting: f.oldest_waiting,
+        }
+    }
+}
+
+/// `sync`'s decision for the entry `e` with `Running()` entry `proc` (`None`: none;
+/// `Some(None)`: a live runner; `Some(Some(t))`: exited at `t`), given when the last poll
+/// began and whether any worker is unknown.
+fn sync_act(
+    e: &QueueEntry,
+    proc: Option<Option<Timestamp>>,
+    q_updated: Timestamp,
+    any_unknown: bool,
+) -> Option<SyncAct> {
+    let (state, priority) = (e.state(), e.priority());
+    let exited_before_poll = matches!(proc, Some(Some(t)) if q_updated > t);
+    match state {
+        ContainerState::Running => {
+            if proc.is_none() {
+                (!any_unknown).then_some(SyncAct::Cancel("not running on any worker"))
+            } else if exited_before_poll {
+                Some(SyncAct::Cancel("state=Running after crunch-run exited"))
+            } else if priority == 0 {
+                Some(SyncAct::Kill("priority=0".into()))
+            } else {
+                None
+            }
+        }
+        ContainerState::Complete | ContainerState::Cancelled => {
+            if proc.is_some() {
+                Some(SyncAct::Kill(format!("state={state}")))
+            } else {
+                Some(SyncAct::Forget)
+            }
+        }
+        ContainerState::Queued => {
+            if proc.is_some() {
+                Some(SyncAct::Kill(
+                    "pool says running, but queue says state=Queued".into(),
+                ))
+            } else if priority == 0 {
+                Some(SyncAct::Forget)
+            } else {
+                None
+            }
+        }
+        ContainerState::Locked => {
+            if exited_before_poll {
+                Some(SyncAct::Requeue("crunch-run exited"))
+            } else if matches!(proc, Some(None)) && priority == 0 {
+                Some(SyncAct::Kill("priority=0".into()))
+            } else if proc.is_none() && priority == 0 {
+                Some(SyncAct::Requeue("priority=0"))
+            } else {
+                None
+            }
+        }
     }
 }
 

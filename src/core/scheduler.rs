@@ -314,6 +314,25 @@ pub struct Plan<'a> {
     pub allocated_not_started: usize,
     /// Gauge `containers_not_allocated_over_quota`.
     pub not_allocated_over_quota: usize,
+    /// What the pass's merge of the queue with `Running()` found for the dispatcher's `sync`.
+    pub sync: SyncFacts<'a>,
+}
+
+/// What `sync` (§3.1) reads of the queue and `Running()`, found by the pass's own merge of the
+/// two (so that `sync` need not walk them again). The pass's starts are the only actions that
+/// change either before `sync` runs, and they start entries that are not `suspects`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SyncFacts<'a> {
+    /// The entries `sync` may act on, in UUID order, with their `Running()` entry (`None`:
+    /// none; `Some(None)`: a live runner; `Some(Some(t))`: crunch-run exited at `t`). The
+    /// others are wanted (priority ≠ 0) and either Running with a live runner, Queued with no
+    /// `Running()` entry, or Locked with none or a live runner: `sync` leaves those alone.
+    pub suspects: Vec<(&'a Key, Option<Option<Timestamp>>)>,
+    /// The `Running()` UUIDs the queue lacks, in UUID order.
+    pub strays: Vec<&'a str>,
+    /// The earliest `created_at` of the entries that are not suspects and wait (priority > 0,
+    /// Queued or Locked, no `Running()` entry) once the pass's starts are made.
+    pub oldest_waiting: Option<Timestamp>,
 }
 
 /// The part of an instance's sort key that its type decides: price, then more VCPUs, more
@@ -1261,34 +1280,47 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     let mut keys: Vec<(u8, u64, u64, usize)> = Vec::with_capacity(n);
     // `Running()`: read whole, or (with a runner index) as the runners, which `placed`
     // holds, and the exit placeholders.
-    let (no_running, no_exits) = (BTreeMap::new(), BTreeMap::new());
+    static NO_RUNNING: BTreeMap<Key, Option<Timestamp>> = BTreeMap::new();
+    static NO_EXITS: BTreeMap<Key, Timestamp> = BTreeMap::new();
     let (running, exited) = match snap.indexed {
-        Some(x) => (&no_running, x.exited),
-        None => (snap.running, &no_exits),
+        Some(x) => (&NO_RUNNING, x.exited),
+        None => (snap.running, &NO_EXITS),
     };
     let mut runs = running.iter().peekable();
     let mut exits = exited.iter().peekable();
     let indexed = snap.indexed.is_some();
     let mut on_instances = placed.iter().peekable();
+    let mut sync = SyncFacts::default();
+    // The entries that wait unless the pass starts them: (row, created_at).
+    let mut waiting: Vec<(usize, Timestamp)> = Vec::new();
     for (uuid, e) in snap.queue {
         debug_assert_eq!(*uuid, e.container().uuid, "the queue is keyed by UUID");
-        while runs.next_if(|(u, _)| *u < uuid).is_some() {}
-        let mut run = match runs.next_if(|(u, _)| *u == uuid) {
-            Some((_, None)) => Run::Live,
-            Some((_, Some(_))) => Run::Exited,
-            None => Run::Not,
+        while let Some((u, _)) = runs.next_if(|(u, _)| *u < uuid) {
+            sync.strays.push(u);
+        }
+        let mut exit = match runs.next_if(|(u, _)| *u == uuid) {
+            Some((_, t)) => Some(*t),
+            None => None,
         };
-        while exits.next_if(|(u, _)| *u < uuid).is_some() {}
-        if exits.next_if(|(u, _)| *u == uuid).is_some() {
-            run = Run::Exited;
+        while let Some((u, _)) = exits.next_if(|(u, _)| *u < uuid) {
+            sync.strays.push(u);
+        }
+        if let Some((_, t)) = exits.next_if(|(u, _)| *u == uuid) {
+            exit = Some(Some(*t));
         }
         while let Some(&&(u, pos)) = on_instances.peek() {
             match str_cmp(u, uuid) {
-                Ordering::Less if pos != NOWHERE => missing[pos] = true,
-                Ordering::Less => {}
+                Ordering::Less => {
+                    if pos != NOWHERE {
+                        missing[pos] = true;
+                    }
+                    if indexed {
+                        sync.strays.push(u);
+                    }
+                }
                 Ordering::Equal => {
                     if indexed {
-                        run = Run::Live;
+                        exit = Some(None);
                     }
                     if pos != NOWHERE {
                         remaining[pos].sub(&e.resources);
@@ -1298,25 +1330,54 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
             }
             on_instances.next();
         }
-        let class =
-            (u8::from(run == Run::Not) << 1) | u8::from(e.state() != ContainerState::Locked);
+        let run = match exit {
+            None => Run::Not,
+            Some(None) => Run::Live,
+            Some(Some(_)) => Run::Exited,
+        };
+        let (state, priority) = (e.state(), e.priority());
+        let suspect = priority == 0
+            || match state {
+                ContainerState::Running => run != Run::Live,
+                ContainerState::Queued => run != Run::Not,
+                ContainerState::Locked => run == Run::Exited,
+                ContainerState::Complete | ContainerState::Cancelled => true,
+            };
+        if suspect {
+            sync.suspects.push((uuid, exit));
+        } else if run == Run::Not
+            && priority > 0
+            && matches!(state, ContainerState::Queued | ContainerState::Locked)
+        {
+            waiting.push((rows.len(), e.created_at()));
+        }
+        let class = (u8::from(run == Run::Not) << 1) | u8::from(state != ContainerState::Locked);
         // Descending priority: flip the sign bit for an unsigned order, then invert.
-        let priority = !((e.priority() as u64) ^ (1 << 63));
-        keys.push((class, priority, e.first_seen_at.0, rows.len()));
+        let sort_priority = !((priority as u64) ^ (1 << 63));
+        keys.push((class, sort_priority, e.first_seen_at.0, rows.len()));
         rows.push(Row {
             e,
             run,
             key: uuid,
-            state: e.state(),
-            positive: e.priority() >= 1,
+            state,
+            positive: priority >= 1,
             supervisor: e.supervisor(),
         });
     }
+    sync.strays.extend(runs.map(|(u, _)| u.as_str()));
+    sync.strays.extend(exits.map(|(u, _)| u.as_str()));
     // Containers not in the queue: the instance counts as full.
-    for &(_, pos) in on_instances {
+    for &(u, pos) in on_instances {
         if pos != NOWHERE {
             missing[pos] = true;
         }
+        if indexed {
+            sync.strays.push(u);
+        }
+    }
+    // With a runner index the strays come from two ordered lists (runners, placeholders).
+    if indexed {
+        sync.strays.sort_unstable();
     }
 
     // The instances' sort key's type-decided prefix, by position.
@@ -1474,6 +1535,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     let rows_in_order = || order.iter().map(|&i| &rows[i]);
 
     let mut statuses = vec![Status::None; order.len()];
+    let mut started = vec![false; order.len()];
     let mut actions = Vec::with_capacity(order.len());
     let mut create_attempts = Vec::new();
     let mut hit_create_limit = false;
@@ -1559,6 +1621,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
                             uuid: uuid().to_string(),
                         });
                         pass.start(b);
+                        started[order[i]] = true;
                         statuses[i] = Status::Preparing;
                     } else {
                         statuses[i] = Status::WaitingNewInstance(type_id);
@@ -1645,6 +1708,14 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
         state: st,
         allocated_not_started,
         not_allocated_over_quota: overquota_len + overmaxsuper.len(),
+        sync: SyncFacts {
+            oldest_waiting: waiting
+                .iter()
+                .filter(|(row, _)| !started[*row])
+                .map(|(_, t)| *t)
+                .min(),
+            ..sync
+        },
     }
 }
 
@@ -1654,9 +1725,9 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
 #[cfg(test)]
 mod reference {
     use std::cmp::Ordering;
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
 
-    use super::{Action, Plan, QUIET_PERIOD_503, Snapshot, Status};
+    use super::{Action, Plan, QUIET_PERIOD_503, Snapshot, Status, SyncFacts};
     use crate::core::queue::QueueEntry;
     use crate::core::select::TypeId;
     use crate::core::time::Timestamp;
@@ -2142,6 +2213,7 @@ mod reference {
             }
         }
 
+        let sync = sync_facts(snap, &actions);
         Plan {
             order: order
                 .into_iter()
@@ -2154,7 +2226,49 @@ mod reference {
             state: st,
             allocated_not_started,
             not_allocated_over_quota: overquota_len + overmaxsuper.len(),
+            sync,
         }
+    }
+
+    /// `SyncFacts` by definition: a lookup per entry in `Running()`, the started entries
+    /// taken from the actions.
+    fn sync_facts<'a>(snap: &Snapshot<'a>, actions: &[Action]) -> SyncFacts<'a> {
+        let started: BTreeSet<&str> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Start { uuid, .. } => Some(uuid.as_str()),
+                _ => None,
+            })
+            .collect();
+        let mut f = SyncFacts::default();
+        for (uuid, e) in snap.queue {
+            let proc = snap.running.get(uuid).copied();
+            let (state, priority) = (e.container().state, e.container().priority);
+            let left_alone = priority != 0
+                && matches!(
+                    (state, proc),
+                    (ContainerState::Running, Some(None))
+                        | (ContainerState::Queued, None)
+                        | (ContainerState::Locked, None | Some(None))
+                );
+            if !left_alone {
+                f.suspects.push((uuid, proc));
+            } else if proc.is_none()
+                && priority > 0
+                && matches!(state, ContainerState::Queued | ContainerState::Locked)
+                && !started.contains(uuid.as_str())
+            {
+                let t = e.container().created_at;
+                f.oldest_waiting = Some(f.oldest_waiting.map_or(t, |o| o.min(t)));
+            }
+        }
+        f.strays = snap
+            .running
+            .keys()
+            .filter(|u| !snap.queue.contains_key(*u))
+            .map(|u| u.as_str())
+            .collect();
+        f
     }
 }
 
@@ -2459,6 +2573,7 @@ mod tests {
             got.not_allocated_over_quota, want.not_allocated_over_quota,
             "seed {seed}"
         );
+        assert_eq!(got.sync, want.sync, "sync facts, seed {seed}");
     }
 
     /// The counting order is the comparator sort's, with few or many distinct prefixes,
