@@ -1298,10 +1298,8 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
         while let Some((u, _)) = runs.next_if(|(u, _)| *u < uuid) {
             sync.strays.push(u);
         }
-        let mut exit = match runs.next_if(|(u, _)| *u == uuid) {
-            Some((_, t)) => Some(*t),
-            None => None,
-        };
+        // `Running()`'s entry: `Some(None)` for a live runner, `Some(Some(t))` for an exit.
+        let mut exit = runs.next_if(|(u, _)| *u == uuid).map(|(_, t)| *t);
         while let Some((u, _)) = exits.next_if(|(u, _)| *u < uuid) {
             sync.strays.push(u);
         }
