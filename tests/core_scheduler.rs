@@ -159,10 +159,9 @@ impl Stub {
         };
         let p: Plan<'_> = plan(&snap, NOW);
         let statuses = p
-            .order
-            .iter()
-            .map(|k| k.to_string())
-            .zip(p.statuses.iter().copied())
+            .queue()
+            .into_iter()
+            .map(|(k, st)| (k.to_string(), st))
             .collect();
         let (actions, state, attempts) = (p.actions.clone(), p.state, p.create_attempts.clone());
         self.state = state;

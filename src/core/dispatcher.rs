@@ -33,7 +33,9 @@ use super::pool::remote::RunnerSpec;
 use super::pool::{AdminError, ExecDone, Pool};
 use super::queue::{Queue, QueueEntry};
 use super::rng::Rng;
-use super::scheduler::{self, Action, PlanInstance, PoolLimits, SchedState, Snapshot, Status};
+use super::scheduler::{
+    self, Action, PlanInstance, PoolLimits, Rank, SchedState, Snapshot, Status,
+};
 use super::select::TypeTable;
 use super::time::Timestamp;
 use super::types::{ContainerState, IdleBehavior, InstanceView, WorkerState};
@@ -107,10 +109,11 @@ pub struct Dispatcher {
     dirty: bool,
     last_pass: Option<Timestamp>,
     retry_at: Option<Timestamp>,
-    /// Last pass's containers in scheduling order, with their statuses. UUIDs as keys (copied
-    /// in place, without touching the records); lookups by UUID (the management API's, rare
-    /// next to passes) scan it.
-    published: Vec<(Key, Status)>,
+    /// Last pass's containers in UUID order, with their statuses and ranks (the scheduling
+    /// order is by rank). UUIDs as keys (copied in place, without touching the records), in
+    /// the queue's order, so that a pass copies them in one sweep; the management API (rare
+    /// next to passes) sorts them by rank or looks one up by UUID.
+    published: Vec<(Key, Status, Rank)>,
     metrics: SchedMetrics,
     ignored_completions: u64,
 }
@@ -195,9 +198,8 @@ impl Dispatcher {
     pub fn scheduler_queue(&self) -> Option<Vec<QueueItem>> {
         self.last_pass?;
         Some(
-            self.published
-                .iter()
-                .filter_map(|(uuid, st)| {
+            scheduler::in_scheduling_order(&self.published)
+                .filter_map(|(uuid, st, _)| {
                     let e = self.queue.entries().get(uuid)?;
                     Some(QueueItem {
                         entry: e.clone(),
@@ -210,7 +212,11 @@ impl Dispatcher {
 
     /// One container of the published queue.
     pub fn scheduler_queue_item(&self, uuid: &str) -> Option<QueueItem> {
-        let (_, st) = self.published.iter().find(|(u, _)| *u == *uuid)?;
+        let i = self
+            .published
+            .binary_search_by(|(u, _, _)| u.as_str().cmp(uuid))
+            .ok()?;
+        let st = &self.published[i].1;
         let e = self.queue.get(uuid)?;
         Some(QueueItem {
             entry: e.clone(),
@@ -669,10 +675,9 @@ impl Dispatcher {
             let plan = scheduler::plan(&snap, now);
             self.published.clear();
             self.published.extend(
-                plan.order
+                plan.entries
                     .iter()
-                    .zip(plan.statuses.iter())
-                    .map(|(uuid, st)| ((*uuid).clone(), *st)),
+                    .map(|&(uuid, st, rank)| (uuid.clone(), st, rank)),
             );
             (
                 plan.actions,

@@ -295,13 +295,19 @@ pub enum Action {
     Shutdown(String),
 }
 
+/// Where an entry stands in the scheduling order (§2.5): entries with a `Running()` entry
+/// first, then Locked ones, then higher priority, then earlier first seen; equal ranks go by
+/// UUID. Compared as a whole: its parts are private.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Rank(u8, u64, u64);
+
 /// The result of one pass.
 #[derive(Clone, Debug)]
 pub struct Plan<'a> {
-    /// The entries' UUIDs (the queue's keys), in scheduling order.
-    pub order: Vec<&'a Key>,
-    /// Status of each entry of `order`.
-    pub statuses: Vec<Status>,
+    /// Every queue entry, in UUID order (the queue's), with its status and its rank. In this
+    /// order a caller copies them without visiting the queue at random; [`Plan::queue`] and
+    /// [`in_scheduling_order`] give the scheduling order.
+    pub entries: Vec<(&'a Key, Status, Rank)>,
     /// Decisions, in order.
     pub actions: Vec<Action>,
     /// Every `Create` the pass tried, accepted or not (the Go tests count these).
@@ -316,6 +322,25 @@ pub struct Plan<'a> {
     pub not_allocated_over_quota: usize,
     /// What the pass's merge of the queue with `Running()` found for the dispatcher's `sync`.
     pub sync: SyncFacts<'a>,
+}
+
+impl<'a> Plan<'a> {
+    /// The entries' UUIDs (the queue's keys) with their statuses, in scheduling order.
+    #[must_use]
+    pub fn queue(&self) -> Vec<(&'a Key, Status)> {
+        in_scheduling_order(&self.entries)
+            .map(|&(k, st, _)| (k, st))
+            .collect()
+    }
+}
+
+/// `entries`, given in UUID order with their ranks (as [`Plan::entries`]), in scheduling
+/// order: by rank, equal ranks in UUID order.
+pub fn in_scheduling_order<K, S>(entries: &[(K, S, Rank)]) -> impl Iterator<Item = &(K, S, Rank)> {
+    let mut order: Vec<usize> = (0..entries.len()).collect();
+    // Stable: equal ranks keep their UUID order.
+    order.sort_by_key(|&i| entries[i].2);
+    order.into_iter().map(move |i| &entries[i])
 }
 
 /// What `sync` (§3.1) reads of the queue and `Running()`, found by the pass's own merge of the
@@ -1133,10 +1158,15 @@ impl<'a, I: PlanInstance> Pass<'_, 'a, I> {
 }
 
 /// The last fields of `keys` (indices) in key order. The keys are unique.
-fn sorted_indices(mut keys: Vec<(u8, u64, u64, usize)>) -> impl Iterator<Item = usize> {
+fn sorted_indices(
+    mut keys: Vec<(u8, u64, u64, usize)>,
+    index_bound: usize,
+) -> impl Iterator<Item = usize> {
     // Packed into one u128 when the fields fit (2 + 64 bits, then the time and the index in
     // 62 bits, as with millisecond times of this era), which sorts faster. Same order.
-    let index_bits = usize::BITS - keys.len().leading_zeros();
+    // `index_bound`: every index is below it.
+    debug_assert!(keys.iter().all(|k| k.3 < index_bound));
+    let index_bits = usize::BITS - index_bound.leading_zeros();
     let time_bits = 62u32.saturating_sub(index_bits);
     let max_time = keys.iter().map(|k| k.2).max().unwrap_or(0);
     let packed: Vec<u128> = if index_bits < 62 && max_time >> time_bits == 0 {
@@ -1275,9 +1305,14 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     // the map's nodes: the entries keep copies of what a pass reads of their records.
     let n = snap.queue.len();
     let mut rows: Vec<Row<'a>> = Vec::with_capacity(n);
-    // Running first, then Locked, then higher priority, then first seen; the UUID (the row
-    // index) makes the order total.
+    // Every entry in UUID order (the rows' order) with its status and its rank.
+    let mut entries: Vec<(&'a Key, Status, Rank)> = Vec::with_capacity(n);
+    // The sort keys of the entries with no `Running()` entry, which the pass visits in order:
+    // the others, which rank before them all, it only counts (and gives their status here).
+    // Locked first, then higher priority, then first seen; the UUID (the row index) makes
+    // the order total.
     let mut keys: Vec<(u8, u64, u64, usize)> = Vec::with_capacity(n);
+    let mut running_supervisors = 0usize;
     // `Running()`: read whole, or (with a runner index) as the runners, which `placed`
     // holds, and the exit placeholders.
     static NO_RUNNING: BTreeMap<Key, Option<Timestamp>> = BTreeMap::new();
@@ -1349,10 +1384,23 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
         {
             waiting.push((rows.len(), e.created_at()));
         }
+        // Running first, then Locked, then higher priority, then first seen.
         let class = (u8::from(run == Run::Not) << 1) | u8::from(state != ContainerState::Locked);
         // Descending priority: flip the sign bit for an unsigned order, then invert.
         let sort_priority = !((priority as u64) ^ (1 << 63));
-        keys.push((class, sort_priority, e.first_seen_at.0, rows.len()));
+        let rank = Rank(class, sort_priority, e.first_seen_at.0);
+        let status = if run == Run::Not {
+            keys.push((class, sort_priority, e.first_seen_at.0, rows.len()));
+            Status::None
+        } else {
+            running_supervisors += usize::from(e.supervisor());
+            if matches!(state, ContainerState::Queued | ContainerState::Locked) {
+                Status::Preparing
+            } else {
+                Status::None
+            }
+        };
+        entries.push((uuid, status, rank));
         rows.push(Row {
             e,
             run,
@@ -1528,12 +1576,12 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
         });
     }
 
-    // §2.5, second half: the order, as indices of `rows` (the rows stay where they are).
-    let order: Vec<usize> = sorted_indices(keys).collect();
-    let rows_in_order = || order.iter().map(|&i| &rows[i]);
+    // §2.5, second half: the order of the entries with no `Running()` entry, as indices of
+    // `rows` (the rows stay where they are). Those with one come first, in an order only
+    // the published queue needs (`Plan::queue` sorts them when asked).
+    let order: Vec<usize> = sorted_indices(keys, n).collect();
 
-    let mut statuses = vec![Status::None; order.len()];
-    let mut started = vec![false; order.len()];
+    let mut started = vec![false; n];
     let mut actions = Vec::with_capacity(order.len());
     let mut create_attempts = Vec::new();
     let mut hit_create_limit = false;
@@ -1542,28 +1590,24 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     let mut allocated_not_started = 0usize;
     let mut trying = r;
     let mut qpos = 0usize;
-    let mut supervisors = 0usize;
+    let mut supervisors = running_supervisors;
 
-    'rows: for (i, row) in rows_in_order().enumerate() {
-        let in_running = row.run != Run::Not;
+    'rows: for (i, &ri) in order.iter().enumerate() {
+        let row = &rows[ri];
+        debug_assert_eq!(row.run, Run::Not, "entries in Running() are not visited");
+        let status = &mut entries[ri].1;
         let uuid = || row.key.as_str();
         let supervisor = row.supervisor;
         if supervisor {
             supervisors += 1;
         }
-        if in_running {
-            if matches!(row.state, ContainerState::Queued | ContainerState::Locked) {
-                statuses[i] = Status::Preparing;
-            }
-            continue;
-        }
         if !row.positive {
-            statuses[i] = Status::PriorityZero(row.state);
+            *status = Status::PriorityZero(row.state);
             continue;
         }
         if supervisor && max_supervisors > 0 && supervisors > max_supervisors {
             overmaxsuper.push(i);
-            statuses[i] = Status::SupervisorLimit(overmaxsuper.len());
+            *status = Status::SupervisorLimit(overmaxsuper.len());
             continue;
         }
         let live_runner = row.run == Run::Live;
@@ -1605,24 +1649,24 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
                     let inst = &pass.insts[b];
                     let type_id = inst.type_id.expect("candidates have a configured type");
                     if inst.id.is_empty() || !inst.ready() {
-                        statuses[i] = Status::WaitingNewInstance(type_id);
+                        *status = Status::WaitingNewInstance(type_id);
                         allocated_not_started += 1;
                     } else if live_runner {
                         actions.push(Action::Kill {
                             uuid: uuid().to_string(),
                             reason: "about to start",
                         });
-                        statuses[i] = Status::WaitingPreviousAttempt;
+                        *status = Status::WaitingPreviousAttempt;
                     } else if inst.behavior == IdleBehavior::Run {
                         actions.push(Action::Start {
                             instance: inst.id.to_string(),
                             uuid: uuid().to_string(),
                         });
                         pass.start(b);
-                        started[order[i]] = true;
-                        statuses[i] = Status::Preparing;
+                        started[ri] = true;
+                        *status = Status::Preparing;
                     } else {
-                        statuses[i] = Status::WaitingNewInstance(type_id);
+                        *status = Status::WaitingNewInstance(type_id);
                         allocated_not_started += 1;
                     }
                     continue;
@@ -1633,7 +1677,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
                 }
                 let Some(t) = pass.available_type(list) else {
                     qpos += 1;
-                    statuses[i] = Status::WaitingInstanceType(qpos);
+                    *status = Status::WaitingInstanceType(qpos);
                     continue;
                 };
                 match pass.try_create(t) {
@@ -1643,7 +1687,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
                             type_id: t,
                             uuid: uuid().to_string(),
                         });
-                        statuses[i] = Status::WaitingNewInstance(t);
+                        *status = Status::WaitingNewInstance(t);
                         allocated_not_started += 1;
                         pass.insert_instance(t, &row.e.resources);
                     }
@@ -1660,12 +1704,16 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     let overquota_len = overquota.map_or(0, |i| order.len() - i);
     // §2.13: generic statuses, numbered after the at-capacity ones.
     let at_quota_now = pass.at_quota();
-    for (i, row) in rows_in_order().enumerate() {
-        if statuses[i] == Status::None
-            && matches!(row.state, ContainerState::Queued | ContainerState::Locked)
+    for &ri in &order {
+        let status = &mut entries[ri].1;
+        if *status == Status::None
+            && matches!(
+                rows[ri].state,
+                ContainerState::Queued | ContainerState::Locked
+            )
         {
             qpos += 1;
-            statuses[i] = if at_quota_now {
+            *status = if at_quota_now {
                 Status::WaitingCloudResources(qpos)
             } else {
                 Status::WaitingClusterCapacity(qpos)
@@ -1698,8 +1746,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     }
 
     Plan {
-        order: rows_in_order().map(|row| row.key).collect(),
-        statuses,
+        entries,
         actions,
         create_attempts,
         hit_create_limit,
@@ -1725,7 +1772,8 @@ mod reference {
     use std::cmp::Ordering;
     use std::collections::{BTreeMap, BTreeSet};
 
-    use super::{Action, Plan, QUIET_PERIOD_503, Snapshot, Status, SyncFacts};
+    use super::{Action, Plan, QUIET_PERIOD_503, Rank, Snapshot, Status, SyncFacts};
+    use crate::core::key::Key;
     use crate::core::queue::QueueEntry;
     use crate::core::select::TypeId;
     use crate::core::time::Timestamp;
@@ -2212,12 +2260,16 @@ mod reference {
         }
 
         let sync = sync_facts(snap, &actions);
+        // In UUID order, ranked by position.
+        let mut entries: Vec<(&Key, Status, Rank)> = order
+            .into_iter()
+            .zip(statuses)
+            .enumerate()
+            .map(|(pos, ((_, e), st))| (&e.container().uuid, st, Rank(0, 0, pos as u64)))
+            .collect();
+        entries.sort_by(|a, b| a.0.cmp(b.0));
         Plan {
-            order: order
-                .into_iter()
-                .map(|(_, e)| &e.container().uuid)
-                .collect(),
-            statuses,
+            entries,
             actions,
             create_attempts,
             hit_create_limit,
@@ -2549,10 +2601,13 @@ mod tests {
     }
 
     fn assert_same(seed: u64, got: &Plan<'_>, want: &Plan<'_>) {
-        let uuids =
-            |p: &Plan<'_>| -> Vec<String> { p.order.iter().map(|k| k.to_string()).collect() };
-        assert_eq!(uuids(got), uuids(want), "order, seed {seed}");
-        assert_eq!(got.statuses, want.statuses, "statuses, seed {seed}");
+        let queue = |p: &Plan<'_>| -> Vec<(String, Status)> {
+            p.queue()
+                .into_iter()
+                .map(|(k, st)| (k.to_string(), st))
+                .collect()
+        };
+        assert_eq!(queue(got), queue(want), "order and statuses, seed {seed}");
         assert_eq!(got.actions, want.actions, "actions, seed {seed}");
         assert_eq!(
             got.create_attempts, want.create_attempts,
