@@ -232,7 +232,9 @@ impl Controller {
         let mut res = PollResult::default();
         let mut non_supervisors = 0usize;
         let mut page = 0usize;
-        for (c, supervisor) in self.queued.values() {
+        // "avail", in the server's order (priority first), with the UUIDs the map holds.
+        let mut avail: Vec<(&Key, &Arc<Container>)> = Vec::new();
+        for ((_, uuid), (c, supervisor)) in &self.queued {
             if page == AVAIL_PAGE {
                 if non_supervisors >= AVAIL_TARGET {
                     break;
@@ -243,10 +245,26 @@ impl Controller {
             if !supervisor {
                 non_supervisors += 1;
             }
+            debug_assert_eq!(*uuid, c.uuid);
+            avail.push((uuid, c));
+        }
+        // Both lists in UUID order, merged by the maps' keys (without reading a record):
+        // the queue then need not sort them. "mine" (locked by the dispatcher) never overlaps
+        // "avail" (Queued, so not locked). With equal priorities "avail" is in UUID order
+        // already.
+        if !avail.is_sorted_by(|a, b| a.0 < b.0) {
+            avail.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        }
+        res.containers.reserve(avail.len() + self.mine.len());
+        let mut mine = self.mine.iter().peekable();
+        for (uuid, c) in avail {
+            while let Some((_, m)) = mine.next_if(|(m, _)| *m < uuid) {
+                res.containers.push(Arc::clone(m));
+            }
+            debug_assert!(mine.peek().is_none_or(|(m, _)| *m != uuid));
             res.containers.push(Arc::clone(c));
         }
-        // "mine" (locked by the dispatcher) never overlaps "avail" (Queued, so not locked).
-        res.containers.extend(self.mine.values().cloned());
+        res.containers.extend(mine.map(|(_, m)| Arc::clone(m)));
         // `tracked` is the core's queue, in UUID order (`CommandKind::PollQueue`'s contract).
         debug_assert!(
             tracked
@@ -291,12 +309,18 @@ impl Controller {
                 Arc::make_mut(&mut res.containers[i]).mounts = Some(BTreeMap::new());
             }
         }
+        // Each re-fetched record goes where its UUID keeps the list in order (a few a poll:
+        // a search each).
         for uuid in refetch {
             match self.rows.get(uuid) {
-                Some(r) => res.containers.push(Arc::clone(&r.c)),
+                Some(r) => {
+                    let at = res.containers.partition_point(|c| c.uuid < *uuid);
+                    res.containers.insert(at, Arc::clone(&r.c));
+                }
                 None => res.deleted.push(uuid.to_string()),
             }
         }
+        res.in_uuid_order = true;
         debug_assert_eq!(
             unfinished,
             arvados_dispatch_cloud::core::command::poll_missing(tracked).count()

@@ -304,6 +304,10 @@ pub struct PollResult {
     pub deleted: Vec<String>,
     /// New containers whose mounts could not be fetched: (uuid, error text).
     pub mounts_errors: Vec<(String, String)>,
+    /// The adapter vouches that `containers` is in strictly increasing UUID order (so no
+    /// UUID comes twice): the queue then neither sorts them nor looks for duplicates, which
+    /// would read every record. Debug builds check. `false` promises nothing.
+    pub in_uuid_order: bool,
 }
 
 /// Facts the core is told.
