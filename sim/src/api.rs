@@ -8,8 +8,7 @@ use std::cmp::Reverse;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arvados_dispatch_cloud::core::command::{ApiError, ContainerUpdate, PollResult};
-use arvados_dispatch_cloud::core::fastcmp::str_cmp;
+use arvados_dispatch_cloud::core::command::{ApiError, ContainerUpdate, PollResult, Tracked};
 use arvados_dispatch_cloud::core::key::Key;
 use arvados_dispatch_cloud::core::types::{Container, ContainerState};
 
@@ -56,8 +55,6 @@ pub struct Controller {
     pub count_503: u64,
     /// Containers not yet ended.
     pub open: usize,
-    /// The poll's address index table, kept to reuse its allocation.
-    scratch: Vec<u32>,
 }
 
 fn err(status: u16, message: String) -> ApiError {
@@ -78,7 +75,6 @@ impl Controller {
             outages,
             count_503: 0,
             open: 0,
-            scratch: Vec::new(),
         }
     }
 
@@ -218,13 +214,12 @@ impl Controller {
     /// One poll (reference-scheduler.md §4.2): "avail" pages by priority until 100 non-supervisor
     /// containers, "mine", then the missing re-fetch, and mounts for new containers.
     /// `tracked` is the dispatcher's queue (see `CommandKind::PollQueue`). Also returns, when
-    /// the poll got that far, how many tracked records are unfinished
-    /// (`poll_missing(tracked).count()`, which the event log prints), counted without reading
-    /// the records the lists returned.
+    /// the poll got that far, how many tracked containers are unfinished
+    /// (`poll_missing(tracked).count()`, which the event log prints), counted as it goes.
     pub fn poll(
         &mut self,
         now: u64,
-        tracked: &[Arc<Container>],
+        tracked: &[Tracked],
     ) -> (Result<PollResult, ApiError>, Option<usize>) {
         if let Some(e) = self.outage(now) {
             return (Err(e), None);
@@ -256,52 +251,46 @@ impl Controller {
             avail.sort_unstable_by(|a, b| a.0.cmp(b.0));
         }
         res.containers.reserve(avail.len() + self.mine.len());
+        // The returned records' UUIDs, as the maps hold them, in the same order.
+        let mut keys: Vec<&Key> = Vec::with_capacity(avail.len() + self.mine.len());
         let mut mine = self.mine.iter().peekable();
         for (uuid, c) in avail {
-            while let Some((_, m)) = mine.next_if(|(m, _)| *m < uuid) {
-                res.containers.push(Arc::clone(m));
+            while let Some((m, r)) = mine.next_if(|(m, _)| *m < uuid) {
+                keys.push(m);
+                res.containers.push(Arc::clone(r));
             }
             debug_assert!(mine.peek().is_none_or(|(m, _)| *m != uuid));
+            keys.push(uuid);
             res.containers.push(Arc::clone(c));
         }
-        res.containers.extend(mine.map(|(_, m)| Arc::clone(m)));
+        for (m, r) in mine {
+            keys.push(m);
+            res.containers.push(Arc::clone(r));
+        }
         // `tracked` is the core's queue, in UUID order (`CommandKind::PollQueue`'s contract).
         debug_assert!(
-            tracked
-                .windows(2)
-                .all(|w| str_cmp(&w[0].uuid, &w[1].uuid).is_lt()),
-            "PollQueue's tracked records come in UUID order"
+            tracked.windows(2).all(|w| w[0].uuid < w[1].uuid),
+            "PollQueue's tracked containers come in UUID order"
         );
         // Which returned records are new to the dispatcher (they carry mounts), and which
         // unfinished tracked containers neither list returned (the missing re-fetch, in
-        // `tracked` order; re-fetched records are tracked, so they never carry mounts). The
-        // returned records are the rows' current records, so a tracked container is returned
-        // exactly when its row's current record is among them. Most tracked records are that
-        // very record (unchanged since the dispatcher last saw it) and are found by address,
-        // without reading them; the others go through their row.
-        let index = PtrIndex::new(&mut self.scratch, &res.containers);
+        // `tracked` order; re-fetched records are tracked, so they never carry mounts): one
+        // merge of the two UUID-ordered lists, by the UUIDs the maps and `tracked` hold.
         let mut known = vec![false; res.containers.len()];
         let mut refetch: Vec<&Key> = Vec::new();
-        // A tracked record that is itself among the returned ones is Queued, Locked or
-        // Running (the lists hold nothing else), so unfinished; the others are read anyway.
         let mut unfinished = 0usize;
+        let mut at = 0usize;
         for t in tracked {
-            let found = match index.find(t, &res.containers) {
-                Some(i) => {
-                    unfinished += 1;
-                    Some(i)
-                }
-                None => {
-                    unfinished += usize::from(!t.state.is_final());
-                    self.rows
-                        .get(&t.uuid)
-                        .and_then(|r| index.find(&r.c, &res.containers))
-                }
-            };
-            match found {
-                Some(i) => known[i] = true,
-                None if !t.state.is_final() => refetch.push(&t.uuid),
-                None => {}
+            while at < keys.len() && *keys[at] < t.uuid {
+                at += 1;
+            }
+            let unfinished_here = !t.state.is_final();
+            unfinished += usize::from(unfinished_here);
+            if at < keys.len() && *keys[at] == t.uuid {
+                known[at] = true;
+                at += 1;
+            } else if unfinished_here {
+                refetch.push(&t.uuid);
             }
         }
         for (i, known) in known.into_iter().enumerate() {
@@ -404,59 +393,5 @@ impl Controller {
             self.set_state(now, uuid, ContainerState::Cancelled, message);
         }
         Ok(())
-    }
-}
-
-/// An open-addressing hash index of records by address (`Arc::as_ptr`), built per poll in a
-/// reused table: slot values are positions in the indexed slice plus one, zero is empty.
-/// Addresses only decide where an entry sits in the table, never an answer: a lookup returns
-/// the position of the very record asked for, or `None`.
-struct PtrIndex<'a> {
-    slots: &'a [u32],
-    shift: u32,
-}
-
-impl<'a> PtrIndex<'a> {
-    fn new(table: &'a mut Vec<u32>, records: &[Arc<Container>]) -> PtrIndex<'a> {
-        let bits = (records.len() * 2)
-            .max(16)
-            .next_power_of_two()
-            .trailing_zeros();
-        table.clear();
-        table.resize(1 << bits, 0);
-        let shift = 64 - bits;
-        let mask = table.len() - 1;
-        for (i, c) in records.iter().enumerate() {
-            let mut at = Self::slot(c, shift);
-            while table[at] != 0 {
-                at = (at + 1) & mask;
-            }
-            table[at] = u32::try_from(i + 1).expect("fewer than 2^32 records in a poll");
-        }
-        PtrIndex {
-            slots: table,
-            shift,
-        }
-    }
-
-    fn slot(c: &Arc<Container>, shift: u32) -> usize {
-        let addr = Arc::as_ptr(c) as usize as u64;
-        ((addr >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> shift) as usize
-    }
-
-    /// The position of `c` itself (the same allocation) in `records`.
-    fn find(&self, c: &Arc<Container>, records: &[Arc<Container>]) -> Option<usize> {
-        let mask = self.slots.len() - 1;
-        let mut at = Self::slot(c, self.shift);
-        loop {
-            let i = self.slots[at] as usize;
-            if i == 0 {
-                return None;
-            }
-            if Arc::ptr_eq(&records[i - 1], c) {
-                return Some(i - 1);
-            }
-            at = (at + 1) & mask;
-        }
     }
 }

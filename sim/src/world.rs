@@ -456,7 +456,7 @@ impl World {
     /// the poll counted them (see [`Controller::poll`]).
     fn route_poll(
         &mut self,
-        tracked: &[std::sync::Arc<arvados_dispatch_cloud::core::types::Container>],
+        tracked: &[arvados_dispatch_cloud::core::command::Tracked],
     ) -> (u64, Result<PollResult, ApiError>, Option<usize>) {
         let now = self.now;
         let at = now + self.api_latency();

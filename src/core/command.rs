@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
+use super::key::Key;
 use super::time::Timestamp;
 use super::types::{Container, ContainerState, InstanceInfo, InstanceType};
 
@@ -42,10 +43,10 @@ pub enum CommandKind {
     /// re-fetch `missing` (tracked entries to look up by UUID, in batches of 20), and fetch
     /// `mounts` for every returned container whose UUID is not in `known`.
     PollQueue {
-        /// The queue's records in UUID order, shared rather than copied: their UUIDs are the
-        /// known ones (whose mounts are not needed), and the unfinished ones
-        /// ([`poll_missing`]) are re-fetched if the lists do not return them.
-        tracked: Vec<Arc<Container>>,
+        /// The queue's containers in UUID order: their UUIDs are the known ones (whose
+        /// mounts are not needed), and the unfinished ones ([`poll_missing`]) are re-fetched
+        /// if the lists do not return them.
+        tracked: Vec<Tracked>,
     },
     /// `POST arvados/v1/containers/<uuid>/lock`.
     Lock {
@@ -115,9 +116,20 @@ pub enum CommandKind {
     },
 }
 
+/// A container the queue tracks, as a poll reads it: its UUID and its state. Copied from the
+/// queue's entries (the keys and the entries' copies of the state), so that starting a poll
+/// reads none of the records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tracked {
+    /// Container UUID.
+    pub uuid: Key,
+    /// Its state, as the queue has it.
+    pub state: ContainerState,
+}
+
 /// The UUIDs a poll re-fetches if the lists do not return them: the tracked containers that
 /// are not finished, in the order of `tracked`.
-pub fn poll_missing(tracked: &[Arc<Container>]) -> impl Iterator<Item = &str> {
+pub fn poll_missing(tracked: &[Tracked]) -> impl Iterator<Item = &str> {
     tracked
         .iter()
         .filter(|c| !c.state.is_final())

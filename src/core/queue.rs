@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use super::command::{ContainerUpdate, PollResult};
+use super::command::{ContainerUpdate, PollResult, Tracked};
 use super::config::ContainersConfig;
 use super::key::Key;
 use super::select::{SelectError, TypeId, TypeTable, choose_instance_types, resources_needed};
@@ -162,14 +162,18 @@ impl Queue {
         &self.history
     }
 
-    /// Marks the start of a poll. Returns what the poll command needs: the tracked records
-    /// in UUID order (shared; see [`CommandKind::PollQueue`](super::command::CommandKind)).
-    pub fn begin_poll(&mut self, now: Timestamp) -> Vec<Arc<Container>> {
+    /// Marks the start of a poll. Returns what the poll command needs: the tracked
+    /// containers in UUID order (see [`CommandKind::PollQueue`](super::command::CommandKind)),
+    /// read from the map's nodes only.
+    pub fn begin_poll(&mut self, now: Timestamp) -> Vec<Tracked> {
         self.dontupdate = Some(BTreeSet::new());
         self.poll_started = Some(now);
         self.entries
-            .values()
-            .map(|e| Arc::clone(&e.container))
+            .iter()
+            .map(|(uuid, e)| Tracked {
+                uuid: uuid.clone(),
+                state: e.state(),
+            })
             .collect()
     }
 
