@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arvados_dispatch_cloud::arvados::{Client, Params};
-use arvados_dispatch_cloud::core::command::{ApiError, Command, CommandKind, Input};
-use arvados_dispatch_cloud::core::types::{Container, ContainerState};
+use arvados_dispatch_cloud::core::command::{ApiError, Command, CommandKind, Input, Tracked};
+use arvados_dispatch_cloud::core::types::ContainerState;
 use arvados_dispatch_cloud::core::{OpId, Timestamp};
 use axum::body::Bytes;
 use axum::extract::State;
@@ -203,7 +203,7 @@ async fn within<F: std::future::Future>(f: F) -> F::Output {
 
 /// The poll command's `tracked` records for a queue that knows `known` and still waits for
 /// `missing` (unfinished): in UUID order, the missing ones Queued, the others Complete.
-fn tracked(known: &[String], missing: &[String]) -> Vec<Arc<Container>> {
+fn tracked(known: &[String], missing: &[String]) -> Vec<Tracked> {
     let all: std::collections::BTreeSet<&String> = known.iter().chain(missing).collect();
     all.into_iter()
         .map(|u| {
@@ -212,11 +212,10 @@ fn tracked(known: &[String], missing: &[String]) -> Vec<Arc<Container>> {
             } else {
                 ContainerState::Complete
             };
-            Arc::new(Container {
+            Tracked {
                 uuid: u.as_str().into(),
                 state,
-                ..Container::default()
-            })
+            }
         })
         .collect()
 }

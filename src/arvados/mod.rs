@@ -26,7 +26,7 @@ use reqwest::{Method, Url};
 use serde_json::{Value, json};
 
 use crate::core::command::{
-    ApiError, Command, CommandKind, ContainerUpdate, Input, PollResult, poll_missing,
+    ApiError, Command, CommandKind, ContainerUpdate, Input, PollResult, Tracked, poll_missing,
 };
 use crate::core::types::Container;
 
@@ -652,7 +652,7 @@ impl Client {
     /// unfinished `tracked` containers the lists did not return, in batches of 20, and mounts
     /// for every returned container not tracked. "avail" records come first, so the core keeps
     /// them over "mine" duplicates.
-    pub async fn poll(&self, tracked: &[Arc<Container>]) -> Result<PollResult, Error> {
+    pub async fn poll(&self, tracked: &[Tracked]) -> Result<PollResult, Error> {
         let me = self.token_uuid().await?;
         // The two lists run concurrently, as in Go.
         let mine_filters = [json!(["locked_by_uuid", "=", me])];
