@@ -38,7 +38,7 @@ use super::types::{
     Container, IdleBehavior, InstanceInfo, InstanceType, InstanceView, WorkerState,
 };
 use remote::RunnerSpec;
-use worker::{ListProbe, Probe, ProbeStep, Runner, Worker};
+use worker::{ListProbe, Probe, ProbeStep, Runner, RunnerMap, Worker};
 
 /// How long a quota error with no instances, and a capacity error, are remembered.
 pub const QUOTA_ERROR_TTL: Duration = Duration::from_secs(60);
@@ -1053,7 +1053,7 @@ impl Pool {
                 seen: stamp,
                 first_ssh: None,
                 stale_since: None,
-                running: BTreeMap::new(),
+                running: RunnerMap::default(),
                 starting: BTreeMap::new(),
                 last_uuid: String::new(),
                 boot_reported: false,

@@ -111,6 +111,129 @@ pub struct Probe {
     pub last_error: String,
 }
 
+/// A worker's confirmed runners, by container UUID. An instance runs one container most of
+/// the time: the entry with the smallest UUID is kept in place, its UUID in the worker's
+/// first cache line, so that the frequent reads (a probe asking whether a reported UUID is
+/// known, the invariant checks' walk over every worker's runners) find it without loading a
+/// separately allocated map node. The others, when there are any, are in a boxed map.
+///
+/// Invariant: `rest` is `None` or not empty, and holds only UUIDs greater than `first`'s;
+/// `first` is `None` only when the map is empty. Iteration is in UUID order.
+#[derive(Clone, Debug, Default)]
+pub struct RunnerMap {
+    first: Option<(Key, Box<Runner>)>,
+    // Boxed, unlike a plain map (24 bytes), so that the first entry fits the worker's first
+    // cache line; `None` when empty, so the box costs nothing while one runner is there.
+    #[allow(clippy::box_collection)]
+    rest: Option<Box<BTreeMap<Key, Runner>>>,
+}
+
+impl PartialEq for RunnerMap {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl RunnerMap {
+    /// How many runners.
+    pub fn len(&self) -> usize {
+        usize::from(self.first.is_some()) + self.rest.as_ref().map_or(0, |r| r.len())
+    }
+
+    /// No runner.
+    pub fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    /// Whether `uuid` has a runner here.
+    pub fn contains_key(&self, uuid: &str) -> bool {
+        self.get(uuid).is_some()
+    }
+
+    /// The runner of `uuid`.
+    pub fn get(&self, uuid: &str) -> Option<&Runner> {
+        let (k, r) = self.first.as_ref()?;
+        if k.as_str() == uuid {
+            Some(r)
+        } else {
+            self.rest.as_ref()?.get(uuid)
+        }
+    }
+
+    /// The runner of `uuid`, to change.
+    pub fn get_mut(&mut self, uuid: &str) -> Option<&mut Runner> {
+        let (k, r) = self.first.as_mut()?;
+        if k.as_str() == uuid {
+            Some(r)
+        } else {
+            self.rest.as_mut()?.get_mut(uuid)
+        }
+    }
+
+    /// Adds (or replaces) the runner of `uuid`; returns the one it replaced.
+    pub fn insert(&mut self, uuid: Key, runner: Runner) -> Option<Runner> {
+        let Some((k, r)) = self.first.as_mut() else {
+            self.first = Some((uuid, Box::new(runner)));
+            return None;
+        };
+        match uuid.cmp(k) {
+            std::cmp::Ordering::Equal => Some(std::mem::replace(r, runner)),
+            std::cmp::Ordering::Less => {
+                let old = std::mem::replace(k, uuid);
+                let old_runner = std::mem::replace(&mut **r, runner);
+                self.rest
+                    .get_or_insert_with(Box::default)
+                    .insert(old, old_runner);
+                None
+            }
+            std::cmp::Ordering::Greater => self
+                .rest
+                .get_or_insert_with(Box::default)
+                .insert(uuid, runner),
+        }
+    }
+
+    /// Removes the runner of `uuid` and returns it.
+    pub fn remove(&mut self, uuid: &str) -> Option<Runner> {
+        let (k, _) = self.first.as_ref()?;
+        if k.as_str() != uuid {
+            let rest = self.rest.as_mut()?;
+            let r = rest.remove(uuid);
+            if rest.is_empty() {
+                self.rest = None;
+            }
+            return r;
+        }
+        let (_, r) = self.first.take().expect("checked");
+        if let Some(rest) = self.rest.as_mut() {
+            let (k, next) = rest.pop_first().expect("rest is never empty");
+            self.first = Some((k, Box::new(next)));
+            if rest.is_empty() {
+                self.rest = None;
+            }
+        }
+        Some(*r)
+    }
+
+    /// The runners with their UUIDs, in UUID order.
+    pub fn iter(&self) -> impl Iterator<Item = (&Key, &Runner)> {
+        self.first
+            .iter()
+            .map(|(k, r)| (k, &**r))
+            .chain(self.rest.iter().flat_map(|r| r.iter()))
+    }
+
+    /// The UUIDs, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &Key> {
+        self.iter().map(|(k, _)| k)
+    }
+
+    /// The runners, in UUID order.
+    pub fn values(&self) -> impl Iterator<Item = &Runner> {
+        self.iter().map(|(_, r)| r)
+    }
+}
+
 /// The pool's record of one VM.
 ///
 /// Laid out in declaration order (`repr(C)`), with what every scheduling pass, gauge and
@@ -134,7 +257,7 @@ pub struct Worker {
     /// Configured type, or `None` when the tag names an unconfigured one.
     pub type_id: Option<TypeId>,
     /// Runners the probe has confirmed (or whose start returned).
-    pub running: BTreeMap<Key, Runner>,
+    pub running: RunnerMap,
     /// Runners whose start is in progress.
     pub starting: BTreeMap<Key, Runner>,
     /// The probe in progress (read by the invariant checks: next to the hot fields).
@@ -177,11 +300,13 @@ pub struct Worker {
     pub tags_current_for: Option<(Arc<InstanceInfo>, IdleBehavior)>,
 }
 
-// The hot fields stay within the first 64 bytes.
+// The hot fields stay within the first 64 bytes: the state, behaviour, probe kind, slot,
+// type and the first runner's UUID. `starting` (usually empty) and the probe follow.
 const _: () = assert!(
-    std::mem::offset_of!(Worker, starting) + std::mem::size_of::<BTreeMap<Key, Runner>>() <= 64
-        && std::mem::offset_of!(Worker, slot) < std::mem::offset_of!(Worker, starting)
-        && std::mem::offset_of!(Worker, list_probe) < std::mem::offset_of!(Worker, starting)
+    std::mem::offset_of!(Worker, running) + std::mem::size_of::<RunnerMap>() <= 64
+        && std::mem::offset_of!(Worker, slot) < std::mem::offset_of!(Worker, running)
+        && std::mem::offset_of!(Worker, list_probe) < std::mem::offset_of!(Worker, running)
+        && std::mem::offset_of!(Worker, type_id) < std::mem::offset_of!(Worker, running)
 );
 
 impl Worker {
@@ -257,6 +382,60 @@ impl Worker {
             running_container_uuids: Some(uuids),
             worker_state: self.state,
             idle_behavior: self.idle_behavior,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `RunnerMap` behaves as a `BTreeMap` of the same operations: the same answers, the
+    /// same iteration order, whichever entry is first when another arrives or leaves.
+    #[test]
+    fn runner_map_matches_a_btree_map() {
+        let uuid = |i: u64| format!("zzzzz-dz642-{i:015}");
+        let mut rng = crate::core::rng::Rng::new(7);
+        for round in 0..200 {
+            let mut got = RunnerMap::default();
+            let mut want: BTreeMap<Key, Runner> = BTreeMap::new();
+            for step in 0..40 {
+                let u = uuid(rng.below(6));
+                let ctx = format!("round {round} step {step} uuid {u}");
+                match rng.below(4) {
+                    0 | 1 => {
+                        let r = Runner::new(&u, Timestamp(step));
+                        assert_eq!(
+                            got.insert(Key::new(&u), r.clone()),
+                            want.insert(Key::new(&u), r),
+                            "insert, {ctx}"
+                        );
+                    }
+                    2 => assert_eq!(got.remove(&u), want.remove(u.as_str()), "remove, {ctx}"),
+                    _ => {
+                        if let (Some(g), Some(w)) = (got.get_mut(&u), want.get_mut(u.as_str())) {
+                            g.stopping = true;
+                            w.stopping = true;
+                        }
+                    }
+                }
+                assert_eq!(got.len(), want.len(), "len, {ctx}");
+                assert_eq!(got.is_empty(), want.is_empty(), "is_empty, {ctx}");
+                assert_eq!(got.contains_key(&u), want.contains_key(u.as_str()), "{ctx}");
+                assert_eq!(got.get(&u), want.get(u.as_str()), "get, {ctx}");
+                assert!(got.iter().eq(want.iter()), "iteration, {ctx}");
+                assert!(got.keys().eq(want.keys()), "keys, {ctx}");
+                assert!(got.values().eq(want.values()), "values, {ctx}");
+                assert!(
+                    !got.rest.as_ref().is_some_and(|r| r.is_empty()),
+                    "an empty rest is dropped, {ctx}"
+                );
+                let mut rebuilt = RunnerMap::default();
+                for (k, r) in want.iter().rev() {
+                    rebuilt.insert(k.clone(), r.clone());
+                }
+                assert_eq!(got, rebuilt, "equality ignores insertion order, {ctx}");
+            }
         }
     }
 }
