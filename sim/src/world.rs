@@ -68,14 +68,46 @@ enum Ev {
 
 /// The event queue: `(time, sequence, slot)` keys in a binary heap, the events themselves in a
 /// slab, plus a batch of events known in advance (the workload's arrivals), sorted once by
-/// `(time, sequence)` and consumed from the front. The keys are 24 bytes, so sifting moves
-/// little memory (an `Ev` is much larger); keeping the arrivals (up to the whole workload) out
-/// of the heap keeps it as small as the events actually in flight. The next event is the
+/// `(time, sequence)` and consumed from the front. A key is packed into one `u128` (see
+/// [`HeapKey`]), so sifting compares two words and moves 16 bytes (an `Ev` is much larger);
+/// keeping the arrivals (up to the whole workload) out of the heap keeps it as small as the
+/// events actually in flight. The next event is the
 /// smaller of the heap's top and the batch's front by `(time, sequence)`, which is unique, so
 /// the order is exactly that of one heap holding everything.
+/// An event's heap key: its time (the high 64 bits), its sequence number (the next 40) and
+/// its slab slot (the low 24), so that comparing keys compares `(time, sequence)` (unique; the
+/// slot never decides). Sequence numbers and slots that do not fit are refused loudly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct HeapKey(u128);
+
+impl HeapKey {
+    const SLOT_BITS: u32 = 24;
+    const SEQ_BITS: u32 = 40;
+
+    fn new(at: u64, seq: u64, slot: u32) -> HeapKey {
+        assert!(
+            seq >> Self::SEQ_BITS == 0 && slot >> Self::SLOT_BITS == 0,
+            "event {seq} in slot {slot}: at most 2^40 events and 2^24 pending ones"
+        );
+        HeapKey((u128::from(at) << 64) | (u128::from(seq) << Self::SLOT_BITS) | u128::from(slot))
+    }
+
+    fn at(self) -> u64 {
+        (self.0 >> 64) as u64
+    }
+
+    fn seq(self) -> u64 {
+        (self.0 >> Self::SLOT_BITS) as u64 & ((1 << Self::SEQ_BITS) - 1)
+    }
+
+    fn slot(self) -> u32 {
+        (self.0 as u32) & ((1 << Self::SLOT_BITS) - 1)
+    }
+}
+
 #[derive(Default)]
 struct Events {
-    heap: BinaryHeap<Reverse<(u64, u64, u32)>>,
+    heap: BinaryHeap<Reverse<HeapKey>>,
     slab: Vec<Option<Ev>>,
     free: Vec<u32>,
     batch: VecDeque<(u64, u64, Ev)>,
@@ -95,7 +127,7 @@ impl Events {
                 u32::try_from(self.slab.len() - 1).expect("fewer than 2^32 pending events")
             }
         };
-        self.heap.push(Reverse((at, self.seq, slot)));
+        self.heap.push(Reverse(HeapKey::new(at, self.seq, slot)));
     }
 
     /// Queues `events` as successive [`Events::push`] calls would (the same sequence numbers,
@@ -121,7 +153,7 @@ impl Events {
     /// Whether the batch's front comes before the heap's top.
     fn batch_first(&self) -> bool {
         match (self.batch.front(), self.heap.peek()) {
-            (Some(&(at, seq, _)), Some(Reverse((hat, hseq, _)))) => (at, seq) < (*hat, *hseq),
+            (Some(&(at, seq, _)), Some(Reverse(k))) => (at, seq) < (k.at(), k.seq()),
             (Some(_), None) => true,
             (None, _) => false,
         }
@@ -132,7 +164,7 @@ impl Events {
         if self.batch_first() {
             return self.batch.front().map(|&(at, _, _)| at);
         }
-        self.heap.peek().map(|Reverse((at, _, _))| *at)
+        self.heap.peek().map(|Reverse(k)| k.at())
     }
 
     /// The next event and its time.
@@ -140,7 +172,8 @@ impl Events {
         if self.batch_first() {
             return self.batch.pop_front().map(|(at, _, ev)| (at, ev));
         }
-        let Reverse((at, _, slot)) = self.heap.pop()?;
+        let Reverse(k) = self.heap.pop()?;
+        let (at, slot) = (k.at(), k.slot());
         self.free.push(slot);
         let ev = self.slab[slot as usize]
             .take()
@@ -152,7 +185,7 @@ impl Events {
     fn iter(&self) -> impl Iterator<Item = &Ev> {
         self.heap
             .iter()
-            .filter_map(|Reverse((_, _, slot))| self.slab[*slot as usize].as_ref())
+            .filter_map(|Reverse(k)| self.slab[k.slot() as usize].as_ref())
             .chain(self.batch.iter().map(|(_, _, ev)| ev))
     }
 }
@@ -1070,7 +1103,38 @@ pub fn dispatcher_options(loaded: &Loaded, seed: u64, generation: u32) -> Option
 
 #[cfg(test)]
 mod tests {
-    use super::container_uuid;
+    use super::{HeapKey, container_uuid};
+
+    /// Packed keys order as the `(time, sequence)` pairs they hold and give back every field.
+    #[test]
+    fn heap_keys_order_as_time_then_sequence() {
+        let fields = [
+            (0, 1, 0),
+            (0, 2, 16_777_215),
+            (5, 1, 7),
+            (5, (1 << 40) - 1, 3),
+            (u64::MAX, 3, 1),
+            (u64::MAX, 4, 0),
+        ];
+        for &(at, seq, slot) in &fields {
+            let k = HeapKey::new(at, seq, slot);
+            assert_eq!((k.at(), k.seq(), k.slot()), (at, seq, slot));
+            for &(at2, seq2, slot2) in &fields {
+                let k2 = HeapKey::new(at2, seq2, slot2);
+                assert_eq!(
+                    k.cmp(&k2),
+                    (at, seq).cmp(&(at2, seq2)),
+                    "{at} {seq} vs {at2} {seq2}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "at most 2^40 events")]
+    fn heap_keys_refuse_sequence_numbers_that_do_not_fit() {
+        HeapKey::new(0, 1 << 40, 0);
+    }
 
     #[test]
     fn container_uuids_are_what_format_writes() {
