@@ -1827,17 +1827,17 @@ impl Pool {
                 self.probe_queue = probe;
             }
         }
-        let pace = per_second(self.cfg.cloud_vms.max_probes_per_second, 10.0);
-        while !self.probe_queue.is_empty() && now >= self.probe_next_launch {
-            let id = self.probe_queue.pop_front().expect("non-empty");
-            self.probe_now(now, ops, &id);
-            self.probe_next_launch = now + pace;
-        }
-        while let Some((t, uuid)) = self.kill_timers.first().cloned() {
-            if t > now {
-                break;
+        if !self.probe_queue.is_empty() && now >= self.probe_next_launch {
+            let pace = per_second(self.cfg.cloud_vms.max_probes_per_second, 10.0);
+            while !self.probe_queue.is_empty() && now >= self.probe_next_launch {
+                let id = self.probe_queue.pop_front().expect("non-empty");
+                self.probe_now(now, ops, &id);
+                self.probe_next_launch = now + pace;
             }
-            self.kill_timers.pop_first();
+        }
+        // Looked at in place: most timeouts find the first kill timer in the future.
+        while self.kill_timers.first().is_some_and(|(t, _)| *t <= now) {
+            let (_, uuid) = self.kill_timers.pop_first().expect("checked");
             if let Some(id) = self.book.holder(&uuid).cloned() {
                 self.kill_step(now, ops, &id, &uuid);
             }
