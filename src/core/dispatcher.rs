@@ -810,7 +810,10 @@ impl Dispatcher {
         let mut todo: Vec<(String, SyncAct)> = Vec::new();
         let mut oldest = facts.oldest_waiting;
         for (key, proc) in facts.suspects {
-            let e = self.queue.get(&key).expect("a suspect is a queue entry");
+            // The pass's actions remove no entry; a walk would not see one that went.
+            let Some(e) = self.queue.get(&key) else {
+                continue;
+            };
             match sync_act(e, proc, q_updated, any_unknown) {
                 Some(a) => todo.push((key, a)),
                 None if waiting(e, proc.is_some()) => {
