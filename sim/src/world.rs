@@ -66,14 +66,6 @@ enum Ev {
     Restart,
 }
 
-/// The event queue: `(time, sequence, slot)` keys in a binary heap, the events themselves in a
-/// slab, plus a batch of events known in advance (the workload's arrivals), sorted once by
-/// `(time, sequence)` and consumed from the front. A key is packed into one `u128` (see
-/// [`HeapKey`]), so sifting compares two words and moves 16 bytes (an `Ev` is much larger);
-/// keeping the arrivals (up to the whole workload) out of the heap keeps it as small as the
-/// events actually in flight. The next event is the
-/// smaller of the heap's top and the batch's front by `(time, sequence)`, which is unique, so
-/// the order is exactly that of one heap holding everything.
 /// An event's heap key: its time (the high 64 bits), its sequence number (the next 40) and
 /// its slab slot (the low 24), so that comparing keys compares `(time, sequence)` (unique; the
 /// slot never decides). Sequence numbers and slots that do not fit are refused loudly.
@@ -105,6 +97,14 @@ impl HeapKey {
     }
 }
 
+/// The event queue: `(time, sequence, slot)` keys in a binary heap, the events themselves in a
+/// slab, plus a batch of events known in advance (the workload's arrivals), sorted once by
+/// `(time, sequence)` and consumed from the front. A key is packed into one `u128` (see
+/// [`HeapKey`]), so sifting compares two words and moves 16 bytes (an `Ev` is much larger);
+/// keeping the arrivals (up to the whole workload) out of the heap keeps it as small as the
+/// events actually in flight. The next event is the smaller of the heap's top and the batch's
+/// front by `(time, sequence)`, which is unique, so the order is exactly that of one heap
+/// holding everything.
 #[derive(Default)]
 struct Events {
     heap: BinaryHeap<Reverse<HeapKey>>,

@@ -1581,7 +1581,6 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
     // the published queue needs (`Plan::queue` sorts them when asked).
     let order: Vec<usize> = sorted_indices(keys, n).collect();
 
-    let mut started = vec![false; n];
     let mut actions = Vec::with_capacity(order.len());
     let mut create_attempts = Vec::new();
     let mut hit_create_limit = false;
@@ -1663,7 +1662,6 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
                             uuid: uuid().to_string(),
                         });
                         pass.start(b);
-                        started[ri] = true;
                         *status = Status::Preparing;
                     } else {
                         *status = Status::WaitingNewInstance(type_id);
@@ -1745,6 +1743,12 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
         }
     }
 
+    // A waiting entry is PREPARING exactly when the pass started it.
+    sync.oldest_waiting = waiting
+        .iter()
+        .filter(|(row, _)| entries[*row].1 != Status::Preparing)
+        .map(|(_, t)| *t)
+        .min();
     Plan {
         entries,
         actions,
@@ -1753,14 +1757,7 @@ pub fn plan<'a, I: PlanInstance>(snap: &Snapshot<'a, I>, now: Timestamp) -> Plan
         state: st,
         allocated_not_started,
         not_allocated_over_quota: overquota_len + overmaxsuper.len(),
-        sync: SyncFacts {
-            oldest_waiting: waiting
-                .iter()
-                .filter(|(row, _)| !started[*row])
-                .map(|(_, t)| *t)
-                .min(),
-            ..sync
-        },
+        sync,
     }
 }
 

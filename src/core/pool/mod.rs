@@ -1827,13 +1827,12 @@ impl Pool {
                 self.probe_queue = probe;
             }
         }
-        if !self.probe_queue.is_empty() && now >= self.probe_next_launch {
+        while !self.probe_queue.is_empty() && now >= self.probe_next_launch {
+            let id = self.probe_queue.pop_front().expect("non-empty");
+            self.probe_now(now, ops, &id);
+            // Worked out per launch, not per timeout: most timeouts launch nothing.
             let pace = per_second(self.cfg.cloud_vms.max_probes_per_second, 10.0);
-            while !self.probe_queue.is_empty() && now >= self.probe_next_launch {
-                let id = self.probe_queue.pop_front().expect("non-empty");
-                self.probe_now(now, ops, &id);
-                self.probe_next_launch = now + pace;
-            }
+            self.probe_next_launch = now + pace;
         }
         // Looked at in place: most timeouts find the first kill timer in the future.
         while self.kill_timers.first().is_some_and(|(t, _)| *t <= now) {

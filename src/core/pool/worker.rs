@@ -196,23 +196,22 @@ impl RunnerMap {
     /// Removes the runner of `uuid` and returns it.
     pub fn remove(&mut self, uuid: &str) -> Option<Runner> {
         let (k, _) = self.first.as_ref()?;
-        if k.as_str() != uuid {
-            let rest = self.rest.as_mut()?;
-            let r = rest.remove(uuid);
-            if rest.is_empty() {
-                self.rest = None;
-            }
-            return r;
+        let removed = if k.as_str() == uuid {
+            let (_, r) = self.first.take().expect("checked");
+            // The smallest of the others, if any, moves into place.
+            self.first = self
+                .rest
+                .as_mut()
+                .and_then(|rest| rest.pop_first())
+                .map(|(k, next)| (k, Box::new(next)));
+            Some(*r)
+        } else {
+            self.rest.as_mut()?.remove(uuid)
+        };
+        if self.rest.as_ref().is_some_and(|rest| rest.is_empty()) {
+            self.rest = None;
         }
-        let (_, r) = self.first.take().expect("checked");
-        if let Some(rest) = self.rest.as_mut() {
-            let (k, next) = rest.pop_first().expect("rest is never empty");
-            self.first = Some((k, Box::new(next)));
-            if rest.is_empty() {
-                self.rest = None;
-            }
-        }
-        Some(*r)
+        removed
     }
 
     /// The runners with their UUIDs, in UUID order.
